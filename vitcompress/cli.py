@@ -1,0 +1,129 @@
+"""Command line: a thin click + rich layer over :mod:`vitcompress.api`.
+
+torch and the pipeline are imported inside the commands so that ``--help`` answers at once. Every
+:class:`~vitcompress.errors.VitCompressError` becomes one ``error:`` line and its exit code (2 for bad input,
+1 for a failed validation gate); nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+class RichProgress:
+    """The library's progress interface drawn with rich: one line per stage, a bar per long task."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def stage(self, name: str, description: str) -> None:
+        self.progress.console.print(f"[bold cyan]{name:>9}[/] {description}")
+
+    def start(self, task: str, total: int) -> None:
+        self.tasks[task] = self.progress.add_task(task, total=total, info="")
+
+    def advance(self, task: str, amount: int = 1, **fields: Any) -> None:
+        info = "  ".join(f"{k.replace('_', '/')} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in fields.items())
+        self.progress.update(self.tasks[task], advance=amount, info=info)
+
+    def finish(self, task: str) -> None:
+        self.progress.remove_task(self.tasks.pop(task))
+
+
+def _run(fn, *args, **kwargs):
+    """Call into the library; a VitCompressError becomes one line on stderr and its exit code."""
+    from vitcompress.errors import VitCompressError
+
+    try:
+        return fn(*args, **kwargs)
+    except VitCompressError as exc:
+        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        sys.exit(exc.exit_code)
+
+
+def _report_table(report: dict) -> Table:
+    from vitcompress.stages.report import side_by_side_rows
+
+    table = Table(title=f"{report['model']['name']}: original vs converted (onnxruntime CPU, "
+                        f"{report['validation']['threads']} threads)")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("converted", justify="right")
+    for row in side_by_side_rows(report):
+        table.add_row(*row)
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="log each converted module")
+def main(verbose: bool) -> None:
+    """vitcompress: make a pretrained Vision Transformer faster, export it to ONNX, prove it still agrees."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)])
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help="recipe YAML file")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="weights: .safetensors, .pth or .pt")
+@click.option("--data", help="fmnist, synthetic, or an image directory (DIR/<class>/*, or DIR/train + DIR/val)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe value, e.g. finetune.steps=50")
+@click.option("--force", is_flag=True, help="replace the output directory if it exists")
+@click.option("--random-init", is_flag=True, help="random weights, for latency-only work (stated in the report)")
+@click.option("--json", "as_json", is_flag=True, help="print report.json to stdout")
+def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, random_init, as_json) -> None:
+    """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
+    from vitcompress.api import convert as run_convert
+
+    columns = (TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=console, transient=True) as bar:
+        report = _run(run_convert, model, recipe_path, out_dir, checkpoint=checkpoint, data=data,
+                      overrides=list(overrides), force=force, random_init=random_init, progress=RichProgress(bar))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        console.print(_report_table(report))
+        console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, report.md")
+    if report["failed_gates"]:
+        console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")
+        sys.exit(1)
+
+
+@main.command()
+def recipes() -> None:
+    """List the transforms a recipe can use, with their parameters."""
+    from vitcompress.transforms import registry
+
+    for name, transform in registry.available().items():
+        table = Table(title=f"[bold]{name}[/]: {transform.doc}", title_justify="left", show_edge=False)
+        table.add_column("parameter")
+        table.add_column("type / default")
+        table.add_column("meaning")
+        for field_name, field in transform.config.model_fields.items():
+            if field_name == "transform":
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            annotation = field.annotation
+            annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+            table.add_row(field_name, f"{annotation} = {default}", field.description or "")
+        Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Recipe files: the YAML schema, loading with errors that name the file and key, ``--set`` overrides, dumping.
+
+A recipe lists transform ``steps`` (each validated by the config class its ``transform:`` names in the
+registry) and the ``calibration``, ``finetune``, ``export`` and ``validate`` settings. Everything is strict
+(``extra="forbid"``): an unknown key, a wrong type or an out-of-range value is a :class:`RecipeError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from vitcompress.errors import RecipeError
+from vitcompress.transforms import registry
+from vitcompress.transforms.registry import TransformConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    """Images used by data-aware transforms (e.g. SVD whitening)."""
+
+    images: int = Field(256, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=4096)
+
+
+class DistillConfig(_Strict):
+    """Loss weights of the fine-tune: KL to the teacher's logits, CE on labels when the data has them."""
+
+    logits_kl: float = Field(1.0, ge=0)
+    labels_ce: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+
+
+class FinetuneConfig(_Strict):
+    """Brief distillation fine-tune from the original model; the budget is optimizer steps, not epochs."""
+
+    steps: int = Field(200, ge=1, le=1_000_000)
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    freeze_embed: bool = Field(True, description="keep patch/cls/pos embeddings frozen")
+    seed: int = 0
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
+class ExportConfig(_Strict):
+    opset: int = Field(18, ge=17, le=23)
+    dynamic_batch: bool = True
+
+
+class ValidateConfig(_Strict):
+    """onnxruntime validation: parity, accuracy and agreement gates, latency measurement."""
+
+    images: Optional[int] = Field(None, ge=1, description="validation images (default: the whole split)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    threads: int = Field(2, ge=1, le=256)
+    latency_runs: int = Field(30, ge=3, le=10_000)
+    warmup_runs: int = Field(5, ge=0, le=1000)
+    max_abs_diff: float = Field(1e-3, gt=0, description="largest allowed |torch − ORT| on logits")
+    max_top1_drop: Optional[float] = Field(None, ge=0, le=100, description="points of top-1 the conversion may lose")
+    min_agreement: Optional[float] = Field(None, ge=0, le=1, description="least top-1 agreement with the original")
+
+    @model_validator(mode="after")
+    def _positive_batches(self) -> "ValidateConfig":
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError("batch_sizes must all be ≥ 1")
+        return self
+
+
+class Recipe(_Strict):
+    model: Optional[str] = Field(None, description="model used when the CLI names none")
+    steps: list[SerializeAsAny[TransformConfig]] = Field(default_factory=list)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    finetune: Optional[FinetuneConfig] = None
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _format_error(source: str, prefix: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    err = exc.errors()[0]
+    loc = [prefix] if prefix else []
+    loc += [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(model, err["loc"][:-1])
+        allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items()) if parent else "?"
+        msg = f"unknown key (allowed: {allowed})"
+    else:
+        msg = err["msg"]
+        if "input" in err and err["type"] != "missing" and not isinstance(err["input"], dict):
+            msg += f" (got {err['input']!r})"
+    more = len(exc.errors()) - 1
+    return f"{source}: {where}: {msg}" + (f" (and {more} more problems)" if more else "")
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class reached by following ``loc`` through nested fields."""
+    current: Any = model
+    for part in loc:
+        fields = {f.alias or n: f for n, f in current.model_fields.items()}
+        field = fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return None
+    return current
+
+
+def parse_recipe(data: Any, source: str) -> Recipe:
+    """Validate a recipe mapping; ``source`` names the file in error messages."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with 'steps' and settings, got {type(data).__name__}")
+    raw_steps = data.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise RecipeError(f"{source}: steps: must be a list of transform steps")
+    steps = []
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, dict) or "transform" not in step:
+            raise RecipeError(f"{source}: steps.{i}: each step is a mapping with a 'transform' key")
+        transform = registry.get(str(step["transform"]))
+        if transform is None:
+            known = ", ".join(registry.available())
+            raise RecipeError(f"{source}: steps.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
+        try:
+            steps.append(transform.config.model_validate(step))
+        except ValidationError as exc:
+            raise RecipeError(_format_error(source, f"steps.{i}", exc, transform.config)) from None
+    try:
+        return Recipe.model_validate({**data, "steps": steps})
+    except ValidationError as exc:
+        raise RecipeError(_format_error(source, "", exc, Recipe)) from None
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """Apply ``key.path=value`` overrides (value parsed as YAML; list indices allowed: ``steps.0.rank=32``)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not key.strip() or any(not p for p in parts):
+            raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. finetune.steps=100")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise RecipeError(f"--set {item!r}: value is not valid YAML") from None
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[: depth + 1], item, create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            _child(node, last, parts, item, create=False)
+            node[int(last)] = parsed
+        elif isinstance(node, dict):
+            node[last] = parsed
+        else:
+            raise RecipeError(f"--set {item!r}: {'.'.join(parts[:-1])} is not a mapping or list")
+    return data
+
+
+def _child(node: Any, part: str, path: list[str], item: str, create: bool) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise RecipeError(f"--set {item!r}: {'.'.join(path)}: no list item {part} (list has {len(node)})")
+        return node[int(part)]
+    if isinstance(node, dict):
+        if node.get(part) is None and create:
+            node[part] = {}
+        return node[part]
+    raise RecipeError(f"--set {item!r}: {'.'.join(path[:-1])} is not a mapping or list")
+
+
+def read_recipe_file(path: Path) -> dict:
+    """Parse the YAML of a recipe file into a mapping (errors name the file, line and column)."""
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    return data if data is not None else {}
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe file, after applying ``--set`` overrides."""
+    path = Path(path)
+    data = read_recipe_file(path)
+    if overrides:
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping, got {type(data).__name__}")
+        data = apply_overrides(data, overrides, str(path))
+    return parse_recipe(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML of the resolved recipe: every default filled in, so a run can be repeated exactly."""
+    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)

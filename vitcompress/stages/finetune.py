@@ -1,0 +1,106 @@
+"""Stage 3 — fine-tune: brief distillation of the converted student from the frozen original (design.md §4).
+
+Loss = ``labels_ce``·CE(labels) (labelled data only) + ``logits_kl``·T²·KL(teacher_T ‖ student_T) + every
+module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then cosine decay over a budget of
+optimizer steps, gradient clipping, and a NaN guard: a step whose loss or gradient norm is not finite is not
+applied, training stops there and the last good weights are kept (the report says so).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcompress.context import RunContext
+from vitcompress.recipe import FinetuneConfig
+
+FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def _schedule(config: FinetuneConfig):
+    warmup = min(config.warmup_steps, config.steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    return factor
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the auxiliary losses that layers stored during the last forward (None when there are none)."""
+    losses = [m.aux_loss for m in model.modules() if isinstance(getattr(m, "aux_loss", None), torch.Tensor)]
+    return torch.stack(losses).sum() if losses else None
+
+
+def distill_loss(student_logits, teacher_logits, labels, config: FinetuneConfig) -> torch.Tensor:
+    d = config.distill
+    t = d.temperature
+    loss = d.logits_kl * t * t * F.kl_div(
+        F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,
+        reduction="batchmean",
+    )
+    has_label = labels >= 0
+    if d.labels_ce > 0 and has_label.any():
+        loss = loss + d.labels_ce * F.cross_entropy(student_logits[has_label], labels[has_label])
+    return loss
+
+
+def run(ctx: RunContext) -> None:
+    config = ctx.recipe.finetune
+    if config is None:
+        ctx.report["finetune"] = None
+        return
+    student, teacher = ctx.model, ctx.original.model
+    torch.manual_seed(config.seed)
+    for name, param in student.named_parameters():
+        param.requires_grad_(not (config.freeze_embed and name.split(".")[0] in FROZEN_EMBEDDINGS))
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
+    loader = torch.utils.data.DataLoader(
+        ctx.data.train, batch_size=min(config.batch_size, len(ctx.data.train)), shuffle=True, drop_last=True,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    batches = _cycle(loader)
+    ctx.progress.stage("finetune", f"{config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
+    ctx.progress.start("finetune", config.steps)
+    student.train()
+    losses, stopped, t0, seen = [], None, time.perf_counter(), 0
+    for step in range(config.steps):
+        images, labels = next(batches)
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        loss = distill_loss(student(images), teacher_logits, labels, config)
+        extra = aux_loss(student)
+        if extra is not None:
+            loss = loss + extra
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            stopped = f"non-finite loss or gradient at step {step}: stopped, kept the weights of step {step - 1}"
+            break
+        optimizer.step()
+        scheduler.step()
+        seen += len(images)
+        losses.append(loss.item())
+        ctx.progress.advance("finetune", loss=losses[-1], img_s=seen / (time.perf_counter() - t0))
+    ctx.progress.finish("finetune")
+    student.eval()
+    student.requires_grad_(False)
+    ctx.report["finetune"] = {
+        "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - t0,
+        "images_per_second": seen / max(time.perf_counter() - t0, 1e-9), "stopped": stopped,
+    }

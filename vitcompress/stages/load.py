@@ -1,0 +1,76 @@
+"""Stage 1 — load: the original model (teacher, frozen), the student copy, and the data."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from vitcompress.context import DataBundle, RunContext
+from vitcompress.data import ImageDirectory, fmnist_dataset
+from vitcompress.errors import DataError
+from vitcompress.models import REFERENCE_MODEL, load_model
+
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 512, 64
+
+
+def default_data(model_name: str, random_init: bool) -> str:
+    """Data used when ``--data`` is not given: the reference model's own, noise for latency-only runs."""
+    if model_name == REFERENCE_MODEL:
+        return "fmnist"
+    if random_init:
+        return "synthetic"
+    raise DataError("no data given: pass --data DIR (ImageFolder layout), --data fmnist or --data synthetic")
+
+
+def resolve_data(spec: str, data_config: dict, val_limit: int | None) -> DataBundle:
+    """Build the data bundle for ``spec``: 'fmnist', 'synthetic' or an image directory."""
+    input_size = tuple(data_config["input_size"])
+    if spec == "fmnist":
+        if input_size != (1, 28, 28):
+            raise DataError(f"--data fmnist needs a 1×28×28 model input, this model takes {input_size}")
+        return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True)
+    if spec == "synthetic":
+        gen = torch.Generator().manual_seed(0)
+        n_val = min(val_limit or SYNTHETIC_VAL, SYNTHETIC_VAL)
+        images = torch.randn(SYNTHETIC_TRAIN + n_val, *input_size, generator=gen)
+        labels = torch.full((SYNTHETIC_TRAIN + n_val,), -1)
+        train = TensorDataset(images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN])
+        val = TensorDataset(images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
+        return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False)
+    root = Path(spec)
+    if not root.is_dir():
+        raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
+    from timm.data import create_transform
+
+    transform = create_transform(**{k: v for k, v in data_config.items() if k != "in_chans"}, is_training=False)
+    split = {name: root / name for name in ("train", "val") if (root / name).is_dir()}
+    train = ImageDirectory(split.get("train", root), transform, in_chans=input_size[0])
+    val = ImageDirectory(split.get("val", root), transform, in_chans=input_size[0], limit=val_limit)
+    labelled = bool(val.classes)
+    return DataBundle(str(root), train, val, labelled=labelled)
+
+
+def run(ctx: RunContext) -> None:
+    settings = ctx.settings
+    ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init)
+    ctx.original.model.requires_grad_(False)
+    ctx.model = copy.deepcopy(ctx.original.model)
+    spec = settings.data or default_data(ctx.original.name, settings.random_init)
+    ctx.data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images)
+    if len(ctx.data.val) == 0:
+        raise DataError(f"data {spec!r} has no validation images")
+    ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
+                           "input_size": list(ctx.original.data_config["input_size"])}
+    ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
+                          "val_images": len(ctx.data.val), "labelled": ctx.data.labelled}
+
+
+def calibration_batches(ctx: RunContext):
+    """The first ``calibration.images`` training images in batches (deterministic)."""
+    cal = ctx.recipe.calibration
+    subset = Subset(ctx.data.train, range(min(cal.images, len(ctx.data.train))))
+    loader = torch.utils.data.DataLoader(subset, batch_size=cal.batch_size, shuffle=False)
+    return (images for images, _ in loader)

@@ -1,0 +1,133 @@
+"""Stage 5 — validate: onnxruntime accuracy, agreement, parity and latency, original vs converted.
+
+Everything is measured on the exported ONNX files with plain onnxruntime (CPU provider), as a deployment
+would run them. Latency runs are interleaved (original, converted, original, …) in one process so that
+machine noise hits both alike; the report gives medians and p90 over the runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vitcompress.context import RunContext
+from vitcompress.recipe import ValidateConfig
+from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME
+from vitcompress.stages.measure import count_macs, count_params
+
+EVAL_BATCH = 128
+PARITY_IMAGES = 256
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_logits(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Logits of every image of ``dataset`` and its labels."""
+    logits, labels = [], []
+    for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
+        logits.append(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+        labels.append(batch_labels.numpy())
+        if progress is not None:
+            progress.advance(task, len(images))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def torch_logits(model: nn.Module, dataset: Dataset, limit: int) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for images, _ in DataLoader(torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))), batch_size=EVAL_BATCH):
+            out.append(model(images).numpy())
+    return np.concatenate(out)
+
+
+def latency(paths: dict[str, Path], input_size: tuple[int, ...], config: ValidateConfig) -> dict[str, dict]:
+    """Per model and batch size: median / p90 / mean ms of ``latency_runs`` interleaved runs."""
+    sessions = {name: ort_session(path, config.threads) for name, path in paths.items()}
+    results: dict[str, dict] = {name: {} for name in paths}
+    for batch in config.batch_sizes:
+        x = np.random.default_rng(batch).standard_normal((batch, *input_size), dtype=np.float32)
+        for session in sessions.values():
+            for _ in range(config.warmup_runs):
+                session.run([OUTPUT_NAME], {INPUT_NAME: x})
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        for _ in range(config.latency_runs):
+            for name, session in sessions.items():
+                t0 = time.perf_counter()
+                session.run([OUTPUT_NAME], {INPUT_NAME: x})
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, ms in times.items():
+            results[name][f"b{batch}"] = {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
+                                          "mean_ms": float(np.mean(ms)), "runs": len(ms)}
+    return results
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    mask = labels >= 0
+    return float((logits[mask].argmax(-1) == labels[mask]).mean() * 100) if mask.any() else None
+
+
+def run(ctx: RunContext) -> None:
+    config = ctx.recipe.validate_
+    input_size = tuple(ctx.original.data_config["input_size"])
+    data = ctx.data.val
+    ctx.progress.stage("validate", f"onnxruntime on {len(data)} images, {config.threads} threads")
+    sessions = {"original": ort_session(ctx.original_onnx_path, config.threads),
+                "converted": ort_session(ctx.onnx_path, config.threads)}
+    ctx.progress.start("accuracy", 2 * len(data))
+    logits = {}
+    for name, session in sessions.items():
+        logits[name], labels = ort_logits(session, data, ctx.progress, "accuracy")
+    ctx.progress.finish("accuracy")
+    parity = {}
+    for name, model in (("original", ctx.original.model), ("converted", ctx.model)):
+        reference = torch_logits(model, data, PARITY_IMAGES)
+        got = logits[name][: len(reference)]
+        parity[name] = {"max_abs_diff": float(np.abs(reference - got).max()),
+                        "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
+                        "images": len(reference)}
+    ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs")
+    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, input_size, config)
+    models = {"original": ctx.original.model, "converted": ctx.model}
+    table = {}
+    for name, model in models.items():
+        table[name] = {
+            "params": count_params(model), "macs": count_macs(model, input_size),
+            "top1": top1(logits[name], labels), "latency": timing[name], "parity": parity[name],
+        }
+    agreement = float((logits["converted"].argmax(-1) == logits["original"].argmax(-1)).mean())
+    table["converted"]["agreement"] = agreement
+    table["original"]["agreement"] = 1.0
+    ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
+                                "gates": gates(table, config)}
+
+
+def gates(table: dict, config: ValidateConfig) -> list[dict]:
+    """Each configured gate with its measured value and whether it passed."""
+    converted, original = table["converted"], table["original"]
+    result = [{"gate": "max_abs_diff", "limit": config.max_abs_diff,
+               "value": converted["parity"]["max_abs_diff"],
+               "passed": converted["parity"]["max_abs_diff"] <= config.max_abs_diff}]
+    if config.max_top1_drop is not None and original["top1"] is None:
+        result.append({"gate": "max_top1_drop", "limit": config.max_top1_drop, "value": None, "passed": None,
+                       "note": "skipped: the validation data has no labels"})
+    elif config.max_top1_drop is not None:
+        drop = original["top1"] - converted["top1"]
+        result.append({"gate": "max_top1_drop", "limit": config.max_top1_drop, "value": drop,
+                       "passed": drop <= config.max_top1_drop})
+    if config.min_agreement is not None:
+        result.append({"gate": "min_agreement", "limit": config.min_agreement, "value": converted["agreement"],
+                       "passed": converted["agreement"] >= config.min_agreement})
+    return result

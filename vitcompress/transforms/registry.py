@@ -1,0 +1,70 @@
+"""Registry of recipe transforms: each is a pydantic config class plus a function that swaps modules.
+
+A transform module registers itself with :func:`register`; recipe parsing looks up the config class by the
+step's ``transform:`` name, and the transform stage calls the function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class TransformConfig(BaseModel):
+    """Fields every step has: which modules it converts (``targets``) and which of those it leaves alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    transform: str
+    targets: list[str] = Field(min_length=1, description="selectors: exact name, glob, 're:<regex>' or a class name")
+    ignore: list[str] = Field(default_factory=list, description="selectors removed from the matches")
+
+
+@dataclass
+class TransformInputs:
+    """What a transform may need beyond the model: a source of calibration image batches."""
+
+    calibration_batches: Callable[[], Iterable[torch.Tensor]]
+
+
+class TransformFn(Protocol):
+    def __call__(self, model: nn.Module, config: TransformConfig, inputs: TransformInputs) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Transform:
+    name: str
+    config: type[TransformConfig]
+    apply: TransformFn
+    doc: str
+
+
+_TRANSFORMS: dict[str, Transform] = {}
+
+
+def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn], TransformFn]:
+    """Decorator: register ``fn(model, config, inputs) -> converted module names`` under ``name``."""
+
+    def wrap(fn: TransformFn) -> TransformFn:
+        _TRANSFORMS[name] = Transform(name=name, config=config, apply=fn, doc=" ".join((fn.__doc__ or "").split()))
+        return fn
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    from vitcompress.transforms import lowrank  # noqa: F401  (registers on import)
+
+
+def get(name: str) -> Transform | None:
+    _load_builtins()
+    return _TRANSFORMS.get(name)
+
+
+def available() -> dict[str, Transform]:
+    _load_builtins()
+    return dict(sorted(_TRANSFORMS.items()))
