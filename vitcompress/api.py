@@ -92,6 +92,7 @@ def convert(
     settings = ConvertSettings(model=name, out_dir=out_dir, checkpoint=Path(checkpoint) if checkpoint else None,
                                data=data, force=force, random_init=random_init)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    work_dir.chmod(0o755)
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
     ctx = RunContext(settings=settings, recipe=recipe, work_dir=work_dir, scratch_dir=scratch_dir,
                      progress=progress or LogProgress())

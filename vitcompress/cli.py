@@ -7,6 +7,7 @@ torch and the pipeline are imported inside the commands so that ``--help`` answe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -23,35 +25,46 @@ console = Console(stderr=True)
 
 
 class RichProgress:
-    """The library's progress interface drawn with rich: one line per stage, a bar per long task."""
+    """The library's progress interface drawn with rich: one line per stage, a live bar per long task.
 
-    def __init__(self, progress: Progress) -> None:
+    Without a terminal (CI logs, pipes) there are no bars, only the stage lines and one line per finished task.
+    """
+
+    def __init__(self, progress: Progress | None) -> None:
         self.progress = progress
         self.tasks: dict[str, Any] = {}
+        self.last_info: dict[str, str] = {}
 
     def stage(self, name: str, description: str) -> None:
-        self.progress.console.print(f"[bold cyan]{name:>9}[/] {description}")
+        console.print(f"[bold cyan]{name:>9}[/] {escape(description)}", highlight=False)
 
     def start(self, task: str, total: int) -> None:
-        self.tasks[task] = self.progress.add_task(task, total=total, info="")
+        if self.progress is not None:
+            self.tasks[task] = self.progress.add_task(task, total=total, info="")
 
     def advance(self, task: str, amount: int = 1, **fields: Any) -> None:
         info = "  ".join(f"{k.replace('_', '/')} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in fields.items())
-        self.progress.update(self.tasks[task], advance=amount, info=info)
+        self.last_info[task] = info
+        if self.progress is not None:
+            self.progress.update(self.tasks[task], advance=amount, info=info)
 
     def finish(self, task: str) -> None:
-        self.progress.remove_task(self.tasks.pop(task))
+        if self.progress is not None:
+            self.progress.remove_task(self.tasks.pop(task))
+        if self.last_info.get(task):
+            console.print(f"{'':>9} {task} done: {self.last_info.pop(task)}", highlight=False)
 
 
-def _run(fn, *args, **kwargs):
-    """Call into the library; a VitCompressError becomes one line on stderr and its exit code."""
+@contextlib.contextmanager
+def user_errors():
+    """A VitCompressError inside becomes one ``error:`` line on stderr and the error's exit code."""
     from vitcompress.errors import VitCompressError
 
     try:
-        return fn(*args, **kwargs)
+        yield
     except VitCompressError as exc:
-        console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 
@@ -92,9 +105,11 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
 
     columns = (TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=True) as bar:
-        report = _run(run_convert, model, recipe_path, out_dir, checkpoint=checkpoint, data=data,
-                      overrides=list(overrides), force=force, random_init=random_init, progress=RichProgress(bar))
+    bars = Progress(*columns, console=console, transient=True) if console.is_terminal else contextlib.nullcontext()
+    with user_errors(), bars as bar:
+        report = run_convert(model, recipe_path, out_dir, checkpoint=checkpoint, data=data,
+                             overrides=list(overrides), force=force, random_init=random_init,
+                             progress=RichProgress(bar))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -59,8 +59,10 @@ def resolve_name(name: str) -> str:
 
     resolved = ALIASES.get(name, name)
     if resolved != REFERENCE_MODEL and not timm.is_model(resolved):
-        close = timm.list_models(f"*{resolved.split('_')[0]}*")[:5]
-        hint = f" (similar timm names: {', '.join(close)})" if close else ""
+        import difflib
+
+        close = difflib.get_close_matches(resolved, [*ALIASES, REFERENCE_MODEL, *timm.list_models()], n=4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(
             f"unknown model {name!r}: use a timm model name, {REFERENCE_MODEL!r} or an alias "
             f"({', '.join(sorted(ALIASES))}){hint}"

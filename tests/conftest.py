@@ -1,0 +1,39 @@
+"""Shared fixtures: small real models (timm architectures) and checkpoints written by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from vitcompress.models import build_reference_architecture
+
+# Small budgets so a whole conversion runs in seconds on 2 CPU cores.
+FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "validate.latency_runs=3",
+        "validate.warmup_runs=1", "calibration.images=32", "calibration.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> torch.nn.Module:
+    """The vit_fmnist architecture with seeded random weights (independent of the shipped weights)."""
+    torch.manual_seed(0)
+    return build_reference_architecture().eval()
+
+
+@pytest.fixture(scope="session")
+def deit_tiny() -> torch.nn.Module:
+    """A DeiT architecture (deit_tiny_patch16_224), seeded random weights."""
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    """Write a recipe file from a YAML string; returns its path."""
+
+    def write(text: str, name: str = "recipe.yaml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

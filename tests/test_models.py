@@ -1,0 +1,112 @@
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from vitcompress.errors import ModelError
+from vitcompress.models import load_model, read_state_dict, resolve_name
+
+
+@pytest.fixture(scope="module")
+def test_vit():
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+def _same_weights(a, b):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb)
+
+
+def test_aliases_and_unknown_names():
+    assert resolve_name("deit_s") == "deit_small_patch16_224"
+    assert resolve_name("vit_fmnist") == "vit_fmnist"
+    with pytest.raises(ModelError, match="unknown model .deit_xxl.*alias.*did you mean"):
+        resolve_name("deit_xxl")
+
+
+def test_safetensors_checkpoint(tmp_path, test_vit):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in test_vit.state_dict().items()}, str(path))
+    loaded = load_model("test_vit", checkpoint=path)
+    _same_weights(loaded.model, test_vit)
+    assert loaded.weights == f"checkpoint {path}"
+    assert not loaded.model.training
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "module_prefix"])
+def test_pth_checkpoint_containers(tmp_path, test_vit, wrap):
+    state = test_vit.state_dict()
+    payload = {
+        "plain": state,
+        "model": {"model": state, "epoch": 3},
+        "state_dict": {"state_dict": state},
+        "module_prefix": {f"module.{k}": v for k, v in state.items()},
+    }[wrap]
+    path = tmp_path / "w.pth"
+    torch.save(payload, path)
+    _same_weights(load_model("test_vit", checkpoint=path).model, test_vit)
+
+
+def test_checkpoint_with_other_head_size(tmp_path):
+    torch.manual_seed(1)
+    ten_class = timm.create_model("test_vit", pretrained=False, num_classes=10)
+    path = tmp_path / "w.pth"
+    torch.save(ten_class.state_dict(), path)
+    loaded = load_model("test_vit", checkpoint=path)
+    assert loaded.model.head.out_features == 10
+
+
+def test_pth_is_read_without_unpickling_code(tmp_path, test_vit):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": test_vit.state_dict(), "obj": torch.nn.Linear(2, 2)}, path)
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_model("test_vit", checkpoint=path)
+
+
+def test_missing_corrupt_and_foreign_checkpoints(tmp_path, test_vit):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model("test_vit", checkpoint=tmp_path / "none.safetensors")
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_model("test_vit", checkpoint=corrupt)
+    truncated = tmp_path / "trunc.pth"
+    torch.save(test_vit.state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(ModelError, match="cannot be read"):
+        load_model("test_vit", checkpoint=truncated)
+    foreign = tmp_path / "deit.pth"
+    torch.save(timm.create_model("test_vit2").state_dict(), foreign)
+    with pytest.raises(ModelError, match="is for another architecture: .*unexpected keys"):
+        load_model("test_vit", checkpoint=foreign)
+    no_tensors = tmp_path / "cfg.pth"
+    torch.save({"lr": 0.1}, no_tensors)
+    with pytest.raises(ModelError, match="no state dict of tensors"):
+        read_state_dict(no_tensors)
+
+
+def test_offline_download_is_an_error_not_random_weights(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError, match="--checkpoint PATH .* --random-init"):
+        load_model("test_vit")
+
+
+def test_random_init_is_stated():
+    loaded = load_model("test_vit", random_init=True)
+    assert loaded.weights.startswith("random init")
+    with pytest.raises(ModelError, match="exclude each other"):
+        load_model("test_vit", checkpoint="x.pth", random_init=True)
+
+
+def test_reference_model_config(tmp_path, reference_model):
+    path = tmp_path / "ref.safetensors"
+    save_file({k: v.contiguous() for k, v in reference_model.state_dict().items()}, str(path))
+    loaded = load_model("vit_fmnist", checkpoint=path)
+    assert loaded.data_config["input_size"] == (1, 28, 28)
+    assert loaded.data_config["mean"] == (0.2860,) and len(loaded.class_names) == 10
+    _same_weights(loaded.model, reference_model)
