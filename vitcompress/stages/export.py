@@ -49,10 +49,11 @@ def preprocessing_metadata(data_config: dict, class_names: list[str] | None) -> 
 
 
 def export_onnx(
-    model: nn.Module, path: Path, input_size: tuple[int, ...], opset: int = 18, dynamic_batch: bool = True,
+    model: nn.Module, path: str | Path, input_size: tuple[int, ...], opset: int = 18, dynamic_batch: bool = True,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` to ``path`` (one self-contained file), then check it loads and runs in onnxruntime."""
+    path = Path(path)
     model = to_deploy(model)
     example = torch.randn(2, *input_size)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None

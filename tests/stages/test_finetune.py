@@ -1,0 +1,84 @@
+import copy
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from vitcompress.context import ConvertSettings, DataBundle, LogProgress, RunContext
+from vitcompress.models import LoadedModel
+from vitcompress.recipe import parse_recipe
+from vitcompress.stages import finetune
+
+
+def make_context(teacher, student, images, labels, **finetune_cfg) -> RunContext:
+    recipe = parse_recipe({"finetune": {"batch_size": 8, "warmup_steps": 1, **finetune_cfg}}, "test")
+    data = TensorDataset(images, labels)
+    ctx = RunContext(settings=ConvertSettings(model="vit_fmnist", out_dir=Path("unused")), recipe=recipe,
+                     work_dir=Path("unused"), scratch_dir=Path("unused"), progress=LogProgress())
+    ctx.original = LoadedModel(teacher, "vit_fmnist", "test", {"input_size": (1, 28, 28)}, None)
+    ctx.model = student
+    ctx.data = DataBundle("test", data, data, labelled=True)
+    return ctx
+
+
+def perturbed(model, scale=0.05, seed=0):
+    student = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.blocks.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return student
+
+
+def kl_to_teacher(student, teacher, images):
+    with torch.no_grad():
+        return torch.nn.functional.kl_div(student(images).log_softmax(-1), teacher(images).log_softmax(-1),
+                                          log_target=True, reduction="batchmean").item()
+
+
+def test_distillation_moves_student_towards_teacher(reference_model):
+    torch.manual_seed(0)
+    images = torch.randn(32, 1, 28, 28)
+    labels = torch.full((32,), -1)
+    student = perturbed(reference_model)
+    before = kl_to_teacher(student, reference_model, images)
+    ctx = make_context(reference_model, student, images, labels, steps=15, lr=1e-3)
+    finetune.run(ctx)
+    assert ctx.report["finetune"]["steps_done"] == 15 and ctx.report["finetune"]["stopped"] is None
+    assert kl_to_teacher(student, reference_model, images) < 0.5 * before
+    assert not student.training
+
+
+def test_embeddings_frozen_by_default(reference_model):
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student = perturbed(reference_model)
+    pos_embed = student.pos_embed.detach().clone()
+    finetune.run(make_context(reference_model, student, images, labels, steps=2, lr=1e-2))
+    torch.testing.assert_close(student.pos_embed, pos_embed)
+
+
+def test_nan_guard_keeps_last_good_weights(reference_model):
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    images[:] = float("nan")
+    student = perturbed(reference_model)
+    weights = copy.deepcopy(student.state_dict())
+    ctx = make_context(reference_model, student, images, labels, steps=5)
+    finetune.run(ctx)
+    assert ctx.report["finetune"]["steps_done"] == 0
+    assert "non-finite" in ctx.report["finetune"]["stopped"]
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, weights[key], equal_nan=True)
+
+
+def test_no_finetune_section_skips(reference_model):
+    ctx = make_context(reference_model, reference_model, torch.zeros(8, 1, 28, 28), torch.zeros(8).long())
+    ctx.recipe = parse_recipe({}, "test")
+    finetune.run(ctx)
+    assert ctx.report["finetune"] is None
+
+
+def test_cosine_schedule_with_warmup():
+    config = parse_recipe({"finetune": {"steps": 100, "warmup_steps": 10}}, "t").finetune
+    factor = finetune._schedule(config)
+    assert factor(0) == 0.1 and factor(9) == 1.0
+    assert abs(factor(55) - 0.5) < 1e-9 and factor(99) < 0.001
