@@ -60,7 +60,7 @@ def test_resolve_data_train_val_split(tmp_path):
     _write_images(tmp_path / "train", ["a", "b"], per_class=4)
     _write_images(tmp_path / "val", ["a", "b"], per_class=2)
     config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
-              "crop_pct": 0.9, "crop_mode": "center", "in_chans": 3}
+              "crop_pct": 0.9, "crop_mode": "center"}
     bundle = resolve_data(str(tmp_path), config, val_limit=3)
     assert len(bundle.train) == 8 and len(bundle.val) == 3 and bundle.labelled
     synthetic = resolve_data("synthetic", config, val_limit=None)

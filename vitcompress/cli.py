@@ -113,7 +113,7 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        console.print(_report_table(report))
+        Console().print(_report_table(report))
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, report.md")
     if report["failed_gates"]:
         console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")

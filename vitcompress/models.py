@@ -176,7 +176,6 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
     model.eval()
     data_config = timm.data.resolve_data_config(model=model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
-    data_config["in_chans"] = data_config["input_size"][0]
     class_names = cfg.get("label_names")
     log.info("loaded %s (%s)", resolved, weights)
     return LoadedModel(model=model, name=resolved, weights=weights, data_config=data_config,

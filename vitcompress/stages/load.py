@@ -45,7 +45,7 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None) -> DataBun
         raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
     from timm.data import create_transform
 
-    transform = create_transform(**{k: v for k, v in data_config.items() if k != "in_chans"}, is_training=False)
+    transform = create_transform(**data_config, is_training=False)
     split = {name: root / name for name in ("train", "val") if (root / name).is_dir()}
     train = ImageDirectory(split.get("train", root), transform, in_chans=input_size[0])
     val = ImageDirectory(split.get("val", root), transform, in_chans=input_size[0], limit=val_limit)
