@@ -13,7 +13,7 @@ from vitcompress.data import ImageDirectory, fmnist_dataset
 from vitcompress.errors import DataError
 from vitcompress.models import REFERENCE_MODEL, load_model
 
-SYNTHETIC_TRAIN, SYNTHETIC_VAL = 512, 64
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
 
 
 def default_data(model_name: str, random_init: bool) -> str:

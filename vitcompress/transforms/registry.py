@@ -57,7 +57,7 @@ def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn]
 
 
 def _load_builtins() -> None:
-    from vitcompress.transforms import lowrank  # noqa: F401  (registers on import)
+    from vitcompress.transforms import lowrank, taylor  # noqa: F401  (register on import)
 
 
 def get(name: str) -> Transform | None:
