@@ -26,7 +26,13 @@ PARITY_IMAGES = 256
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads that do not spin-wait between runs.
+
+    Spinning threads of one session would steal the cores from the next one in an interleaved latency
+    measurement (seen here: the same model's b1 median moving 2× between runs), so spinning is off.
+    """
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
