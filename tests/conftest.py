@@ -13,6 +13,20 @@ FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "vali
         "validate.warmup_runs=1", "calibration.images=32", "calibration.batch_size=16"]
 
 
+def assert_onnxruntime_matches_torch(model: torch.nn.Module, onnx_path, input_size: tuple[int, ...]) -> None:
+    """ORT logits within 1e-4 of torch's, and the same top-1, on a seeded batch of 4."""
+    import numpy as np
+
+    from vitcompress.stages.validate import ort_session
+
+    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
+    got = ort_session(onnx_path, threads=2).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
 @pytest.fixture(scope="session")
 def reference_model() -> torch.nn.Module:
     """The vit_fmnist architecture with seeded random weights (independent of the shipped weights)."""

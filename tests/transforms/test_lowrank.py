@@ -1,15 +1,14 @@
 import copy
 
-import numpy as np
 import pytest
 import torch
 
+from tests.conftest import assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
 from vitcompress.errors import TargetError
 from vitcompress.layers.lowrank_linear import LowRankLinear
 from vitcompress.recipe import parse_recipe
 from vitcompress.stages.export import export_onnx
-from vitcompress.stages.validate import ort_session
 
 
 def recipe(**step):
@@ -80,10 +79,4 @@ def test_torch_onnxruntime_parity(request, tmp_path, fixture):
     input_size = tuple(model.pretrained_cfg["input_size"])
     apply_recipe(model, recipe(targets=[r"re:blocks\.\d+\.mlp\.fc[12]"], rank_ratio=0.25, whitening="cholesky"),
                  calibration_batches=calibration(input_size))
-    path = export_onnx(model, tmp_path / "m.onnx", input_size)
-    x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
-    got = ort_session(path, threads=2).run(None, {"input": x.numpy()})[0]
-    with torch.no_grad():
-        want = model(x).numpy()
-    assert np.abs(got - want).max() < 1e-4
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+    assert_onnxruntime_matches_torch(model, export_onnx(model, tmp_path / "m.onnx", input_size), input_size)
