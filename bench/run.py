@@ -34,7 +34,8 @@ LATENCY_ONLY = {"random_init": True, "data": "synthetic"}
 NO_GATES = ["finetune=null", "validate.max_top1_drop=null", "validate.min_agreement=null"]
 # Extra accuracy variants a recipe's issue asks to measure: (label suffix, overrides).
 EXTRA_VARIANTS = {
-    "taylor": [("fine-tune without sparse branch", ["steps.0.sparse_branch.enabled=false"])],
+    "taylor": [("fine-tune with sparse branch", ["steps.0.sparse_branch.enabled=true"]),
+               ("paper's channel centring, no fine-tune", ["steps.0.center=channels", "finetune=null"])],
 }
 
 
@@ -101,7 +102,8 @@ def markdown(results: dict[str, dict]) -> str:
 
 def rebuild_tables(out: Path) -> str:
     """Rebuild ``results.md`` and README's table from every ``results/<recipe>.json``; returns the table."""
-    results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))}
+    results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))
+               if not path.stem.endswith(".partial")}
     table = markdown(results)
     (out / "results.md").write_text(table)
     readme = README.read_text()
@@ -124,15 +126,17 @@ def main() -> None:
     work = args.out / "runs"
     (args.out / "results").mkdir(parents=True, exist_ok=True)
     for recipe in [] if args.tables_only else recipes:
-        rows = []
+        rows, partial = [], args.out / "results" / f"{recipe.stem}.partial.json"
         for model, label, overrides, kwargs in runs_of(recipe):
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             report = convert(model, recipe, work / "run", force=True,
                              overrides=[*overrides, f"validate.latency_runs={args.runs}"], **kwargs)
             rows.append(summarise(label, model, report))
+            partial.write_text(json.dumps(rows, indent=2))  # what is measured so far survives an interruption
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
                    "threads": sorted({r["threads"] for r in rows}), "rows": rows}
         (args.out / "results" / f"{recipe.stem}.json").write_text(json.dumps(results, indent=2))
+        partial.unlink()
     shutil.rmtree(work, ignore_errors=True)
     print(rebuild_tables(args.out))
 

@@ -119,6 +119,9 @@ BAD_RECIPES = {
     "energy out of range": ("steps:\n  - {transform: svd_lowrank, targets: [x], energy: 0}\n", "steps.0.energy"),
     "target matches nothing": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.42.mlp.fc1], rank: 8}\n",
                                "target 'blocks.42.mlp.fc1' matches no module"),
+    "finetune device": ("steps: []\nfinetune: {device: tpu}\n", "finetune.device: Input should be 'auto', 'cpu'"),
+    "taylor centre": ("steps:\n  - {transform: taylor_attention, targets: [blocks.*.attn], center: rows}\n",
+                      "steps.0.center: Input should be 'tokens' or 'channels'"),
     "not cheaper": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.0.mlp.fc1], rank: 60}\n",
                     "is not cheaper than the dense"),
 }

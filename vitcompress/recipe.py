@@ -8,7 +8,7 @@ registry) and the ``calibration``, ``finetune``, ``export`` and ``validate`` set
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -48,6 +48,9 @@ class FinetuneConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     freeze_embed: bool = Field(True, description="keep patch/cls/pos embeddings frozen")
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train: auto = cuda when torch sees a GPU, else cpu (the model returns to cpu)"
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 

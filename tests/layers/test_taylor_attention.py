@@ -140,7 +140,8 @@ def test_low_precision_input_is_computed_in_float32():
     q, k, v = _heads64(attn, x)
     half = taylor_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 1 / math.sqrt(32), "channels")
     assert half.dtype == torch.bfloat16
-    full = taylor_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), 1 / math.sqrt(32))
+    full = taylor_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), 1 / math.sqrt(32),
+                            "channels")
     torch.testing.assert_close(half.double(), full, rtol=1e-2, atol=1e-2)
 
 

@@ -1,10 +1,12 @@
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from vitcompress.context import ConvertSettings, DataBundle, LogProgress, RunContext
+from vitcompress.errors import RecipeError
 from vitcompress.models import LoadedModel
 from vitcompress.recipe import parse_recipe
 from vitcompress.stages import finetune
@@ -82,3 +84,21 @@ def test_cosine_schedule_with_warmup():
     factor = finetune._schedule(config)
     assert factor(0) == 0.1 and factor(9) == 1.0
     assert abs(factor(55) - 0.5) < 1e-9 and factor(99) < 0.001
+
+
+def test_auto_device_is_cpu_without_gpu_and_models_end_on_cpu(reference_model):
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student = perturbed(reference_model)
+    ctx = make_context(reference_model, student, images, labels, steps=1)
+    finetune.run(ctx)
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ctx.report["finetune"]["device"].startswith(expected)
+    assert all(p.device.type == "cpu" for p in [*student.parameters(), *reference_model.parameters()])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_gpu_is_a_recipe_error(reference_model):
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    ctx = make_context(reference_model, perturbed(reference_model), images, labels, steps=1, device="cuda")
+    with pytest.raises(RecipeError, match="finetune.device: cuda was asked for"):
+        finetune.run(ctx)

@@ -1,4 +1,5 @@
 import copy
+import json
 from pathlib import Path
 
 import onnx
@@ -6,7 +7,7 @@ import pytest
 import torch
 from timm.models.vision_transformer import Attention
 
-from tests.conftest import assert_onnxruntime_matches_torch
+from tests.conftest import FAST, assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
 from vitcompress.layers.taylor_attention import TaylorAttention
@@ -68,14 +69,46 @@ def test_target_that_is_not_attention_is_an_error(reference_model):
     assert not any(isinstance(m, TaylorAttention) for m in model.modules())
 
 
-def test_shipped_taylor_recipes():
+def test_default_centring_is_over_tokens():
+    (step,) = recipe(targets=["blocks.*.attn"]).steps
+    assert step.center == "tokens" and not step.sparse_branch.enabled
+
+
+def _convert(tmp_path, *args):
+    from click.testing import CliRunner
+
+    from vitcompress.cli import main
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["convert", *args, "--out", str(out), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout), out
+
+
+@pytest.mark.slow
+def test_taylor_recipe_converts_the_reference_model(tmp_path):
     finetuned = load_recipe(RECIPES / "taylor.yaml")
-    (step,) = finetuned.steps
-    assert isinstance(step, TaylorConfig) and step.sparse_branch.enabled and step.sparse_branch.threshold == 0.002
     assert finetuned.model == "vit_fmnist" and finetuned.finetune is not None
+    overrides = [x for item in (*FAST, "validate.max_top1_drop=null", "validate.min_agreement=null")
+                 for x in ("--set", item)]
+    report, out = _convert(tmp_path, "--recipe", RECIPES / "taylor.yaml", *overrides)
+    assert report["steps"][0]["modules"] == [f"blocks.{i}.attn" for i in range(12)]
+    assert report["finetune"]["steps_done"] == 3
+    converted = report["validation"]["models"]["converted"]
+    assert converted["parity"]["max_abs_diff"] < 1e-3 and not report["failed_gates"]
+    assert (out / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_taylor_384_recipe_converts_vit_small_384(tmp_path):
     large = load_recipe(RECIPES / "taylor_384.yaml")
     assert large.model == "vit_small_patch16_384" and large.finetune is None
-    assert isinstance(large.steps[0], TaylorConfig)
+    report, _ = _convert(tmp_path, "--recipe", RECIPES / "taylor_384.yaml", "--random-init",
+                         "--set", "validate.images=4", "--set", "validate.batch_sizes=[1]",
+                         "--set", "validate.latency_runs=3", "--set", "validate.warmup_runs=1")
+    assert len(report["steps"][0]["modules"]) == 12
+    converted, original = report["validation"]["models"]["converted"], report["validation"]["models"]["original"]
+    assert converted["macs"] < original["macs"] and converted["parity"]["max_abs_diff"] < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -83,22 +116,24 @@ def exported(tmp_path_factory):
     """Export each (fixture, converted?) once per module: ``(deployed torch model, ONNX path)``."""
     cache = {}
 
-    def export(request, fixture: str, convert: bool = True):
-        if (fixture, convert) not in cache:
+    def export(request, fixture: str, convert: bool = True, center: str = "tokens"):
+        if (fixture, convert, center) not in cache:
             model = copy.deepcopy(request.getfixturevalue(fixture))
             if convert:
-                apply_recipe(model, recipe(targets=["blocks.*.attn"], sparse_branch={"enabled": True}))
-            path = tmp_path_factory.mktemp(fixture) / ("taylor.onnx" if convert else "original.onnx")
-            cache[fixture, convert] = (model, export_onnx(model, path, tuple(model.pretrained_cfg["input_size"])))
-        return cache[fixture, convert]
+                apply_recipe(model, recipe(targets=["blocks.*.attn"], center=center, sparse_branch={"enabled": True}))
+            path = tmp_path_factory.mktemp(fixture) / (f"taylor_{center}.onnx" if convert else "original.onnx")
+            input_size = tuple(model.pretrained_cfg["input_size"])
+            cache[fixture, convert, center] = (model, export_onnx(model, path, input_size))
+        return cache[fixture, convert, center]
 
     return export
 
 
 @pytest.mark.export
-@pytest.mark.parametrize("fixture", ["reference_model", "deit_tiny"])
-def test_torch_onnxruntime_parity(request, exported, fixture):
-    model, path = exported(request, fixture)
+@pytest.mark.parametrize(("fixture", "center"),
+                         [("reference_model", "tokens"), ("reference_model", "channels"), ("deit_tiny", "tokens")])
+def test_torch_onnxruntime_parity(request, exported, fixture, center):
+    model, path = exported(request, fixture, center=center)
     assert all(m.sparse_threshold is None for m in model.modules() if isinstance(m, TaylorAttention))
     assert_onnxruntime_matches_torch(model, path, tuple(model.pretrained_cfg["input_size"]))
 

@@ -3,7 +3,8 @@
 Loss = ``labels_ce``·CE(labels) (labelled data only) + ``logits_kl``·T²·KL(teacher_T ‖ student_T) + every
 module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then cosine decay over a budget of
 optimizer steps, gradient clipping, and a NaN guard: a step whose loss or gradient norm is not finite is not
-applied, training stops there and the last good weights are kept (the report says so).
+applied, training stops there and the last good weights are kept (the report says so). Training runs on
+``config.device`` (a GPU when one is there, by default); the models are back on the CPU afterwards, for export.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcompress.context import RunContext
+from vitcompress.errors import RecipeError
 from vitcompress.recipe import FinetuneConfig
 
 FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
@@ -56,12 +58,21 @@ def distill_loss(student_logits, teacher_logits, labels, config: FinetuneConfig)
     return loss
 
 
+def training_device(requested: str) -> torch.device:
+    """The torch device for ``finetune.device``: ``auto`` picks CUDA when available; ``cuda`` without it is an
+    error."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("finetune.device: cuda was asked for, but torch sees no CUDA GPU (use auto or cpu)")
+    return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def run(ctx: RunContext) -> None:
     config = ctx.recipe.finetune
     if config is None:
         ctx.report["finetune"] = None
         return
     student, teacher = ctx.model, ctx.original.model
+    device = training_device(config.device)
     torch.manual_seed(config.seed)
     for name, param in student.named_parameters():
         param.requires_grad_(not (config.freeze_embed and name.split(".")[0] in FROZEN_EMBEDDINGS))
@@ -73,12 +84,15 @@ def run(ctx: RunContext) -> None:
         generator=torch.Generator().manual_seed(config.seed),
     )
     batches = _cycle(loader)
-    ctx.progress.stage("finetune", f"{config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
+    ctx.progress.stage("finetune", f"{config.steps} steps, batch {config.batch_size}, lr {config.lr:g}, on {device}")
+    student.to(device)
+    teacher.to(device)
     ctx.progress.start("finetune", config.steps)
     student.train()
     losses, stopped, t0, seen = [], None, time.perf_counter(), 0
     for step in range(config.steps):
         images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.no_grad():
             teacher_logits = teacher(images)
         loss = distill_loss(student(images), teacher_logits, labels, config)
@@ -97,10 +111,13 @@ def run(ctx: RunContext) -> None:
         losses.append(loss.item())
         ctx.progress.advance("finetune", loss=losses[-1], img_s=seen / (time.perf_counter() - t0))
     ctx.progress.finish("finetune")
+    student.cpu()
+    teacher.cpu()
     student.eval()
     student.requires_grad_(False)
     ctx.report["finetune"] = {
         "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - t0,
         "images_per_second": seen / max(time.perf_counter() - t0, 1e-9), "stopped": stopped,
+        "device": str(device),
     }

@@ -2,9 +2,9 @@
 
 Each target ``Attention`` becomes a :class:`TaylorAttention` that shares its qkv/proj weights and computes
 ``out_i = (v_sum + s·q_i G) / (n + s·q_i·k_sum)`` with ``G = K̂ᵀV``: O(n·d²) instead of O(n²·d), so it pays
-most at high resolution (many tokens). ``center`` picks the key centring (``channels``: the paper's per-token
-mean; ``tokens``: the mean over keys, constant denominator). ``sparse_branch`` turns on the paper's
-training-only sparse regulariser during the fine-tune; it is removed before export.
+most at high resolution (many tokens). ``center`` picks the key centring (``tokens``, the default: the mean
+over keys, constant denominator; ``channels``: the paper's per-token row mean). ``sparse_branch`` turns on the
+paper's training-only sparse regulariser during the fine-tune; it is removed before export.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class SparseBranchConfig(BaseModel):
 
 class TaylorConfig(TransformConfig):
     transform: Literal["taylor_attention"] = "taylor_attention"
-    center: Literal["channels", "tokens"] = Field(
-        "channels", description="channels: subtract each key's mean over channels (paper); tokens: over keys"
+    center: Literal["tokens", "channels"] = Field(
+        "tokens", description="tokens: subtract the mean key (constant denominator, linearises the softmax); "
+        "channels: subtract each key's mean over its channels (the paper's row-mean centring; ill-conditioned on "
+        "pretrained models)"
     )
     sparse_branch: SparseBranchConfig = Field(default_factory=SparseBranchConfig)
 
