@@ -57,7 +57,7 @@ def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn]
 
 
 def _load_builtins() -> None:
-    from vitcompress.transforms import lowrank, taylor  # noqa: F401  (register on import)
+    from vitcompress.transforms import lowrank, shift_linear, shiftadd_moe, taylor  # noqa: F401  (register on import)
 
 
 def get(name: str) -> Transform | None:
