@@ -24,8 +24,8 @@ from vitcompress.layers.int8_linear import INT8_LEVELS, Int8PotLinear
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``round(x)`` forward, identity gradient (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+    """``round(x)`` forward (exactly: ``x − x.detach()`` is 0), identity gradient (straight-through estimator)."""
+    return torch.round(x).detach() + (x - x.detach())
 
 
 class ShiftLinear(nn.Module):
