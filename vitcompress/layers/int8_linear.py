@@ -31,6 +31,8 @@ INT8_LEVELS = 7
 def int8_linear(x: torch.Tensor, w_int: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``DynamicQuantizeLinear(x)`` · ``w_int``ᵀ (exact integer product) · ``x_scale·w_scale`` + ``bias``."""
     flat = x.reshape(-1, x.shape[-1]).float()
+    if flat.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], w_int.shape[0])
     low, high = flat.min().clamp(max=0), flat.max().clamp(min=0)
     x_scale = (high - low) / QMAX
     zero_point = torch.round(-low / x_scale).clamp(0, QMAX)

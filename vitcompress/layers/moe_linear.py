@@ -92,6 +92,7 @@ class MoELinear(nn.Module):
         flat = x.reshape(-1, self.in_features)
         logits, chosen = self.route(flat)
         out = self._where(flat, chosen) if self.dispatch == "where" else self._gather(flat, chosen)
+        self.aux_loss = None
         if self.training:
             gate = logits.softmax(-1).gather(1, chosen[:, None])
             out = out * (gate / gate.detach())

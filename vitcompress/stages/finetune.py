@@ -4,6 +4,9 @@ Loss = ``labels_ce``·CE(labels) (labelled data only) + ``logits_kl``·T²·KL(t
 module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then cosine decay over a budget of
 optimizer steps, gradient clipping, and a NaN guard: a step whose loss or gradient norm is not finite is not
 applied, training stops there and the last good weights are kept (the report says so).
+
+Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its
+group of recipe steps, then trains ``steps`` optimizer steps; the report sums the stages and lists each.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitcompress.context import RunContext
-from vitcompress.recipe import FinetuneConfig
+from vitcompress.recipe import FinetuneConfig, staged_steps
+from vitcompress.stages.transform import apply_steps
 
 FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
 
@@ -61,6 +65,28 @@ def run(ctx: RunContext) -> None:
     if config is None:
         ctx.report["finetune"] = None
         return
+    stages = staged_steps(ctx.recipe)
+    if not stages:
+        ctx.report["finetune"] = train(ctx, config)
+        return
+    results: list[dict] = []
+    for number, indices in enumerate(stages):
+        apply_steps(ctx, indices)
+        if results and results[-1]["stopped"]:
+            continue  # a stopped stage ends training, but the recipe's transforms are all still applied
+        results.append({"transforms": config.stages[number], **train(ctx, config, f"stage {number + 1}/{len(stages)}")})
+    seconds = sum(r["seconds"] for r in results)
+    steps_done = sum(r["steps_done"] for r in results)
+    ctx.report["finetune"] = {
+        "steps_done": steps_done, "steps_budget": config.steps * len(stages),
+        "first_loss": results[0]["first_loss"], "last_loss": results[-1]["last_loss"], "seconds": seconds,
+        "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": results[-1]["stopped"],
+        "stages": results,
+    }
+
+
+def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
+    """Distil ``ctx.model`` from the original for ``config.steps`` optimizer steps; returns the run's summary."""
     student, teacher = ctx.model, ctx.original.model
     torch.manual_seed(config.seed)
     for name, param in student.named_parameters():
@@ -73,7 +99,8 @@ def run(ctx: RunContext) -> None:
         generator=torch.Generator().manual_seed(config.seed),
     )
     batches = _cycle(loader)
-    ctx.progress.stage("finetune", f"{config.steps} steps, batch {config.batch_size}, lr {config.lr:g}")
+    ctx.progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
+                                   f"lr {config.lr:g}")
     ctx.progress.start("finetune", config.steps)
     student.train()
     losses, stopped, t0, seen = [], None, time.perf_counter(), 0
@@ -99,7 +126,7 @@ def run(ctx: RunContext) -> None:
     ctx.progress.finish("finetune")
     student.eval()
     student.requires_grad_(False)
-    ctx.report["finetune"] = {
+    return {
         "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - t0,
         "images_per_second": seen / max(time.perf_counter() - t0, 1e-9), "stopped": stopped,
