@@ -89,6 +89,7 @@ def test_shipped_recipes():
     assert [s.transform for s in shift.steps] == ["shift_linear"] and shift.steps[0].int8
     full = load_recipe(RECIPES / "shiftadd.yaml")
     assert [s.transform for s in full.steps] == ["shiftadd_attention", "shiftadd_moe"]
+    assert full.finetune.stages == [["shiftadd_attention"], ["shiftadd_moe"]]
     assert full.steps[1].latency_weights == "measure" and full.finetune is not None
 
 
@@ -168,3 +169,31 @@ def test_torch_onnxruntime_parity_int8_experts(request, exported, fixture):
     assert quantisation_error > 0
     assert np.abs(got - want).max() <= 0.05 * quantisation_error
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["shift_mlp", "shiftadd"])
+def test_shipped_recipe_converts_the_reference_model(tmp_path, name):
+    """The shipped recipe through the whole pipeline (fewer targets and FAST budgets keep it short): staged
+    fine-tune, measured latency weights, int8 export, expert shares in the report."""
+    import json
+
+    from tests.conftest import FAST
+    from vitcompress.api import convert
+
+    fewer = {"shift_mlp": ["steps.0.targets=[blocks.0.mlp.fc1, blocks.0.mlp.fc2]"],
+             "shiftadd": ["steps.0.targets=[blocks.0.attn]", "steps.0.ignore=[]",
+                          "steps.1.targets=[blocks.0.mlp.fc1, blocks.1.mlp.fc2]"]}[name]
+    report = convert("vit_fmnist", RECIPES / f"{name}.yaml", tmp_path / "run", overrides=[*FAST, *fewer])
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["recipe"].endswith(f"{name}.yaml")
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node}
+    assert "MatMulInteger" in ops
+    validation = report["validation"]
+    assert validation["models"]["converted"]["top1"] > 50
+    gate = next(g for g in validation["gates"] if g["gate"] == "max_abs_diff")
+    assert gate["passed"], gate
+    if name == "shiftadd":
+        assert [s["transforms"] for s in report["finetune"]["stages"]] == [["shiftadd_attention"], ["shiftadd_moe"]]
+        shares = validation["expert_shares"]
+        assert set(shares["layers"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc2"}
+        assert abs(sum(shares["overall"].values()) - 1) < 1e-9
