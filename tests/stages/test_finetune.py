@@ -11,8 +11,8 @@ from vitcompress.stages import finetune
 
 
 def make_context(teacher, student, images, labels, recipe_steps=(), **finetune_cfg) -> RunContext:
-    recipe = parse_recipe({"steps": list(recipe_steps), "finetune": {"batch_size": 8, "warmup_steps": 1, **finetune_cfg}},
-                          "test")
+    finetune_cfg = {"batch_size": 8, "warmup_steps": 1, **finetune_cfg}
+    recipe = parse_recipe({"steps": list(recipe_steps), "finetune": finetune_cfg}, "test")
     data = TensorDataset(images, labels)
     ctx = RunContext(settings=ConvertSettings(model="vit_fmnist", out_dir=Path("unused")), recipe=recipe,
                      work_dir=Path("unused"), scratch_dir=Path("unused"), progress=LogProgress())

@@ -30,7 +30,8 @@ def recipe(*steps):
 
 def test_shift_linear_converts_mlp_linears(reference_model):
     model = copy.deepcopy(reference_model)
-    converted = apply_recipe(model, recipe({"transform": "shift_linear", "targets": [MLP], "ignore": ["blocks.0.mlp.fc2"]}))
+    step = {"transform": "shift_linear", "targets": [MLP], "ignore": ["blocks.0.mlp.fc2"]}
+    converted = apply_recipe(model, recipe(step))
     assert len(converted[0]) == 23 and "blocks.0.mlp.fc2" not in converted[0]
     assert isinstance(model.blocks[0].mlp.fc1, ShiftLinear) and not isinstance(model.blocks[0].mlp.fc2, ShiftLinear)
     assert isinstance(model.blocks[5].attn.qkv, torch.nn.Linear)
@@ -57,7 +58,8 @@ def test_measured_latency_weights_are_positive_times():
 def test_binary_attention_converts_and_shares_weights(reference_model):
     model = copy.deepcopy(reference_model)
     keys, qkv = model.state_dict().keys(), model.blocks[2].attn.qkv
-    apply_recipe(model, recipe({"transform": "shiftadd_attention", "targets": ["blocks.*.attn"], "ignore": ["blocks.11.attn"]}))
+    step = {"transform": "shiftadd_attention", "targets": ["blocks.*.attn"], "ignore": ["blocks.11.attn"]}
+    apply_recipe(model, recipe(step))
     assert isinstance(model.blocks[2].attn, BinaryAttention) and isinstance(model.blocks[11].attn, Attention)
     assert model.blocks[2].attn.qkv is qkv and model.state_dict().keys() == keys
 
@@ -79,7 +81,8 @@ def test_recipe_errors_name_the_key(step, where):
 def test_targets_of_the_wrong_kind_are_errors(reference_model):
     model = copy.deepcopy(reference_model)
     with pytest.raises(TargetError, match=r"blocks\.0\.attn \(Attention\), not a Linear"):
-        apply_recipe(model, recipe({"transform": "shiftadd_moe", "targets": ["blocks.0.attn"], "latency_weights": [1, 1]}))
+        step = {"transform": "shiftadd_moe", "targets": ["blocks.0.attn"], "latency_weights": [1, 1]}
+        apply_recipe(model, recipe(step))
     with pytest.raises(TargetError, match=r"not a Attention"):
         apply_recipe(model, recipe({"transform": "shiftadd_attention", "targets": ["blocks.0.mlp.fc1"]}))
 

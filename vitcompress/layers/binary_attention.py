@@ -80,7 +80,9 @@ class BinaryAttention(nn.Module):
         return cls(attn.num_heads, attn.head_dim, attn.qkv, attn.proj, q_norm=attn.q_norm, k_norm=attn.k_norm,
                    norm=getattr(attn, "norm", None), proj_drop=attn.proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise NotImplementedError("BinaryAttention supports neither attention masks nor causal attention")
         batch, tokens, _ = x.shape

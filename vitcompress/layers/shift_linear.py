@@ -87,4 +87,5 @@ class ShiftLinear(nn.Module):
             return linear.eval()
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, levels={self.levels}, int8={self.int8}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, levels={self.levels}, "
+                f"int8={self.int8}")
