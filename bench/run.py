@@ -37,6 +37,13 @@ EXTRA_VARIANTS = {
     "taylor": [("fine-tune with sparse branch", ["steps.0.sparse_branch.enabled=true"]),
                ("paper's channel centring, no fine-tune", ["steps.0.center=channels", "finetune=null"])],
 }
+# Extra latency variants on the latency model: (label suffix, overrides).
+_MOE_ONLY = "steps=[{transform: shiftadd_moe, targets: ['re:blocks\\.\\d+\\.mlp\\.fc[12]'], dispatch: %s}]"
+LATENCY_VARIANTS = {
+    "shift_mlp": [("float power-of-two weights, no int8", ["steps.0.int8=false"])],
+    "shiftadd": [("MoE only, (a) dense both + Where", [_MOE_ONLY % "where"]),
+                 ("MoE only, (b) gather/scatter", [_MOE_ONLY % "gather"])],
+}
 
 
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
@@ -50,7 +57,9 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
         return [(model, recipe.stem, NO_GATES, LATENCY_ONLY)]
     runs = [(REFERENCE, recipe.stem, [], {}), (REFERENCE, f"{recipe.stem} (no fine-tune)", ["finetune=null"], {})]
     runs += [(REFERENCE, f"{recipe.stem} ({label})", extra, {}) for label, extra in EXTRA_VARIANTS.get(recipe.stem, [])]
-    return runs + [(LATENCY_MODEL, recipe.stem, NO_GATES, LATENCY_ONLY)]
+    runs += [(LATENCY_MODEL, recipe.stem, NO_GATES, LATENCY_ONLY)]
+    return runs + [(LATENCY_MODEL, f"{recipe.stem} ({label})", [*NO_GATES, *extra], LATENCY_ONLY)
+                   for label, extra in LATENCY_VARIANTS.get(recipe.stem, [])]
 
 
 def summarise(label: str, model: str, report: dict) -> dict:
@@ -62,6 +71,8 @@ def summarise(label: str, model: str, report: dict) -> dict:
            "top1_original": original["top1"], "top1": converted["top1"], "agreement": converted["agreement"],
            "max_abs_diff": converted["parity"]["max_abs_diff"], "failed_gates": report["failed_gates"],
            "finetune": report["finetune"], "threads": report["validation"]["threads"], "latency": {}}
+    if "expert_shares" in report["validation"]:
+        row["expert_shares"] = report["validation"]["expert_shares"]["overall"]
     for batch, ms in converted["latency"].items():
         base = original["latency"][batch]
         row["latency"][batch] = {"original_p50_ms": base["p50_ms"], "original_p90_ms": base["p90_ms"],

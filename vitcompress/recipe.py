@@ -52,6 +52,10 @@ class FinetuneConfig(_Strict):
         "auto", description="where to train: auto = cuda when torch sees a GPU, else cpu (the model returns to cpu)"
     )
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    stages: Optional[list[list[str]]] = Field(
+        None, description="staged fine-tune: apply these groups of the steps' transforms one after the other, "
+                          "each followed by `steps` optimizer steps (e.g. [[shiftadd_attention], [shiftadd_moe]])",
+    )
 
 
 class ExportConfig(_Strict):
@@ -142,9 +146,36 @@ def parse_recipe(data: Any, source: str) -> Recipe:
         except ValidationError as exc:
             raise RecipeError(_format_error(source, f"steps.{i}", exc, transform.config)) from None
     try:
-        return Recipe.model_validate({**data, "steps": steps})
+        recipe = Recipe.model_validate({**data, "steps": steps})
     except ValidationError as exc:
         raise RecipeError(_format_error(source, "", exc, Recipe)) from None
+    _check_stages(recipe, source)
+    return recipe
+
+
+def _check_stages(recipe: Recipe, source: str) -> None:
+    """``finetune.stages`` names transforms of the steps, each in one non-empty group."""
+    if recipe.finetune is None or recipe.finetune.stages is None:
+        return
+    used = [s.transform for s in recipe.steps]
+    seen: set[str] = set()
+    for i, group in enumerate(recipe.finetune.stages):
+        if not group:
+            raise RecipeError(f"{source}: finetune.stages.{i}: a stage names at least one transform")
+        for name in group:
+            if name not in used:
+                raise RecipeError(f"{source}: finetune.stages.{i}: {name!r} is not a transform of the steps "
+                                  f"(steps use: {', '.join(dict.fromkeys(used)) or 'none'})")
+            if name in seen:
+                raise RecipeError(f"{source}: finetune.stages.{i}: {name!r} is already in an earlier stage")
+            seen.add(name)
+
+
+def staged_steps(recipe: Recipe) -> list[list[int]]:
+    """Indices of the steps applied by each fine-tune stage (empty without ``finetune.stages``)."""
+    if recipe.finetune is None or not recipe.finetune.stages:
+        return []
+    return [[i for i, s in enumerate(recipe.steps) if s.transform in group] for group in recipe.finetune.stages]
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:

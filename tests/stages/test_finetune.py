@@ -12,8 +12,9 @@ from vitcompress.recipe import parse_recipe
 from vitcompress.stages import finetune
 
 
-def make_context(teacher, student, images, labels, **finetune_cfg) -> RunContext:
-    recipe = parse_recipe({"finetune": {"batch_size": 8, "warmup_steps": 1, **finetune_cfg}}, "test")
+def make_context(teacher, student, images, labels, recipe_steps=(), **finetune_cfg) -> RunContext:
+    finetune_cfg = {"batch_size": 8, "warmup_steps": 1, **finetune_cfg}
+    recipe = parse_recipe({"steps": list(recipe_steps), "finetune": finetune_cfg}, "test")
     data = TensorDataset(images, labels)
     ctx = RunContext(settings=ConvertSettings(model="vit_fmnist", out_dir=Path("unused")), recipe=recipe,
                      work_dir=Path("unused"), scratch_dir=Path("unused"), progress=LogProgress())
@@ -102,3 +103,29 @@ def test_cuda_requested_without_gpu_is_a_recipe_error(reference_model):
     ctx = make_context(reference_model, perturbed(reference_model), images, labels, steps=1, device="cuda")
     with pytest.raises(RecipeError, match="finetune.device: cuda was asked for"):
         finetune.run(ctx)
+
+
+def test_staged_finetune_applies_each_group_then_trains_it(reference_model):
+    """The transform stage leaves staged steps alone; stage 1 converts and tunes the attention, stage 2 adds the
+    MoE, whose router then learns (from the task and the balance loss: the fine-tune adds every aux_loss)."""
+    from vitcompress.layers.binary_attention import BinaryAttention
+    from vitcompress.layers.moe_linear import MoELinear
+    from vitcompress.stages import transform
+
+    steps = [{"transform": "shiftadd_attention", "targets": ["blocks.0.attn"]},
+             {"transform": "shiftadd_moe", "targets": ["blocks.0.mlp.fc1"], "latency_weights": [6, 4]}]
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    student = copy.deepcopy(reference_model)
+    ctx = make_context(reference_model, student, images, labels, recipe_steps=steps, steps=3, lr=1e-2,
+                       stages=[["shiftadd_attention"], ["shiftadd_moe"]])
+    transform.run(ctx)
+    assert ctx.report["steps"] == [] and not isinstance(student.blocks[0].attn, BinaryAttention)
+    torch.manual_seed(0)
+    finetune.run(ctx)
+    assert isinstance(student.blocks[0].attn, BinaryAttention) and isinstance(student.blocks[0].mlp.fc1, MoELinear)
+    assert [s["transform"] for s in ctx.report["steps"]] == ["shiftadd_attention", "shiftadd_moe"]
+    report = ctx.report["finetune"]
+    assert [s["transforms"] for s in report["stages"]] == [["shiftadd_attention"], ["shiftadd_moe"]]
+    assert report["steps_done"] == 6 and report["steps_budget"] == 6 and report["stopped"] is None
+    fresh = MoELinear.from_linear(reference_model.blocks[0].mlp.fc1, levels=7)
+    assert not torch.allclose(student.blocks[0].mlp.fc1.router.bias, fresh.router.bias), "the router trained"

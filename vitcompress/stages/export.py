@@ -21,6 +21,7 @@ from torch import nn
 
 from vitcompress.context import RunContext
 from vitcompress.errors import ExportError
+from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CHECK_BATCHES = (1, 3)
@@ -64,6 +65,7 @@ def export_onnx(
             program = torch.onnx.export(
                 model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                 dynamic_shapes=dynamic, opset_version=opset, external_data=False, verbose=False,
+                custom_translation_table=ONNX_TRANSLATIONS,
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None

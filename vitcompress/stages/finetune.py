@@ -5,6 +5,9 @@ module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then co
 optimizer steps, gradient clipping, and a NaN guard: a step whose loss or gradient norm is not finite is not
 applied, training stops there and the last good weights are kept (the report says so). Training runs on
 ``config.device`` (a GPU when one is there, by default); the models are back on the CPU afterwards, for export.
+
+Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its
+group of recipe steps, then trains ``steps`` optimizer steps; the report sums the stages and lists each.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from torch import nn
 
 from vitcompress.context import RunContext
 from vitcompress.errors import RecipeError
-from vitcompress.recipe import FinetuneConfig
+from vitcompress.recipe import FinetuneConfig, staged_steps
+from vitcompress.stages.transform import apply_steps
 
 FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
 
@@ -71,6 +75,28 @@ def run(ctx: RunContext) -> None:
     if config is None:
         ctx.report["finetune"] = None
         return
+    stages = staged_steps(ctx.recipe)
+    if not stages:
+        ctx.report["finetune"] = train(ctx, config)
+        return
+    results: list[dict] = []
+    for number, indices in enumerate(stages):
+        apply_steps(ctx, indices)
+        if results and results[-1]["stopped"]:
+            continue  # a stopped stage ends training, but the recipe's transforms are all still applied
+        results.append({"transforms": config.stages[number], **train(ctx, config, f"stage {number + 1}/{len(stages)}")})
+    seconds = sum(r["seconds"] for r in results)
+    steps_done = sum(r["steps_done"] for r in results)
+    ctx.report["finetune"] = {
+        "steps_done": steps_done, "steps_budget": config.steps * len(stages),
+        "first_loss": results[0]["first_loss"], "last_loss": results[-1]["last_loss"], "seconds": seconds,
+        "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": results[-1]["stopped"],
+        "device": results[-1]["device"], "stages": results,
+    }
+
+
+def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
+    """Distil ``ctx.model`` from the original for ``config.steps`` optimizer steps; returns the run's summary."""
     student, teacher = ctx.model, ctx.original.model
     device = training_device(config.device)
     torch.manual_seed(config.seed)
@@ -84,7 +110,8 @@ def run(ctx: RunContext) -> None:
         generator=torch.Generator().manual_seed(config.seed),
     )
     batches = _cycle(loader)
-    ctx.progress.stage("finetune", f"{config.steps} steps, batch {config.batch_size}, lr {config.lr:g}, on {device}")
+    ctx.progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
+                                   f"lr {config.lr:g}, on {device}")
     student.to(device)
     teacher.to(device)
     ctx.progress.start("finetune", config.steps)
@@ -115,7 +142,7 @@ def run(ctx: RunContext) -> None:
     teacher.cpu()
     student.eval()
     student.requires_grad_(False)
-    ctx.report["finetune"] = {
+    return {
         "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - t0,
         "images_per_second": seen / max(time.perf_counter() - t0, 1e-9), "stopped": stopped,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitcompress.context import RunContext
+from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.recipe import ValidateConfig
 from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME
 from vitcompress.stages.measure import count_macs, count_params
@@ -118,6 +119,10 @@ def run(ctx: RunContext) -> None:
     table["original"]["agreement"] = 1.0
     ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
                                 "gates": gates(table, config)}
+    shares = expert_shares(ctx.model, (images for images, _ in DataLoader(
+        torch.utils.data.Subset(data, range(min(PARITY_IMAGES, len(data)))), batch_size=EVAL_BATCH)))
+    if shares is not None:
+        ctx.report["validation"]["expert_shares"] = {"images": min(PARITY_IMAGES, len(data)), **shares}
 
 
 def gates(table: dict, config: ValidateConfig) -> list[dict]:

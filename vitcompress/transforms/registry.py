@@ -57,7 +57,9 @@ def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn]
 
 
 def _load_builtins() -> None:
-    from vitcompress.transforms import lowrank, taylor  # noqa: F401  (register on import)
+    from vitcompress.transforms import (  # noqa: F401  (register on import)
+        lowrank, shift_linear, shiftadd_attention, shiftadd_moe, taylor,
+    )
 
 
 def get(name: str) -> Transform | None:

@@ -1,0 +1,124 @@
+"""``shiftadd_moe``: Linear → token-routed mixture of {dense, shift} experts (ShiftAddViT, NeurIPS'23).
+
+Each target becomes a :class:`MoELinear`: the original dense Linear and its power-of-two form, a per-token
+``Linear(C, 2)`` router (top-1, trained through the probability-scaled output) and the latency-aware
+load-balancing loss, which the fine-tune adds. ``latency_weights`` gives each expert's latency share α:
+two numbers (normalised to sum 1), or ``measure``: time each distinct layer shape's two experts in
+onnxruntime on this machine (dense MatMul vs the shift expert's deploy form, 1 thread, interleaved median).
+``dispatch`` picks the static export form (see :mod:`vitcompress.layers.moe_linear`).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from pydantic import Field, field_validator
+from torch import nn
+
+from vitcompress.layers.moe_linear import MoELinear
+from vitcompress.transforms.registry import TransformInputs, register
+from vitcompress.transforms.select import replace_module, select_modules
+from vitcompress.transforms.shift_linear import ShiftOptions
+
+log = logging.getLogger(__name__)
+
+MEASURE_TOKENS = 400  # about 8 images of 50 tokens; the share is what matters, not the absolute time
+MEASURE_RUNS = 30
+
+
+class MoEConfig(ShiftOptions):
+    transform: Literal["shiftadd_moe"] = "shiftadd_moe"
+    latency_weights: Union[Literal["measure"], list[float]] = Field(
+        "measure", description="α of (dense, shift): 'measure' in onnxruntime here, or two positive numbers"
+    )
+    balance_weight: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
+    noise_std: float = Field(0.5, gt=0, le=10, description="router logit noise in training (1/experts)")
+    dispatch: Literal["where", "gather"] = Field(
+        "gather", description="export: where = both experts on all tokens; gather = each on its own tokens"
+    )
+
+    @field_validator("latency_weights")
+    @classmethod
+    def _two_positive(cls, weights):
+        if weights != "measure" and (len(weights) != 2 or min(weights) <= 0):
+            raise ValueError("give 'measure' or two positive numbers [dense, shift]")
+        return weights
+
+
+def _expert_graph(in_features: int, out_features: int, int8: bool, seed: int) -> onnx.ModelProto:
+    """One expert as an ONNX graph: float MatMul + Add, or the int8 form Int8PotLinear exports to."""
+    rng = np.random.default_rng(seed)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [MEASURE_TOKENS, in_features])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [MEASURE_TOKENS, out_features])
+    bias = numpy_helper.from_array(rng.standard_normal(out_features).astype(np.float32), "bias")
+    if int8:
+        weight = numpy_helper.from_array(rng.integers(-64, 65, (in_features, out_features)).astype(np.int8), "w")
+        scale = numpy_helper.from_array(np.full(out_features, 2.0**-10, np.float32), "w_scale")
+        nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+                 helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"]),
+                 helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+                 helper.make_node("Mul", ["xs", "w_scale"], ["s"]),
+                 helper.make_node("Mul", ["accf", "s"], ["ys"]),
+                 helper.make_node("Add", ["ys", "bias"], ["y"])]
+        inits = [weight, scale, bias]
+    else:
+        weight = numpy_helper.from_array(rng.standard_normal((in_features, out_features)).astype(np.float32), "w")
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "bias"], ["y"])]
+        inits = [weight, bias]
+    graph = helper.make_graph(nodes, "expert", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def measure_latency_weights(in_features: int, out_features: int, int8: bool) -> tuple[float, float]:
+    """Median onnxruntime time (1 thread, interleaved runs) of the dense and the shift expert of one shape."""
+    from vitcompress.stages.validate import ort_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for i, quantised in enumerate((False, int8)):
+            path = Path(tmp) / f"expert{i}.onnx"
+            onnx.save_model(_expert_graph(in_features, out_features, quantised, i), str(path))
+            sessions.append(ort_session(path, threads=1))
+        x = np.random.default_rng(0).standard_normal((MEASURE_TOKENS, in_features)).astype(np.float32)
+        times: list[list[float]] = [[], []]
+        for run in range(MEASURE_RUNS + 3):
+            for i, session in enumerate(sessions):
+                t0 = time.perf_counter()
+                session.run(None, {"x": x})
+                if run >= 3:
+                    times[i].append(time.perf_counter() - t0)
+    dense, shift = (float(np.median(t)) for t in times)
+    return dense, shift
+
+
+@register("shiftadd_moe", MoEConfig)
+def apply_moe(model: nn.Module, config: MoEConfig, inputs: TransformInputs) -> list[str]:
+    """Replace each target Linear by a token-routed mixture of two experts from its weight, dense and
+    power-of-two (ShiftAddViT): top-1 router trained through the probability-scaled output, latency-aware
+    load-balancing loss CV²(Imp)+CV²(Load) with α = each expert's measured (or given) latency share."""
+    step = "shiftadd_moe"
+    targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
+    measured: dict[tuple[int, int], tuple[float, float]] = {}
+    for name, linear in targets:
+        if config.latency_weights == "measure":
+            shape = (linear.in_features, linear.out_features)
+            if shape not in measured:
+                measured[shape] = measure_latency_weights(*shape, config.int8)
+                log.info("%s: %d→%d experts take %.3f / %.3f ms (dense / shift)", step, *shape,
+                         *(t * 1e3 for t in measured[shape]))
+            alpha = measured[shape]
+        else:
+            alpha = tuple(config.latency_weights)
+        layer = MoELinear.from_linear(linear, config.levels, config.int8, alpha=alpha, noise_std=config.noise_std,
+                                      balance_weight=config.balance_weight, dispatch=config.dispatch)
+        replace_module(model, name, layer)
+        log.info("%s: %s → MoE{dense, shift} α=(%.3f, %.3f), dispatch %s", step, name, *layer.alpha.tolist(),
+                 config.dispatch)
+    return [name for name, _ in targets]
