@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch import nn
+
 from vitcompress.context import RunContext
 from vitcompress.stages.load import calibration_batches
 from vitcompress.stages.measure import count_params
@@ -10,14 +12,21 @@ from vitcompress.transforms.registry import TransformInputs
 
 
 def run(ctx: RunContext) -> None:
-    inputs = TransformInputs(calibration_batches=lambda: calibration_batches(ctx))
+    ctx.report["steps"] = apply_steps(ctx, ctx.model, ctx.recipe.model_steps)
+
+
+def apply_steps(ctx: RunContext, model: nn.Module, steps: list) -> list[dict]:
+    """Apply ``steps`` to ``model`` in place; per step what it converted (and its ``details``, if any)."""
     results = []
-    for i, step in enumerate(ctx.recipe.steps):
+    for i, step in enumerate(steps):
+        inputs = TransformInputs(calibration_batches=lambda: calibration_batches(ctx))
         transform = registry.get(step.transform)
-        before = count_params(ctx.model)
+        before = count_params(model)
         ctx.progress.stage("transform", f"step {i}: {step.transform}")
-        converted = transform.apply(ctx.model, step, inputs)
+        converted = transform.apply(model, step, inputs)
         results.append({"step": i, "transform": step.transform, "modules": converted,
-                        "params_before": before, "params_after": count_params(ctx.model)})
-    ctx.model.eval()
-    ctx.report["steps"] = results
+                        "params_before": before, "params_after": count_params(model)})
+        if inputs.details:
+            results[-1]["details"] = inputs.details
+    model.eval()
+    return results
