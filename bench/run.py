@@ -4,10 +4,15 @@ For each shipped recipe, runs the real ``vitcompress convert`` pipeline through 
 :func:`runs_of` for which runs: accuracy on the embedded ``vit_fmnist`` with its Fashion-MNIST test split,
 latency on ``deit_s`` with random weights, or on the recipe's own model), and collects what the reports measured:
 params, MACs, MAC-ideal speed-up, onnxruntime latency at b1/b8 interleaved with the original in the same
-process, measured speed-up, top-1 and agreement. Writes ``bench/results.json`` and ``bench/results.md``.
+process, measured speed-up, top-1 and agreement.
+
+Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date and machine they were measured on), so a
+recipe can be re-measured alone; ``bench/results.md`` and the table in README.md (between the ``bench:start`` /
+``bench:end`` markers) are then rebuilt from all of those files.
 
     python bench/run.py                      # every recipe
-    python bench/run.py --recipes svd
+    python bench/run.py --recipes svd        # re-measure one recipe, rebuild the tables
+    python bench/run.py --tables-only        # rebuild results.md and README from bench/results/
 """
 
 from __future__ import annotations
@@ -64,22 +69,46 @@ def summarise(label: str, model: str, report: dict) -> dict:
     return row
 
 
-def markdown(results: dict) -> str:
-    lines = [f"Measured {results['date']} on {results['machine']}; onnxruntime CPU, {'/'.join(map(str, results['threads']))} "
-             "intra-op threads, median of interleaved runs (speed-up = original p50 / converted p50).", "",
-             "| model | variant | params | MACs | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
-             "| b8 p50 ms (orig → conv) | b8 speed-up | top-1 orig → conv | agreement |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
-        top1 = f"{r['top1_original']:.2f} → {r['top1']:.2f}" if r["top1"] is not None else "n/a (random init)"
-        agreement = f"{r['agreement'] * 100:.2f} %" if r["top1"] is not None else "n/a"
-        lines.append(
-            f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
+README = ROOT / "README.md"
+TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def row_line(r: dict) -> str:
+    b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
+    top1 = f"{r['top1_original']:.2f} → {r['top1']:.2f}" if r["top1"] is not None else "n/a (random init)"
+    agreement = f"{r['agreement'] * 100:.2f} %" if r["top1"] is not None else "n/a"
+    return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
             f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
             f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
             f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {top1} | {agreement} |")
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """One table over every recipe's results (``{recipe: results}``), saying when and where each was measured."""
+    when: dict[tuple[str, str, str], list[str]] = {}
+    for recipe, res in results.items():
+        threads = "/".join(map(str, res["threads"]))
+        when.setdefault((res["date"], res["machine"], threads), []).append(recipe)
+    lines = [f"Measured {date} on {machine}; onnxruntime CPU, {threads} intra-op threads ({', '.join(names)})."
+             for (date, machine, threads), names in sorted(when.items())]
+    lines += ["", "Median of interleaved runs; speed-up = original p50 / converted p50.", "",
+              "| model | variant | params | MACs | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
+              "| b8 p50 ms (orig → conv) | b8 speed-up | top-1 orig → conv | agreement |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row_line(r) for res in results.values() for r in res["rows"]]
     return "\n".join(lines) + "\n"
+
+
+def rebuild_tables(out: Path) -> str:
+    """Rebuild ``results.md`` and README's table from every ``results/<recipe>.json``; returns the table."""
+    results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))}
+    table = markdown(results)
+    (out / "results.md").write_text(table)
+    readme = README.read_text()
+    if TABLE_START in readme and TABLE_END in readme:
+        head, rest = readme.split(TABLE_START, 1)
+        README.write_text(f"{head}{TABLE_START}\n{table}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+    return table
 
 
 def main() -> None:
@@ -87,24 +116,25 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", help="recipe names under recipes/ (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--runs", type=int, default=30, help="interleaved latency runs per model and batch size")
+    parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and README's table")
     args = parser.parse_args()
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     if args.recipes:
         recipes = [ROOT / "recipes" / f"{name}.yaml" for name in args.recipes]
     work = args.out / "runs"
-    rows = []
-    for recipe in recipes:
+    (args.out / "results").mkdir(parents=True, exist_ok=True)
+    for recipe in [] if args.tables_only else recipes:
+        rows = []
         for model, label, overrides, kwargs in runs_of(recipe):
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             report = convert(model, recipe, work / "run", force=True,
                              overrides=[*overrides, f"validate.latency_runs={args.runs}"], **kwargs)
             rows.append(summarise(label, model, report))
+        results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
+                   "threads": sorted({r["threads"] for r in rows}), "rows": rows}
+        (args.out / "results" / f"{recipe.stem}.json").write_text(json.dumps(results, indent=2))
     shutil.rmtree(work, ignore_errors=True)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
-               "threads": sorted({r["threads"] for r in rows}), "rows": rows}
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    (args.out / "results.md").write_text(markdown(results))
-    print(markdown(results))
+    print(rebuild_tables(args.out))
 
 
 if __name__ == "__main__":
