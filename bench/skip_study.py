@@ -8,7 +8,7 @@
 3. ``deit_s`` (random weights: latency only): onnxruntime latency of 2 / 4 / 6 skips vs the original,
    b1 / b8, all four models interleaved in one run.
 
-Writes ``bench/results/skip_study.json`` and ``bench/results/skip_study.md``.
+Writes ``bench/skip_study.json`` and ``bench/skip_study.md`` (README's attention_skip numbers come from there).
 
     python bench/skip_study.py --steps 100 --images 10000
 """
@@ -41,7 +41,7 @@ def skip_runs(args, work: Path) -> list[dict]:
     common = [f"finetune.steps={args.steps}", f"validate.images={args.images}", "validate.batch_sizes=[1]",
               "validate.latency_runs=5", "validate.max_top1_drop=null"]
     rows = []
-    for count in COUNTS:
+    for count in args.counts:
         variants = {"cka": [f"steps.0.count={count}"]}
         for draw in range(args.random_draws):
             chosen = sorted(random.Random(args.seed + 100 * draw + count).sample(range(DEPTH), count))
@@ -74,7 +74,7 @@ def deit_latency(args, work: Path) -> dict:
     loaded = load_model("deit_s", random_init=True)
     input_size = tuple(loaded.data_config["input_size"])
     paths = {"original": export_onnx(loaded.model, work / "original.onnx", input_size)}
-    for count in COUNTS:
+    for count in args.counts:
         model = copy.deepcopy(loaded.model)
         blocks = [round(i * DEPTH / count) for i in range(count)]
         apply_recipe(model, parse_recipe({"steps": [{"transform": "attention_skip", "blocks": blocks}]}, "study"))
@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random block choices")
     parser.add_argument("--random-draws", type=int, default=2, help="random block choices per skip count")
     parser.add_argument("--parts", nargs="+", default=["skip", "cascade", "deit_s"])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="numbers of skipped blocks")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
     path = args.out / "skip_study.json"
     results = json.loads(path.read_text()) if path.exists() else {}
