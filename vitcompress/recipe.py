@@ -171,7 +171,8 @@ def _parse_steps(raw_steps: Any, source: str, where: str) -> list[TransformConfi
         transform = registry.get(str(step["transform"]))
         if transform is None:
             known = ", ".join(registry.available())
-            raise RecipeError(f"{source}: {where}.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
+            raise RecipeError(
+                f"{source}: {where}.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
         try:
             steps.append(transform.config.model_validate(step))
         except ValidationError as exc:

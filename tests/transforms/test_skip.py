@@ -120,6 +120,9 @@ def test_shipped_skip_recipes(reference_model):
     assert apply_recipe(model, explicit) == [["blocks.2", "blocks.4"]]
     cka = load_recipe(RECIPES / "skip_cka.yaml")
     assert cka.steps[0].select == "cka" and cka.steps[0].count == 4 and cka.finetune is not None
+    model = copy.deepcopy(reference_model)
+    (chosen,) = apply_recipe(model, cka, calibration())
+    assert len(chosen) == 4 and all(isinstance(model.get_submodule(name), SkippedBlock) for name in chosen)
 
 
 @pytest.mark.export
