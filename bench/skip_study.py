@@ -8,7 +8,8 @@
 3. ``deit_s`` (random weights: latency only): onnxruntime latency of 2 / 4 / 6 skips vs the original,
    b1 / b8, all four models interleaved in one run.
 
-Writes ``bench/skip_study.json`` and ``bench/skip_study.md`` (README's attention_skip numbers come from there).
+Writes ``bench/skip_study.json`` and ``bench/skip_study.md``, and copies the tables into README.md between the
+``skip_study:start`` / ``skip_study:end`` markers.
 
     python bench/skip_study.py --steps 100 --images 10000
 """
@@ -32,6 +33,8 @@ from vitcompress.stages.export import export_onnx
 from vitcompress.stages.validate import latency
 
 ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+START, END = "<!-- skip_study:start -->", "<!-- skip_study:end -->"
 COUNTS = (2, 4, 6)
 DEPTH = 12
 
@@ -124,7 +127,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="interleaved latency runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random block choices")
     parser.add_argument("--random-draws", type=int, default=2, help="random block choices per skip count")
-    parser.add_argument("--parts", nargs="+", default=["skip", "cascade", "deit_s"])
+    parser.add_argument("--parts", nargs="*", default=["skip", "cascade", "deit_s"],
+                        help="parts to (re)measure; none: only rebuild the tables from skip_study.json")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS), help="numbers of skipped blocks")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     args = parser.parse_args()
@@ -144,6 +148,10 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=2))
     if {"skip", "cascade", "deit_s"} <= set(results):
         (args.out / "skip_study.md").write_text(markdown(results))
+        readme = README.read_text()
+        if START in readme and args.out.resolve() == (ROOT / "bench").resolve():
+            head, rest = readme.split(START, 1)
+            README.write_text(f"{head}{START}\n{markdown(results)}{END}{rest.split(END, 1)[1]}")
         print(markdown(results))
 
 
