@@ -35,7 +35,7 @@ def test_defaults_are_filled_in(tiny_recipe):
     ("steps:\n" + STEP + "finetune: {stepz: 3}\n", r"finetune\.stepz: unknown key \(allowed: steps, lr"),
     ("stepz: []\n", r"stepz: unknown key \(allowed: model, steps"),
     ("steps:\n  - {transform: svd_lowrank, targets: [x], rank: 8, colour: red}\n", r"steps\.0\.colour: unknown key"),
-    ("steps:\n  - {transform: pruning, targets: [x]}\n", r"steps\.0\.transform: unknown transform 'pruning' \(known: [^)]*svd_lowrank"),
+    ("steps:\n  - {transform: pruning, targets: [x]}\n", r"steps\.0\.transform: unknown transform 'pruning' \(known: .*svd_lowrank"),
     ("steps:\n  - {transform: svd_lowrank, targets: [x], rank: eight}\n", r"steps\.0\.rank: .*integer.*'eight'"),
     ("steps:\n  - {transform: svd_lowrank, targets: [x], rank: 0}\n", r"steps\.0\.rank: .*greater than or equal to 1"),
     ("steps:\n  - {transform: svd_lowrank, targets: [x], energy: 1.5}\n", r"steps\.0\.energy: .*less than or equal to 1"),

@@ -81,6 +81,30 @@ def _report_table(report: dict) -> Table:
     return table
 
 
+def _extra_tables(report: dict) -> list[Table]:
+    """CKA scores of attention_skip steps and the cascade's operating points, when the run has them."""
+    from vitcompress.stages.report import cascade_rows, cka_rows
+
+    tables = []
+    if cka_rows(report):
+        table = Table(title="attention_skip: linear CKA(block input, attention output), first round")
+        for column in ("block", "CKA", "skipped in round"):
+            table.add_column(column, justify="right")
+        for row in cka_rows(report):
+            table.add_row(*row)
+        tables.append(table)
+    if report.get("cascade"):
+        c = report["cascade"]
+        table = Table(title=f"cascade: low → high effort by entropy (threshold {c['threshold']:.4g} at "
+                            f"fraction {c['low_effort_fraction']:g})")
+        for column in ("low_effort_fraction", "exit early", "top-1 (%)", "expected latency / image"):
+            table.add_column(column, justify="right")
+        for row in cascade_rows(report):
+            table.add_row(*row)
+        tables.append(table)
+    return tables
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="log each converted module")
 def main(verbose: bool) -> None:
@@ -114,7 +138,11 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
         click.echo(json.dumps(report, indent=2))
     else:
         Console().print(_report_table(report))
-        console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, report.md")
+        for table in _extra_tables(report):
+            Console().print(table)
+        cascade = ", low.onnx, high.onnx, cascade.json" if report.get("cascade") else ""
+        console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
+                      f"report.md{cascade}")
     if report["failed_gates"]:
         console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")
         sys.exit(1)
@@ -138,6 +166,42 @@ def recipes() -> None:
             annotation = annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
             table.add_row(field_name, f"{annotation} = {default}", field.description or "")
         Console().print(table)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--cascade", "cascade_dir", required=True, type=click.Path(path_type=Path),
+              help="a convert output directory with cascade.json, low.onnx, high.onnx")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="ORT intra-op threads")
+@click.option("--json", "as_json", is_flag=True, help="print the predictions as JSON to stdout")
+def predict(images, cascade_dir, threads, as_json) -> None:
+    """Classify IMAGES (files or directories) with a low/high-effort cascade, onnxruntime only."""
+    import numpy as np
+
+    from vitcompress.cascade import Cascade, image_files
+
+    with user_errors():
+        cascade = Cascade(cascade_dir, threads)
+        files = image_files(list(images))
+        result = cascade.predict(cascade.load_images(files))
+    names = cascade.class_names
+    probs = np.exp(result.logits - result.logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    rows = [{"image": str(f), "class": int(p.argmax()), "name": names[int(p.argmax())] if names else None,
+             "probability": float(p.max()), "entropy": float(h), "model": "low" if e else "high"}
+            for f, p, h, e in zip(files, probs, result.entropy, result.early)]
+    if as_json:
+        click.echo(json.dumps({"threshold": cascade.threshold, "predictions": rows}, indent=2))
+        return
+    table = Table(title=f"cascade {cascade_dir}: exit at low effort when entropy ≤ {cascade.threshold:.4g}")
+    for column in ("image", "class", "probability", "entropy", "model"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(escape(r["image"]), r["name"] or str(r["class"]), f"{r['probability']:.3f}",
+                      f"{r['entropy']:.4f}", r["model"])
+    Console().print(table)
+    early = int(result.early.sum())
+    console.print(f"{early}/{len(rows)} images exited at the low-effort model")
 
 
 if __name__ == "__main__":

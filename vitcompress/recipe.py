@@ -8,7 +8,7 @@ registry) and the ``calibration``, ``finetune``, ``export`` and ``validate`` set
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
@@ -82,6 +82,17 @@ class ValidateConfig(_Strict):
         return self
 
 
+class CascadeConfig(_Strict):
+    """Input-aware inference (PIVOT): a low-effort model for every input, the high-effort one only for inputs
+    whose low-effort prediction entropy exceeds a threshold calibrated so that ``low_effort_fraction`` of the
+    validation images exit early."""
+
+    low: list[SerializeAsAny[TransformConfig]] = Field(min_length=1, description="steps of the low-effort model")
+    high: Union[Literal["original"], list[SerializeAsAny[TransformConfig]]] = Field(
+        "original", description="steps of the high-effort model, or 'original' (the model as loaded)")
+    low_effort_fraction: float = Field(0.7, gt=0, le=1, description="fraction of inputs that exit at the low model")
+
+
 class Recipe(_Strict):
     model: Optional[str] = Field(None, description="model used when the CLI names none")
     steps: list[SerializeAsAny[TransformConfig]] = Field(default_factory=list)
@@ -89,8 +100,20 @@ class Recipe(_Strict):
     finetune: Optional[FinetuneConfig] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    cascade: Optional[CascadeConfig] = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _cascade_owns_the_steps(self) -> "Recipe":
+        if self.cascade is not None and self.steps:
+            raise ValueError("with cascade, give the steps as cascade.low (and cascade.high), not as steps")
+        return self
+
+    @property
+    def model_steps(self) -> list[TransformConfig]:
+        """The steps that make the converted model: ``steps``, or the cascade's low-effort steps."""
+        return self.cascade.low if self.cascade is not None else self.steps
 
 
 def _format_error(source: str, prefix: str, exc: ValidationError, model: type[BaseModel]) -> str:
@@ -130,21 +153,14 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     """Validate a recipe mapping; ``source`` names the file in error messages."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with 'steps' and settings, got {type(data).__name__}")
-    raw_steps = data.get("steps", [])
-    if not isinstance(raw_steps, list):
-        raise RecipeError(f"{source}: steps: must be a list of transform steps")
-    steps = []
-    for i, step in enumerate(raw_steps):
-        if not isinstance(step, dict) or "transform" not in step:
-            raise RecipeError(f"{source}: steps.{i}: each step is a mapping with a 'transform' key")
-        transform = registry.get(str(step["transform"]))
-        if transform is None:
-            known = ", ".join(registry.available())
-            raise RecipeError(f"{source}: steps.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
-        try:
-            steps.append(transform.config.model_validate(step))
-        except ValidationError as exc:
-            raise RecipeError(_format_error(source, f"steps.{i}", exc, transform.config)) from None
+    steps = _parse_steps(data.get("steps", []), source, "steps")
+    cascade = data.get("cascade")
+    if isinstance(cascade, dict):
+        cascade = dict(cascade)
+        for key in ("low", "high"):
+            if key in cascade and cascade[key] != "original":
+                cascade[key] = _parse_steps(cascade[key], source, f"cascade.{key}")
+        data = {**data, "cascade": cascade}
     try:
         recipe = Recipe.model_validate({**data, "steps": steps})
     except ValidationError as exc:
@@ -157,7 +173,7 @@ def _check_stages(recipe: Recipe, source: str) -> None:
     """``finetune.stages`` names transforms of the steps, each in one non-empty group."""
     if recipe.finetune is None or recipe.finetune.stages is None:
         return
-    used = [s.transform for s in recipe.steps]
+    used = [s.transform for s in recipe.model_steps]
     seen: set[str] = set()
     for i, group in enumerate(recipe.finetune.stages):
         if not group:
@@ -175,7 +191,28 @@ def staged_steps(recipe: Recipe) -> list[list[int]]:
     """Indices of the steps applied by each fine-tune stage (empty without ``finetune.stages``)."""
     if recipe.finetune is None or not recipe.finetune.stages:
         return []
-    return [[i for i, s in enumerate(recipe.steps) if s.transform in group] for group in recipe.finetune.stages]
+    steps = recipe.model_steps
+    return [[i for i, s in enumerate(steps) if s.transform in group] for group in recipe.finetune.stages]
+
+
+def _parse_steps(raw_steps: Any, source: str, where: str) -> list[TransformConfig]:
+    """Validate a list of transform steps, each by the config class its ``transform:`` names."""
+    if not isinstance(raw_steps, list):
+        raise RecipeError(f"{source}: {where}: must be a list of transform steps")
+    steps = []
+    for i, step in enumerate(raw_steps):
+        if not isinstance(step, dict) or "transform" not in step:
+            raise RecipeError(f"{source}: {where}.{i}: each step is a mapping with a 'transform' key")
+        transform = registry.get(str(step["transform"]))
+        if transform is None:
+            known = ", ".join(registry.available())
+            raise RecipeError(
+                f"{source}: {where}.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
+        try:
+            steps.append(transform.config.model_validate(step))
+        except ValidationError as exc:
+            raise RecipeError(_format_error(source, f"{where}.{i}", exc, transform.config)) from None
+    return steps
 
 
 def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:

@@ -51,9 +51,11 @@ def preprocessing_metadata(data_config: dict, class_names: list[str] | None) -> 
 
 def export_onnx(
     model: nn.Module, path: str | Path, input_size: tuple[int, ...], opset: int = 18, dynamic_batch: bool = True,
-    metadata: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None, output_names: tuple[str, ...] = (OUTPUT_NAME,),
 ) -> Path:
-    """Export ``model`` to ``path`` (one self-contained file), then check it loads and runs in onnxruntime."""
+    """Export ``model`` to ``path`` (one self-contained file), then check it loads and runs in onnxruntime.
+
+    ``output_names`` names the model's outputs in order; the first must be the logits."""
     path = Path(path)
     model = to_deploy(model)
     example = torch.randn(2, *input_size)
@@ -63,7 +65,7 @@ def export_onnx(
             warnings.simplefilter("ignore")
             logging.getLogger("torch.onnx").setLevel(logging.ERROR)
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(output_names),
                 dynamic_shapes=dynamic, opset_version=opset, external_data=False, verbose=False,
                 custom_translation_table=ONNX_TRANSLATIONS,
             )

@@ -81,7 +81,7 @@ def run(ctx: RunContext) -> None:
         return
     results: list[dict] = []
     for number, indices in enumerate(stages):
-        apply_steps(ctx, indices)
+        ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
         if results and results[-1]["stopped"]:
             continue  # a stopped stage ends training, but the recipe's transforms are all still applied
         results.append({"transforms": config.stages[number], **train(ctx, config, f"stage {number + 1}/{len(stages)}")})

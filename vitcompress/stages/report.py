@@ -28,6 +28,28 @@ def side_by_side_rows(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def cka_rows(report: dict) -> list[tuple[str, str, str]]:
+    """(block, CKA when first scored, round in which it was skipped) for each CKA-selected skip step."""
+    rows = []
+    for step in report["steps"]:
+        rounds = [r for r in step.get("details", {}).get("rounds", []) if r["chosen"] is not None]
+        if rounds:
+            chosen = {r["chosen"]: i + 1 for i, r in enumerate(rounds)}
+            rows += [(block, f"{score:.4f}", str(chosen.get(block, "—"))) for block, score in rounds[0]["cka"].items()]
+    return rows
+
+
+def cascade_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """(low-effort fraction, early exits, top-1, expected b1 latency vs the original) per operating point."""
+    rows = []
+    for point in report["cascade"]["sweep"]:
+        cost = next(iter(point["expected_ms"].values()))
+        top = "n/a" if point["top1"] is None else f"{point['top1']:.2f}"
+        rows.append((f"{point['low_effort_fraction']:g}", f"{point['early_fraction'] * 100:.1f} %", top,
+                     f"{cost['cascade']:.2f} ms vs {cost['original']:.2f} ms ({cost['speedup']:.2f}×)"))
+    return rows
+
+
 def failed_gates(report: dict) -> list[dict]:
     return [g for g in report["validation"]["gates"] if g["passed"] is False]
 
@@ -49,12 +71,27 @@ def markdown(report: dict) -> str:
                      f"{step['params_before']:,} → {step['params_after']:,}")
     lines += ["", "| metric | original | converted |", "|---|---|---|"]
     lines += [f"| {m} | {o} | {c} |" for m, o, c in side_by_side_rows(report)]
+    if cka_rows(report):
+        lines += ["", "| block | linear CKA (input, attention output) | skipped in round |", "|---|---|---|"]
+        lines += [f"| {b} | {c} | {r} |" for b, c, r in cka_rows(report)]
+    if report.get("cascade"):
+        c = report["cascade"]
+        lines += ["", f"Cascade (low → high effort, entropy threshold {c['threshold']:.4g} calibrated on the "
+                  f"{c['images']} validation images): top-1 low {_pct(c['top1_low'])}, high {_pct(c['top1_high'])}; "
+                  "expected latency per image = c_low + (1 − f)·c_high at the first batch size.", "",
+                  "| low_effort_fraction | exit early | cascade top-1 | expected latency vs original |",
+                  "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {t} | {e} |" for a, b, t, e in cascade_rows(report)]
     lines += ["", "| gate | limit | value | result |", "|---|---|---|---|"]
     for g in report["validation"]["gates"]:
         value = "—" if g["value"] is None else f"{g['value']:.4g}"
         result = {True: "pass", False: "**FAIL**", None: g.get("note", "skipped")}[g["passed"]]
         lines.append(f"| {g['gate']} | {g['limit']} | {value} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} %"
 
 
 def run(ctx: RunContext) -> None:

@@ -6,8 +6,8 @@ step's ``transform:`` name, and the transform stage calls the function.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,9 +26,11 @@ class TransformConfig(BaseModel):
 
 @dataclass
 class TransformInputs:
-    """What a transform may need beyond the model: a source of calibration image batches."""
+    """What a transform may need beyond the model: a source of calibration image batches. ``details`` is
+    where a transform leaves JSON-able facts for the report (e.g. the scores behind its choices)."""
 
     calibration_batches: Callable[[], Iterable[torch.Tensor]]
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class TransformFn(Protocol):
@@ -58,7 +60,7 @@ def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn]
 
 def _load_builtins() -> None:
     from vitcompress.transforms import (  # noqa: F401  (register on import)
-        lowrank, shift_linear, shiftadd_attention, shiftadd_moe, taylor,
+        lowrank, shift_linear, shiftadd_attention, shiftadd_moe, skip, taylor,
     )
 
 

@@ -1,0 +1,109 @@
+"""Stage 5b — cascade (only with a recipe ``cascade:`` section): PIVOT's low/high-effort inference.
+
+The converted model (the recipe's ``cascade.low`` steps, fine-tuned) is the low-effort model; the
+high-effort model is the original or the original with ``cascade.high`` applied and fine-tuned with the
+same budget. Both are exported with an extra ``entropy`` output (``low.onnx``, ``high.onnx``); the entropy
+threshold is calibrated on the validation images so that ``low_effort_fraction`` of them exit early and
+written to ``cascade.json``. The report gets the cascade's top-1 (run through :class:`Cascade`, the
+deployment runner), the fraction that exited early and the expected latency per image
+``c_low + (1 − f)·c_high`` from onnxruntime latencies measured interleaved with the original's, plus the
+same numbers at other fractions (``sweep``) from the same model outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from vitcompress.cascade import CASCADE_FILE, ENTROPY, INPUT_NAME, LOGITS, Cascade, calibrate_threshold
+from vitcompress.context import RunContext
+from vitcompress.layers.entropy import WithEntropy
+from vitcompress.stages import finetune
+from vitcompress.stages.export import export_onnx, preprocessing_metadata
+from vitcompress.stages.transform import apply_steps
+from vitcompress.stages.validate import EVAL_BATCH, latency, ort_session, top1
+
+SWEEP_FRACTIONS = (0.5, 0.7, 0.9)
+
+
+def high_effort_model(ctx: RunContext):
+    """The high-effort model and what was done to it (steps, fine-tune), or the original itself."""
+    config = ctx.recipe.cascade
+    if config.high == "original":
+        return ctx.original.model, {"steps": "original", "finetune": None}
+    model = copy.deepcopy(ctx.original.model)
+    steps = apply_steps(ctx, model, config.high)
+    sub = dataclasses.replace(ctx, model=model, report={})
+    finetune.run(sub)
+    return model, {"steps": steps, "finetune": sub.report["finetune"]}
+
+
+def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, entropies and labels of every image of ``dataset`` through one cascade ONNX file."""
+    session = ort_session(path, threads)
+    logits, entropy, labels = [], [], []
+    for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
+        out = session.run([LOGITS, ENTROPY], {INPUT_NAME: images.numpy()})
+        logits.append(out[0])
+        entropy.append(out[1])
+        labels.append(batch_labels.numpy())
+    return np.concatenate(logits), np.concatenate(entropy), np.concatenate(labels)
+
+
+def operating_point(fraction: float, low: tuple, high_logits: np.ndarray, timing: dict) -> dict:
+    """Threshold, early-exit share, top-1 and expected latency per image of the cascade at ``fraction``."""
+    low_logits, entropy, labels = low
+    threshold = calibrate_threshold(entropy, fraction)
+    early = entropy.astype(np.float64) <= threshold
+    logits = np.where(early[:, None], low_logits, high_logits)
+    point = {"low_effort_fraction": fraction, "threshold": threshold, "early_fraction": float(early.mean()),
+             "top1": top1(logits, labels), "expected_ms": {}}
+    for batch in timing["low"]:
+        cost = timing["low"][batch]["p50_ms"] + (1 - early.mean()) * timing["high"][batch]["p50_ms"]
+        point["expected_ms"][batch] = {"cascade": float(cost), "original": timing["original"][batch]["p50_ms"],
+                                       "speedup": timing["original"][batch]["p50_ms"] / float(cost)}
+    return point
+
+
+def run(ctx: RunContext) -> None:
+    config = ctx.recipe.cascade
+    if config is None:
+        return
+    validate = ctx.recipe.validate_
+    input_size = tuple(ctx.original.data_config["input_size"])
+    high, high_info = high_effort_model(ctx)
+    ctx.progress.stage("cascade", f"low/high-effort models, {config.low_effort_fraction:g} exit early")
+    metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
+    metadata["vitcompress.model"] = ctx.original.name
+    paths = {"low": ctx.work_dir / "low.onnx", "high": ctx.work_dir / "high.onnx"}
+    for name, model in (("low", ctx.model), ("high", high)):
+        export_onnx(WithEntropy(model), paths[name], input_size, ctx.recipe.export.opset,
+                    ctx.recipe.export.dynamic_batch, metadata, output_names=(LOGITS, ENTROPY))
+    data = ctx.data.val
+    low = outputs(paths["low"], data, validate.threads)
+    high_logits, _, labels = outputs(paths["high"], data, validate.threads)
+    threshold = calibrate_threshold(low[1], config.low_effort_fraction)
+    spec = {"low": "low.onnx", "high": "high.onnx", "threshold": threshold,
+            "low_effort_fraction": config.low_effort_fraction,
+            "entropy": "Shannon entropy (nats) of the low model's softmax; exit early when entropy <= threshold",
+            "calibration": {"data": ctx.data.name, "images": len(data)}}
+    (ctx.work_dir / CASCADE_FILE).write_text(json.dumps(spec, indent=2))
+    runner = Cascade(ctx.work_dir, validate.threads)
+    results = [runner.predict(images.numpy()) for images, _ in DataLoader(data, batch_size=EVAL_BATCH)]
+    early = np.concatenate([r.early for r in results])
+    ctx.progress.stage("latency", "original, low and high effort, interleaved")
+    timing = latency({"original": ctx.original_onnx_path, **paths}, input_size, validate)
+    fractions = sorted({*SWEEP_FRACTIONS, config.low_effort_fraction})
+    point = operating_point(config.low_effort_fraction, low, high_logits, timing)
+    ctx.report["cascade"] = {
+        "low_effort_fraction": config.low_effort_fraction, "threshold": threshold,
+        "early_fraction": float(early.mean()), "images": len(data),
+        "top1": top1(np.concatenate([r.logits for r in results]), labels),
+        "top1_low": top1(low[0], labels), "top1_high": top1(high_logits, labels),
+        "expected_ms": point["expected_ms"], "latency": timing, "high": high_info,
+        "sweep": [operating_point(f, low, high_logits, timing) for f in fractions],
+    }
