@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--runs", type=int, default=30, help="interleaved latency runs per model and batch size")
     parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and README's table")
+    parser.add_argument("--latency-only", action="store_true",
+                        help="only the latency runs (random weights), not the reference model's accuracy runs")
     args = parser.parse_args()
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     if args.recipes:
@@ -139,6 +141,8 @@ def main() -> None:
     for recipe in [] if args.tables_only else recipes:
         rows, partial = [], args.out / "results" / f"{recipe.stem}.partial.json"
         for model, label, overrides, kwargs in runs_of(recipe):
+            if args.latency_only and kwargs != LATENCY_ONLY:
+                continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             report = convert(model, recipe, work / "run", force=True,
                              overrides=[*overrides, f"validate.latency_runs={args.runs}"], **kwargs)
