@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.shift_linear import ShiftLinear
 
 Dispatch = Literal["where", "gather"]
@@ -136,13 +137,7 @@ def expert_shares(model: nn.Module, batches) -> dict | None:
             _, chosen = module.route(args[0].reshape(-1, module.in_features))
             counts[name] += torch.bincount(chosen, minlength=2)
         hooks.append(layer.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, hooks)
     return {"overall": _shares(sum(counts.values())), "layers": {n: _shares(c) for n, c in counts.items()}}
 
 

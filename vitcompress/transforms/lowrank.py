@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from vitcompress.errors import TargetError
+from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.lowrank_linear import LowRankLinear, Whitening
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
@@ -65,13 +66,7 @@ def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.
 
     for name in names:
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, batches, hooks)
     return grams
 
 

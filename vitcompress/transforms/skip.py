@@ -30,6 +30,7 @@ from torch import nn
 
 from vitcompress.cka import CKAStats
 from vitcompress.errors import TargetError
+from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
@@ -76,12 +77,8 @@ def cka_scores(model: nn.Module, candidates: list[tuple[str, nn.Module]], batche
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
+        run_with_hooks(model, batches, hooks)
     finally:
-        for hook in hooks:
-            hook.remove()
         model.train(was_training)
     if any(s.n == 0 for s in stats.values()):
         raise TargetError(f"{STEP}: no calibration images reached the blocks")
