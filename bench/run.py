@@ -24,6 +24,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from readme_block import replace_readme_block
+
 from vitcompress.api import convert, machine_description
 from vitcompress.recipe import load_recipe
 
@@ -81,8 +83,6 @@ def summarise(label: str, model: str, report: dict) -> dict:
     return row
 
 
-README = ROOT / "README.md"
-TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def row_line(r: dict) -> str:
@@ -117,10 +117,7 @@ def rebuild_tables(out: Path) -> str:
                if not path.stem.endswith(".partial")}
     table = markdown(results)
     (out / "results.md").write_text(table)
-    readme = README.read_text()
-    if TABLE_START in readme and TABLE_END in readme:
-        head, rest = readme.split(TABLE_START, 1)
-        README.write_text(f"{head}{TABLE_START}\n{table}{TABLE_END}{rest.split(TABLE_END, 1)[1]}")
+    replace_readme_block("bench", table)
     return table
 
 

@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from readme_block import replace_readme_block
+
 from vitcompress.api import apply_recipe, convert, machine_description
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig, parse_recipe
@@ -33,8 +35,6 @@ from vitcompress.stages.export import export_onnx
 from vitcompress.stages.validate import latency
 
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
-START, END = "<!-- skip_study:start -->", "<!-- skip_study:end -->"
 COUNTS = (2, 4, 6)
 DEPTH = 12
 
@@ -148,10 +148,8 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=2))
     if {"skip", "cascade", "deit_s"} <= set(results):
         (args.out / "skip_study.md").write_text(markdown(results))
-        readme = README.read_text()
-        if START in readme and args.out.resolve() == (ROOT / "bench").resolve():
-            head, rest = readme.split(START, 1)
-            README.write_text(f"{head}{START}\n{markdown(results)}{END}{rest.split(END, 1)[1]}")
+        if args.out.resolve() == (ROOT / "bench").resolve():
+            replace_readme_block("skip_study", markdown(results))
         print(markdown(results))
 
 

@@ -52,12 +52,15 @@ def ort_logits(session: ort.InferenceSession, dataset: Dataset, progress=None, t
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def first_images(dataset: Dataset, limit: int):
+    """The images (no labels) of the first ``limit`` items of ``dataset``, in evaluation batches."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))), batch_size=EVAL_BATCH)
+    return (images for images, _ in loader)
+
+
 def torch_logits(model: nn.Module, dataset: Dataset, limit: int) -> np.ndarray:
-    out = []
     with torch.no_grad():
-        for images, _ in DataLoader(torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))), batch_size=EVAL_BATCH):
-            out.append(model(images).numpy())
-    return np.concatenate(out)
+        return np.concatenate([model(images).numpy() for images in first_images(dataset, limit)])
 
 
 def latency(paths: dict[str, Path], input_size: tuple[int, ...], config: ValidateConfig) -> dict[str, dict]:
@@ -119,8 +122,7 @@ def run(ctx: RunContext) -> None:
     table["original"]["agreement"] = 1.0
     ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
                                 "gates": gates(table, config)}
-    shares = expert_shares(ctx.model, (images for images, _ in DataLoader(
-        torch.utils.data.Subset(data, range(min(PARITY_IMAGES, len(data)))), batch_size=EVAL_BATCH)))
+    shares = expert_shares(ctx.model, first_images(data, PARITY_IMAGES))
     if shares is not None:
         ctx.report["validation"]["expert_shares"] = {"images": min(PARITY_IMAGES, len(data)), **shares}
 
