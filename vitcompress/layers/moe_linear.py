@@ -19,7 +19,10 @@ counts inversely proportional to latency, the faster expert takes more tokens. I
 
 Deploy (static graphs that plain onnxruntime runs): ``dispatch="where"`` runs both experts on every token
 and picks with ``Where``; ``dispatch="gather"`` gathers each expert's tokens (``NonZero``/``Gather``), runs
-the expert on them only and scatters the results back (``ScatterND``).
+the expert on them only and scatters the results back (``ScatterND``). ``dispatch="auto"`` computes the
+gather form in torch and leaves the choice to the export, which measures both forms in onnxruntime
+(:mod:`vitcompress.stages.moe_dispatch`): which one is faster depends on the machine, the layer sizes and
+how the trained router splits the tokens.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from torch import nn
 from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.shift_linear import ShiftLinear
 
-Dispatch = Literal["where", "gather"]
+Dispatch = Literal["where", "gather", "auto"]
 EXPERTS = ("dense", "shift")
 
 
@@ -56,10 +59,10 @@ class MoELinear(nn.Module):
 
     def __init__(self, dense: nn.Module, shift: nn.Module, in_features: int, out_features: int,
                  alpha: tuple[float, float] = (0.5, 0.5), noise_std: float = 0.5, balance_weight: float = 0.01,
-                 dispatch: Dispatch = "gather") -> None:
+                 dispatch: Dispatch = "auto") -> None:
         super().__init__()
-        if dispatch not in ("where", "gather"):
-            raise ValueError(f"dispatch must be 'where' or 'gather', got {dispatch!r}")
+        if dispatch not in ("where", "gather", "auto"):
+            raise ValueError(f"dispatch must be 'where', 'gather' or 'auto', got {dispatch!r}")
         if len(alpha) != 2 or min(alpha) <= 0:
             raise ValueError(f"alpha must be two positive latency weights, got {alpha}")
         self.in_features, self.out_features = in_features, out_features

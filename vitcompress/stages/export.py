@@ -100,15 +100,22 @@ def check_runs(path: Path, input_size: tuple[int, ...], batches: tuple[int, ...]
 def run(ctx: RunContext) -> None:
     from safetensors.torch import save_file
 
+    from vitcompress.stages import moe_dispatch
+
     config = ctx.recipe.export
     input_size = tuple(ctx.original.data_config["input_size"])
     metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
     metadata["vitcompress.model"] = ctx.original.name
     ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}")
     export_onnx(ctx.original.model, ctx.original_onnx_path, input_size, config.opset, config.dynamic_batch, metadata)
-    export_onnx(ctx.model, ctx.onnx_path, input_size, config.opset, config.dynamic_batch, metadata)
+    dispatch = moe_dispatch.choose(ctx, lambda model, path: export_onnx(model, path, input_size, config.opset,
+                                                                        config.dynamic_batch, metadata))
+    if dispatch is None:
+        export_onnx(ctx.model, ctx.onnx_path, input_size, config.opset, config.dynamic_batch, metadata)
     state = {k: v.contiguous() for k, v in ctx.model.state_dict().items()}
     save_file(state, str(ctx.work_dir / "model.safetensors"), metadata={"model": ctx.original.name})
     ctx.report["export"] = {"opset": config.opset, "dynamic_batch": config.dynamic_batch,
                             "checked_batches": list(CHECK_BATCHES if config.dynamic_batch else (2,)),
                             "onnx_bytes": ctx.onnx_path.stat().st_size}
+    if dispatch is not None:
+        ctx.report["export"]["moe_dispatch"] = dispatch

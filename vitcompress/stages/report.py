@@ -69,6 +69,12 @@ def markdown(report: dict) -> str:
     for step in report["steps"]:
         lines.append(f"- step {step['step']} `{step['transform']}`: {len(step['modules'])} modules, params "
                      f"{step['params_before']:,} → {step['params_after']:,}")
+    if report.get("export", {}).get("moe_dispatch"):
+        d = report["export"]["moe_dispatch"]
+        measured = "; ".join(f"{form} " + ", ".join(f"{b} {ms:.2f} ms" for b, ms in times.items())
+                             for form, times in d["latency"].items())
+        lines.append(f"- MoE export form: **{d['chosen']}** for {d['layers']} layers (onnxruntime p50 over "
+                     f"{d['runs']} interleaved runs: {measured})")
     lines += ["", "| metric | original | converted |", "|---|---|---|"]
     lines += [f"| {m} | {o} | {c} |" for m, o, c in side_by_side_rows(report)]
     if cka_rows(report):

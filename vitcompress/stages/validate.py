@@ -63,12 +63,22 @@ def torch_logits(model: nn.Module, dataset: Dataset, limit: int) -> np.ndarray:
         return np.concatenate([model(images).numpy() for images in first_images(dataset, limit)])
 
 
-def latency(paths: dict[str, Path], input_size: tuple[int, ...], config: ValidateConfig) -> dict[str, dict]:
-    """Per model and batch size: median / p90 / mean ms of ``latency_runs`` interleaved runs."""
+def latency_images(dataset: Dataset, count: int) -> np.ndarray:
+    """``count`` validation images (repeated if the set is smaller) to time the models on: a model with a token
+    router (MoE) does data-dependent work, so it is timed on real inputs, not noise."""
+    images = np.concatenate([batch.numpy() for batch in first_images(dataset, count)])
+    return np.resize(images, (count, *images.shape[1:]))
+
+
+def latency(paths: dict[str, Path], input_size: tuple[int, ...], config: ValidateConfig,
+            images: np.ndarray | None = None) -> dict[str, dict]:
+    """Per model and batch size: median / p90 / mean ms of ``latency_runs`` interleaved runs, on the first
+    ``batch`` of ``images`` (random normal inputs when None)."""
     sessions = {name: ort_session(path, config.threads) for name, path in paths.items()}
     results: dict[str, dict] = {name: {} for name in paths}
     for batch in config.batch_sizes:
-        x = np.random.default_rng(batch).standard_normal((batch, *input_size), dtype=np.float32)
+        x = (np.random.default_rng(batch).standard_normal((batch, *input_size), dtype=np.float32)
+             if images is None else np.ascontiguousarray(images[:batch]))
         for session in sessions.values():
             for _ in range(config.warmup_runs):
                 session.run([OUTPUT_NAME], {INPUT_NAME: x})
@@ -109,7 +119,8 @@ def run(ctx: RunContext) -> None:
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
                         "images": len(reference)}
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs")
-    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, input_size, config)
+    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, input_size, config,
+                     latency_images(data, max(config.batch_sizes)))
     models = {"original": ctx.original.model, "converted": ctx.model}
     table = {}
     for name, model in models.items():

@@ -5,7 +5,8 @@ Each target becomes a :class:`MoELinear`: the original dense Linear and its powe
 load-balancing loss, which the fine-tune adds. ``latency_weights`` gives each expert's latency share α:
 two numbers (normalised to sum 1), or ``measure``: time each distinct layer shape's two experts in
 onnxruntime on this machine (dense MatMul vs the shift expert's deploy form, 1 thread, interleaved median).
-``dispatch`` picks the static export form (see :mod:`vitcompress.layers.moe_linear`).
+``dispatch`` picks the static export form (see :mod:`vitcompress.layers.moe_linear`); ``auto`` lets the
+export stage measure both and keep the faster.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class MoEConfig(ShiftOptions):
     )
     balance_weight: float = Field(0.01, ge=0, description="weight of the load-balancing loss")
     noise_std: float = Field(0.5, gt=0, le=10, description="router logit noise in training (1/experts)")
-    dispatch: Literal["where", "gather"] = Field(
-        "gather", description="export: where = both experts on all tokens; gather = each on its own tokens"
+    dispatch: Literal["auto", "where", "gather"] = Field(
+        "auto", description="export: where = both experts on all tokens; gather = each on its own tokens; "
+                            "auto = measure both in onnxruntime at export, keep the faster"
     )
 
     @field_validator("latency_weights")
