@@ -4,7 +4,9 @@ For each shipped recipe, runs the real ``vitcompress convert`` pipeline through 
 :func:`runs_of` for which runs: accuracy on the embedded ``vit_fmnist`` with its Fashion-MNIST test split,
 latency on ``deit_s`` with random weights, or on the recipe's own model), and collects what the reports measured:
 params, MACs, MAC-ideal speed-up, onnxruntime latency at b1/b8 interleaved with the original in the same
-process, measured speed-up, top-1 and agreement.
+process, measured speed-up, top-1 and agreement. The as-shipped runs are also measured against ORT dynamic
+int8 quantisation (:mod:`ort_int8`): the recipe + int8 row, and each row's speed over the int8 original; the
+``ort_int8`` entry is that baseline itself (no transform, original vs original + ORT int8).
 
 Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date and machine they were measured on), so a
 recipe can be re-measured alone; ``bench/results.md`` and the table in README.md (between the ``bench:start`` /
@@ -24,10 +26,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from ort_int8 import Originals, measure
+from pareto import plot
 from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
-from vitcompress.recipe import load_recipe
+from vitcompress.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "vit_fmnist"
@@ -48,12 +52,18 @@ LATENCY_VARIANTS = {
 }
 
 
+BASELINE = "ort_int8"
+
+
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
     """(model, label, overrides, convert kwargs) of every run the bench makes of one recipe.
 
     A recipe for the reference model is measured for accuracy as shipped, without its fine-tune and in any
     extra variant, then for latency on DeiT-S (random weights). A recipe for another model is latency only.
+    The first run of each model is the as-shipped one, which :func:`int8_rows` also compares with ORT int8.
     """
+    if recipe.stem == BASELINE:
+        return [(REFERENCE, "original", [], {}), (LATENCY_MODEL, "original", [], LATENCY_ONLY)]
     model = load_recipe(recipe).model or REFERENCE
     if model != REFERENCE:
         return [(model, recipe.stem, NO_GATES, LATENCY_ONLY)]
@@ -62,6 +72,32 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
     runs += [(LATENCY_MODEL, recipe.stem, NO_GATES, LATENCY_ONLY)]
     return runs + [(LATENCY_MODEL, f"{recipe.stem} ({label})", [*NO_GATES, *extra], LATENCY_ONLY)
                    for label, extra in LATENCY_VARIANTS.get(recipe.stem, [])]
+
+
+def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int) -> dict:
+    """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune."""
+    overrides = [*overrides, f"validate.latency_runs={runs}"]
+    if recipe.stem == BASELINE:
+        baseline = parse_recipe({"steps": [], "finetune": None, "validate": {"latency_runs": runs}}, BASELINE)
+        return convert(model, baseline, out, force=True, **kwargs)
+    return convert(model, recipe, out, force=True, overrides=overrides, **kwargs)
+
+
+def int8_rows(row: dict, int8: dict) -> list[dict]:
+    """Each row's speed over the int8 original (b1/b8, same interleaved run), plus the recipe + int8 row (or,
+    for the baseline, the int8 original's row)."""
+    timing = int8["latency"]
+    baseline, quantised = "original + ORT int8", "converted + ORT int8"
+    row["vs_ort_int8"] = {b: timing[baseline][b]["p50_ms"] / timing["converted"][b]["p50_ms"] for b in timing[baseline]}
+    is_baseline = row["variant"] == "original"
+    name = baseline if is_baseline else quantised
+    latency = {b: {"original_p50_ms": timing["original"][b]["p50_ms"], "original_p90_ms": timing["original"][b]["p90_ms"],
+                   "p50_ms": timing[name][b]["p50_ms"], "p90_ms": timing[name][b]["p90_ms"],
+                   "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
+    extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
+             "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
+             "vs_ort_int8": {b: timing[baseline][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}}
+    return [row, extra]
 
 
 def summarise(label: str, model: str, report: dict) -> dict:
@@ -87,12 +123,13 @@ def summarise(label: str, model: str, report: dict) -> dict:
 
 def row_line(r: dict) -> str:
     b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
+    versus = " / ".join(f"{r['vs_ort_int8'][b]:.2f}×" for b in ("b1", "b8")) if "vs_ort_int8" in r else "—"
     top1 = f"{r['top1_original']:.2f} → {r['top1']:.2f}" if r["top1"] is not None else "n/a (random init)"
     agreement = f"{r['agreement'] * 100:.2f} %" if r["top1"] is not None else "n/a"
     return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
             f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
             f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
-            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {top1} | {agreement} |")
+            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} |")
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -103,10 +140,14 @@ def markdown(results: dict[str, dict]) -> str:
         when.setdefault((res["date"], res["machine"], threads), []).append(recipe)
     lines = [f"Measured {date} on {machine}; onnxruntime CPU, {threads} intra-op threads ({', '.join(names)})."
              for (date, machine, threads), names in sorted(when.items())]
-    lines += ["", "Median of interleaved runs; speed-up = original p50 / converted p50.", "",
+    lines += ["", "Median of interleaved runs; speed-up = original p50 / converted p50. *vs ORT int8*: speed over "
+              "the original quantised with onnxruntime's `quantize_dynamic` (int8 weights, dynamic uint8 "
+              "activations), b1 / b8, from a second interleaved run of original, original + int8, converted "
+              "and converted + int8; a `+ ORT int8` row is the converted model quantised the same way "
+              "(its latency is from that run).", "",
               "| model | variant | params | MACs | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
-              "| b8 p50 ms (orig → conv) | b8 speed-up | top-1 orig → conv | agreement |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| b8 p50 ms (orig → conv) | b8 speed-up | vs ORT int8 (b1 / b8) | top-1 orig → conv | agreement |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row_line(r) for res in results.values() for r in res["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -116,34 +157,44 @@ def rebuild_tables(out: Path) -> str:
     results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))
                if not path.stem.endswith(".partial")}
     table = markdown(results)
-    (out / "results.md").write_text(table)
-    replace_readme_block("bench", table)
+    image = "\n![accuracy vs latency on vit_fmnist]({})\n" if plot(results, out / "pareto.png") else ""
+    (out / "results.md").write_text(table + image.format("pareto.png"))
+    replace_readme_block("bench", table + image.format("bench/pareto.png"))
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", help="recipe names under recipes/ (default: all)")
+    parser.add_argument("--recipes", nargs="+", help=f"recipe names under recipes/, or {BASELINE} (default: {BASELINE} and every recipe)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--runs", type=int, default=30, help="interleaved latency runs per model and batch size")
     parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and README's table")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the latency runs (random weights), not the reference model's accuracy runs")
     args = parser.parse_args()
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    recipes = [ROOT / "recipes" / f"{BASELINE}.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))]
     if args.recipes:
         recipes = [ROOT / "recipes" / f"{name}.yaml" for name in args.recipes]
     work = args.out / "runs"
     (args.out / "results").mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    originals = Originals(work)
     for recipe in [] if args.tables_only else recipes:
-        rows, partial = [], args.out / "results" / f"{recipe.stem}.partial.json"
+        rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
         for model, label, overrides, kwargs in runs_of(recipe):
             if args.latency_only and kwargs != LATENCY_ONLY:
                 continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
-            report = convert(model, recipe, work / "run", force=True,
-                             overrides=[*overrides, f"validate.latency_runs={args.runs}"], **kwargs)
-            rows.append(summarise(label, model, report))
+            report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
+            row = summarise(label, model, report)
+            if model not in measured:  # the as-shipped run of this model: against ORT int8 too
+                measured.add(model)
+                print(f"bench: {model} / {label} vs ORT int8", file=sys.stderr, flush=True)
+                int8 = measure(originals, model, kwargs == LATENCY_ONLY, work / "run", args.runs,
+                               report["validation"]["threads"])
+                rows += int8_rows(row, int8)
+            else:
+                rows.append(row)
             partial.write_text(json.dumps(rows, indent=2))  # what is measured so far survives an interruption
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
                    "threads": sorted({r["threads"] for r in rows}), "rows": rows}

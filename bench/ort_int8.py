@@ -1,0 +1,66 @@
+"""ORT dynamic int8 quantisation: the baseline a user would reach for instead of vitcompress, and what they
+can stack on top of a recipe.
+
+``quantize_dynamic`` (onnxruntime.quantization, int8 weights, uint8 activations quantised per tensor at run
+time) is applied to the original model's ONNX and to a recipe's exported ``model.onnx`` (layers that already
+are int8, like the shift recipes' MatMulInteger, are left as they are). The four models are then timed
+interleaved in one process, so "recipe vs ORT int8" is a same-run ratio, and the int8 models' top-1 is
+measured in onnxruntime on the same validation images as the pipeline's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from vitcompress.models import load_model
+from vitcompress.recipe import ValidateConfig
+from vitcompress.stages.export import export_onnx
+from vitcompress.stages.load import default_data, resolve_data
+from vitcompress.stages.validate import latency, latency_images, ort_logits, ort_session, top1
+
+MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
+
+
+def quantized(path: Path, out: Path) -> Path:
+    """``path`` with every float MatMul/Conv weight int8 and its activations dynamically quantised."""
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint on the root logger
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return out
+
+
+class Originals:
+    """Each model's original exported and int8-quantised once per bench process, with its validation data."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.cache: dict[str, tuple[Path, Path, object]] = {}
+
+    def get(self, name: str, random_init: bool):
+        if name not in self.cache:
+            loaded = load_model(name, random_init=random_init)
+            fp32 = export_onnx(loaded.model, self.work / f"{name}.onnx", tuple(loaded.data_config["input_size"]))
+            data = resolve_data(default_data(loaded.name, random_init), loaded.data_config, None).val
+            self.cache[name] = (fp32, quantized(fp32, self.work / f"{name}_int8.onnx"), data)
+        return self.cache[name]
+
+
+def measure(originals: Originals, name: str, random_init: bool, bundle: Path, runs: int, threads: int) -> dict:
+    """Interleaved ORT latency (b1, b8) of the four models and the int8 models' top-1 (None without labels)."""
+    original, original_int8, data = originals.get(name, random_init)
+    paths = dict(zip(MODELS, (original, original_int8, bundle / "model.onnx",
+                              quantized(bundle / "model.onnx", originals.work / "converted_int8.onnx"))))
+    config = ValidateConfig(batch_sizes=[1, 8], threads=threads, latency_runs=runs)
+    input_size = tuple(data[0][0].shape)
+    timing = latency(paths, input_size, config, latency_images(data, 8))
+    accuracy = {}
+    for model in ("original + ORT int8", "converted + ORT int8"):
+        logits, labels = ort_logits(ort_session(paths[model], threads), data)
+        accuracy[model] = {"top1": top1(logits, labels), "predictions": logits.argmax(-1)}
+    reference, _ = ort_logits(ort_session(original, threads), data)
+    agreement = {m: float(np.mean(a["predictions"] == reference.argmax(-1))) for m, a in accuracy.items()}
+    return {"latency": timing,
+            "top1": {m: a["top1"] for m, a in accuracy.items()}, "agreement": agreement, "runs": runs}
