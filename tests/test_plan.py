@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from tests.test_cli import BAD_RECIPES, invoke, one_error_line, sets
+from vitcompress import plan
 from vitcompress.api import apply_recipe
 from vitcompress.errors import ExportError
 from vitcompress.models import load_model
-from vitcompress.plan import compact_names, plan
+from vitcompress.planner import compact_names
 from vitcompress.recipe import load_recipe
 from vitcompress.stages.export import to_deploy
 from vitcompress.stages.measure import count_macs, count_params
@@ -88,12 +89,12 @@ def test_multi_step_plan_json_in_convert_order_without_data(quiet_dir):
 @pytest.mark.export
 @pytest.mark.slow
 def test_deit_plan_table_with_synthetic_calibration(quiet_dir):
-    result = invoke("plan", "deit_t", "--random-init", "--recipe", SVD,
-                    *sets("calibration.images=16", "calibration.batch_size=8"))
+    result = invoke("plan", "deit_t", "--random-init", "--recipe", SVD, "--calibration-images", 16,
+                    *sets("calibration.batch_size=8"))
     assert result.exit_code == 0, result.output
     assert "deit_tiny_patch16_224" in result.stdout and "blocks.{0-11}.mlp.fc1" in result.stdout
     assert "exportable: yes" in result.stdout and "(1, 1000)" in result.stdout
-    assert "calibrated on 16 images of synthetic" in result.stdout
+    assert "calibrated on 16 of the recipe's 512 images (synthetic" in result.stdout
 
 
 @pytest.mark.parametrize("failure", [ExportError("torch.onnx.export failed: boom"), RuntimeError("deep trouble")])
@@ -101,7 +102,7 @@ def test_export_failure_is_reported_exit_1(quiet_dir, monkeypatch, failure):
     def broken(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr("vitcompress.plan.export_onnx", broken)
+    monkeypatch.setattr("vitcompress.planner.export_onnx", broken)
     (quiet_dir / "r.yaml").write_text(TINY_SVD)
     result = invoke("plan", "test_vit", "--random-init", "--recipe", "r.yaml")
     (quiet_dir / "r.yaml").unlink()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -107,25 +108,28 @@ def _extra_tables(report: dict) -> list[Table]:
 
 def _print_plan(result: dict) -> None:
     """The plan's table (one row per step), the modules each step matched, the export check and the times."""
-    from vitcompress.plan import compact_names, export_line, plan_rows
+    from vitcompress.planner import compact_names, export_line, plan_rows
 
     out = Console()
-    table = Table(title=f"plan: {result['model']['name']} with {result['recipe']} ({result['model']['weights']})")
-    for column in ("step", "matched", "params (M)", "MACs (M)", "speed-up (cum.)", "s"):
-        table.add_column(column, justify="left" if column == "step" else "right")
+    table = Table(title=f"plan: {result['model']['name']} with {result['recipe']}", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    table.add_column("step", no_wrap=True)
+    for column in ("params (M)", "MACs (M)", "speed-up", "total", "s"):
+        table.add_column(column, justify="right")
     for row in plan_rows(result):
         table.add_row(*row)
     out.print(table)
     for step in result["steps"]:
-        out.print(f"step {step['step']} {step['transform']}: {escape(', '.join(compact_names(step['modules'])))}",
-                  highlight=False)
+        out.print(f"step {step['step']} {step['transform']} matched {step['matched']}: "
+                  f"{escape(', '.join(compact_names(step['modules'])))}", highlight=False)
     original, final = result["original"], result["final"]
+    out.print(f"weights: {escape(result['model']['weights'])}", highlight=False)
     out.print(f"predicted speed-up (MACs): {final['speedup']:.2f}×; params {original['params'] / 1e6:.2f} → "
               f"{final['params'] / 1e6:.2f} M", highlight=False)
     if result["calibration"]:
         cal = result["calibration"]
-        out.print(f"calibrated on {cal['images']} images of {escape(cal['data'])} (recipe: {cal['recipe_images']}; "
-                  "--calibration-images N to change)", highlight=False)
+        out.print(f"calibrated on {cal['images']} of the recipe's {cal['recipe_images']} images "
+                  f"({escape(cal['data'])}; --calibration-images N)", highlight=False)
     if result["planned"] != "steps":
         out.print(f"planned: {result['planned']}", highlight=False)
     out.print(escape(export_line(result["export"])), highlight=False)
@@ -184,15 +188,16 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
 @click.option("--data", help="calibration images, only for steps that calibrate (as convert's --data)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="override a recipe value, e.g. steps.0.rank=32")
-@click.option("--random-init", is_flag=True, help="random weights (params, MACs and export do not depend on them)")
+@click.option("--random-init", is_flag=True,
+              help="random weights: enough for params, MACs and export (not for ranks by energy or CKA skips)")
 @click.option("--calibration-images", type=click.IntRange(1), metavar="N",
-              help="calibrate on at most N images  [default: 64, or the recipe's calibration.images when fewer]")
+              help="calibrate on at most N images  [default: 32, or the recipe's calibration.images when fewer]")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON to stdout")
 def plan(model, recipe_path, checkpoint, data, overrides, random_init, calibration_images, as_json) -> None:
     """Dry run: apply the recipe's steps to MODEL, count params and MACs per step, check the ONNX export.
 
     No fine-tuning, nothing written. Exit code 1 when the result does not export."""
-    from vitcompress.plan import plan as run_plan
+    from vitcompress.planner import plan as run_plan
 
     with user_errors():
         budget = {"calibration_images": calibration_images} if calibration_images else {}

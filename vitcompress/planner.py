@@ -1,15 +1,14 @@
-"""Dry run of a recipe: what each step converts and what it saves, and whether the result exports — in seconds.
+"""Dry run of a recipe before any training: what each step converts and saves, and whether the result exports.
 
 :func:`plan` loads the model as ``convert`` does and applies the recipe's real transforms one step at a time,
-in the order ``convert`` applies them (unstaged steps first, then each ``finetune.stages`` group), with the
-same calibration images where a transform calibrates (data is opened only then; at most
-``calibration_images`` of them, :data:`PLAN_CALIBRATION_IMAGES` by default, since calibration dominates a
-plan's time — a transform that chooses by data, e.g. ``energy`` ranks or CKA skips, may then choose
-differently than ``convert`` with the recipe's full budget). After each step it counts
-params and MACs of the model in its deploy form (``to_deploy()``, what ``convert`` exports and measures), so
-the last step's numbers are ``convert``'s, before fine-tuning. Then it exports the result with the export
-stage's code into a temporary directory and runs it in onnxruntime at batch 1. No fine-tuning, no latency
-measurement, nothing written: the predicted speed-up is the MAC ratio, an upper bound of what ORT delivers.
+in the order ``convert`` applies them (unstaged steps first, then each ``finetune.stages`` group). A step that
+calibrates gets ``convert``'s calibration images, opened only then, but at most ``calibration_images`` of them
+(:data:`PLAN_CALIBRATION_IMAGES` by default; calibration is most of a plan's time on large models), so ranks
+by ``energy`` and CKA skip choices may differ from ``convert``'s on the full budget. After each step it counts
+params and MACs of the model in its deploy form (``to_deploy()``), as ``convert``'s validation does, so the last
+step's numbers are the converted model's. Then it exports the result with the export stage's code into a
+temporary directory and runs it in onnxruntime at batch 1. No fine-tuning, no latency measurement, nothing
+written: the predicted speed-up is the MAC ratio, not a measured latency.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME, export_onnx, prep
 from vitcompress.stages.measure import count_macs, count_params
 from vitcompress.stages.transform import apply_steps
 
-PLAN_CALIBRATION_IMAGES = 64
+PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
 
 
@@ -173,12 +172,16 @@ def plan(
 
 
 def plan_rows(result: dict) -> list[tuple[str, ...]]:
-    """(step, matched, params, MACs, speed-up, seconds) per step, formatted for people."""
-    return [(f"{s['step']} {s['transform']}", str(s["matched"]),
-             f"{s['params_before'] / 1e6:.2f} → {s['params_after'] / 1e6:.2f}",
-             f"{s['macs_before'] / 1e6:.1f} → {s['macs_after'] / 1e6:.1f}",
-             f"{s['speedup']:.2f}× ({s['cumulative_speedup']:.2f}×)",
+    """(step, params, MACs, speed-up, cumulative speed-up, seconds) per step, formatted for people."""
+    return [(f"{s['step']} {s['transform']}", f"{s['params_before'] / 1e6:.2f} → {s['params_after'] / 1e6:.2f}",
+             f"{_mega(s['macs_before'])} → {_mega(s['macs_after'])}",
+             f"{s['speedup']:.2f}×", f"{s['cumulative_speedup']:.2f}×",
              f"{s['seconds']['apply'] + s['seconds']['measure']:.1f}") for s in result["steps"]]
+
+
+def _mega(value: int) -> str:
+    """Millions with four significant digits or more: 277.1, 4599."""
+    return f"{value / 1e6:.1f}" if value < 1e9 else f"{value / 1e6:.0f}"
 
 
 def compact_names(names: list[str]) -> list[str]:
@@ -212,5 +215,6 @@ def export_line(export: dict) -> str:
     """One line: exportable or not, and why / what was checked."""
     if not export["exportable"]:
         return f"exportable: no ({export['error']})"
-    return (f"exportable: yes (ONNX opset {export['opset']}, {export['onnx_bytes'] / 1e6:.1f} MB; onnxruntime "
-            f"batch 1 → {tuple(export['output_shape'])}, finite, max |torch − ORT| {export['max_abs_diff']:.1e})")
+    shape = tuple(export["output_shape"])
+    return (f"exportable: yes ({export['onnx_bytes'] / 1e6:.1f} MB ONNX; ORT batch 1 → {shape}, "
+            f"|torch − ORT| ≤ {export['max_abs_diff']:.1e})")
