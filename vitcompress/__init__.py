@@ -2,7 +2,7 @@
 
 Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)::
 
-    from vitcompress import convert, load_recipe, apply_recipe, export_onnx, load_model
+    from vitcompress import convert, plan, load_recipe, apply_recipe, export_onnx, load_model
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from importlib import import_module
 _PUBLIC = {
     "convert": "vitcompress.api",
     "apply_recipe": "vitcompress.api",
+    "plan": "vitcompress.planner",
     "load_recipe": "vitcompress.recipe",
     "export_onnx": "vitcompress.stages.export",
     "load_model": "vitcompress.models",

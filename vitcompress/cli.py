@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -105,6 +106,38 @@ def _extra_tables(report: dict) -> list[Table]:
     return tables
 
 
+def _print_plan(result: dict) -> None:
+    """The plan's table (one row per step), the modules each step matched, the export check and the times."""
+    from vitcompress.planner import compact_names, export_line, plan_rows
+
+    out = Console()
+    table = Table(title=f"plan: {result['model']['name']} with {result['recipe']}", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    table.add_column("step", no_wrap=True)
+    for column in ("params (M)", "MACs (M)", "speed-up", "total", "s"):
+        table.add_column(column, justify="right")
+    for row in plan_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    for step in result["steps"]:
+        out.print(f"step {step['step']} {step['transform']} matched {step['matched']}: "
+                  f"{escape(', '.join(compact_names(step['modules'])))}", highlight=False)
+    original, final = result["original"], result["final"]
+    out.print(f"weights: {escape(result['model']['weights'])}", highlight=False)
+    out.print(f"predicted speed-up (MACs): {final['speedup']:.2f}×; params {original['params'] / 1e6:.2f} → "
+              f"{final['params'] / 1e6:.2f} M", highlight=False)
+    if result["calibration"]:
+        cal = result["calibration"]
+        out.print(f"calibrated on {cal['images']} of the recipe's {cal['recipe_images']} images "
+                  f"({escape(cal['data'])}; --calibration-images N)", highlight=False)
+    if result["planned"] != "steps":
+        out.print(f"planned: {result['planned']}", highlight=False)
+    out.print(escape(export_line(result["export"])), highlight=False)
+    seconds = result["seconds"]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k != "total" and v is not None)
+    out.print(f"plan took {seconds['total']:.1f} s ({parts})", highlight=False)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="log each converted module")
 def main(verbose: bool) -> None:
@@ -145,6 +178,36 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
                       f"report.md{cascade}")
     if report["failed_gates"]:
         console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help="recipe YAML file")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="weights: .safetensors, .pth or .pt")
+@click.option("--data", help="calibration images, only for steps that calibrate (as convert's --data)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a recipe value, e.g. steps.0.rank=32")
+@click.option("--random-init", is_flag=True,
+              help="random weights: enough for params, MACs and export (not for ranks by energy or CKA skips)")
+@click.option("--calibration-images", type=click.IntRange(1), metavar="N",
+              help="calibrate on at most N images  [default: 32, or the recipe's calibration.images when fewer]")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON to stdout")
+def plan(model, recipe_path, checkpoint, data, overrides, random_init, calibration_images, as_json) -> None:
+    """Dry run: apply the recipe's steps to MODEL, count params and MACs per step, check the ONNX export.
+
+    No fine-tuning, nothing written. Exit code 1 when the result does not export."""
+    from vitcompress.planner import plan as run_plan
+
+    with user_errors():
+        budget = {"calibration_images": calibration_images} if calibration_images else {}
+        result = run_plan(model, recipe_path, checkpoint=checkpoint, data=data, overrides=list(overrides),
+                          random_init=random_init, progress=RichProgress(None), **budget)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        _print_plan(result)
+    if not result["export"]["exportable"]:
         sys.exit(1)
 
 

@@ -58,18 +58,29 @@ def run(ctx: RunContext) -> None:
     ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init)
     ctx.original.model.requires_grad_(False)
     ctx.model = copy.deepcopy(ctx.original.model)
-    spec = settings.data or default_data(ctx.original.name, settings.random_init)
-    ctx.data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images)
-    if len(ctx.data.val) == 0:
-        raise DataError(f"data {spec!r} has no validation images")
+    ctx.data = load_data(ctx)
     ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
                            "input_size": list(ctx.original.data_config["input_size"])}
     ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
                           "val_images": len(ctx.data.val), "labelled": ctx.data.labelled}
 
 
+def load_data(ctx: RunContext) -> DataBundle:
+    """The data of ``--data``, or the model's default (:func:`default_data`), for the loaded model."""
+    settings = ctx.settings
+    spec = settings.data or default_data(ctx.original.name, settings.random_init)
+    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images)
+    if len(data.val) == 0:
+        raise DataError(f"data {spec!r} has no validation images")
+    return data
+
+
 def calibration_batches(ctx: RunContext):
-    """The first ``calibration.images`` training images in batches (deterministic)."""
+    """The first ``calibration.images`` training images in batches (deterministic).
+
+    A context without data (``vitcompress plan``) loads it here, so only transforms that calibrate need it."""
+    if ctx.data is None:
+        ctx.data = load_data(ctx)
     cal = ctx.recipe.calibration
     subset = Subset(ctx.data.train, range(min(cal.images, len(ctx.data.train))))
     loader = torch.utils.data.DataLoader(subset, batch_size=cal.batch_size, shuffle=False)

@@ -1,0 +1,220 @@
+"""Dry run of a recipe before any training: what each step converts and saves, and whether the result exports.
+
+:func:`plan` loads the model as ``convert`` does and applies the recipe's real transforms one step at a time,
+in the order ``convert`` applies them (unstaged steps first, then each ``finetune.stages`` group). A step that
+calibrates gets ``convert``'s calibration images, opened only then, but at most ``calibration_images`` of them
+(:data:`PLAN_CALIBRATION_IMAGES` by default; calibration is most of a plan's time on large models), so ranks
+by ``energy`` and CKA skip choices may differ from ``convert``'s on the full budget. After each step it counts
+params and MACs of the model in its deploy form (``to_deploy()``), as ``convert``'s validation does, so the last
+step's numbers are the converted model's. Then it exports the result with the export stage's code into a
+temporary directory and runs it in onnxruntime at batch 1. No fine-tuning, no latency measurement, nothing
+written: the predicted speed-up is the MAC ratio, not a measured latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
+from vitcompress.errors import ExportError, ModelError
+from vitcompress.models import LoadedModel, load_model, resolve_name
+from vitcompress.recipe import Recipe, load_recipe, staged_steps
+from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME, export_onnx, preprocessing_metadata, to_deploy
+from vitcompress.stages.measure import count_macs, count_params
+from vitcompress.stages.transform import apply_steps
+
+PLAN_CALIBRATION_IMAGES = 32
+CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
+
+
+def step_order(recipe: Recipe) -> list[int]:
+    """Indices of the recipe's model steps in the order ``convert`` applies them."""
+    stages = staged_steps(recipe)
+    later = [i for stage in stages for i in stage]
+    return [i for i in range(len(recipe.model_steps)) if i not in later] + later
+
+
+def deployed_cost(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
+    """(params, MACs per image) of ``model`` in deploy form, measured on a copy: like ``convert``, the later
+    steps transform the train-time form, and only the finished model is deployed."""
+    deployed = to_deploy(copy.deepcopy(model))
+    return count_params(deployed), count_macs(deployed, input_size)
+
+
+def check_export(model: nn.Module, loaded: LoadedModel, recipe: Recipe, directory: Path) -> dict:
+    """Export ``model`` with the export stage's code, then run it in onnxruntime on one image.
+
+    A failure is the result, not an exception: ``exportable`` is False and ``error`` says why."""
+    from vitcompress.stages.validate import ort_session
+
+    config = recipe.export
+    input_size = tuple(loaded.data_config["input_size"])
+    result: dict = {"exportable": False, "error": None, "opset": config.opset, "dynamic_batch": config.dynamic_batch}
+    seconds = result["seconds"] = {"export": None, "check": None}
+    t0 = time.perf_counter()
+    try:
+        try:
+            path = export_onnx(model, directory / "model.onnx", input_size, config.opset, config.dynamic_batch,
+                               preprocessing_metadata(loaded.data_config, loaded.class_names))
+        finally:
+            seconds["export"] = time.perf_counter() - t0
+        result["onnx_bytes"] = path.stat().st_size
+        t0 = time.perf_counter()
+        x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+        got = ort_session(path, threads=1).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        with torch.no_grad():
+            want = model(x).numpy()
+        seconds["check"] = time.perf_counter() - t0
+        result["output_shape"] = list(got.shape)
+        if got.shape != want.shape:
+            raise ExportError(f"onnxruntime output shape {got.shape}, torch {want.shape}")
+        if not np.all(np.isfinite(got)):
+            raise ExportError("onnxruntime output at batch 1 is not finite")
+        result["max_abs_diff"] = float(np.abs(got - want).max())
+        result["exportable"] = True
+    except ExportError as exc:
+        result["error"] = str(exc)
+    except Exception as exc:  # any failure of the deploy form or of onnxruntime is the plan's finding
+        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return result
+
+
+def plan_steps(ctx: RunContext, input_size: tuple[int, ...], original: dict) -> list[dict]:
+    """Apply ``ctx.recipe``'s steps to ``ctx.model`` in ``convert``'s order; per step what it matched and the
+    deployed params and MACs before and after it."""
+    params, macs = original["params"], original["macs"]
+    steps = []
+    for i in step_order(ctx.recipe):
+        t0 = time.perf_counter()
+        applied = apply_steps(ctx, ctx.model, ctx.recipe.model_steps, [i])[0]
+        t1 = time.perf_counter()
+        params_after, macs_after = deployed_cost(ctx.model, input_size)
+        steps.append({"step": i, "transform": applied["transform"], "matched": len(applied["modules"]),
+                      "modules": applied["modules"], "params_before": params, "params_after": params_after,
+                      "macs_before": macs, "macs_after": macs_after, "speedup": macs / macs_after,
+                      "cumulative_speedup": original["macs"] / macs_after,
+                      "seconds": {"apply": t1 - t0, "measure": time.perf_counter() - t1}})
+        if "details" in applied:
+            steps[-1]["details"] = applied["details"]
+        params, macs = params_after, macs_after
+    return steps
+
+
+def plan(
+    model: str | None,
+    recipe: str | Path | Recipe,
+    *,
+    checkpoint: str | Path | None = None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    random_init: bool = False,
+    calibration_images: int | None = PLAN_CALIBRATION_IMAGES,
+    progress: Progress | None = None,
+) -> dict:
+    """Apply ``recipe`` to ``model`` step by step and check that the result exports; returns the plan.
+
+    Arguments are ``convert``'s (``data`` is opened only when a step calibrates), plus ``calibration_images``:
+    the most calibration images used (None: the recipe's ``calibration.images``). Bad input raises the
+    same :class:`~vitcompress.errors.VitCompressError` as ``convert``; an export failure is reported in
+    ``result["export"]`` (``exportable`` False, ``error``).
+    """
+    t_start = time.perf_counter()
+    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    recipe_images = recipe.calibration.images
+    if calibration_images is not None and calibration_images < recipe_images:
+        budget = recipe.calibration.model_copy(update={"images": calibration_images})
+        recipe = recipe.model_copy(update={"calibration": budget})
+    name = model or recipe.model
+    if name is None:
+        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
+    resolve_name(name)
+    progress = progress or LogProgress()
+    progress.stage("load", name)
+    loaded = load_model(name, Path(checkpoint) if checkpoint else None, random_init)
+    loaded.model.requires_grad_(False)
+    input_size = tuple(loaded.data_config["input_size"])
+    seconds = {"load": time.perf_counter() - t_start}
+    with tempfile.TemporaryDirectory(prefix="vitcompress-plan-") as tmp:
+        settings = ConvertSettings(model=name, out_dir=Path(tmp), checkpoint=Path(checkpoint) if checkpoint else None,
+                                   data=data, random_init=random_init)
+        ctx = RunContext(settings=settings, recipe=recipe, work_dir=Path(tmp), scratch_dir=Path(tmp),
+                         progress=progress, original=loaded, model=loaded.model)
+        t0 = time.perf_counter()
+        original = dict(zip(("params", "macs"), deployed_cost(loaded.model, input_size)))
+        seconds["measure"] = time.perf_counter() - t0
+        steps = plan_steps(ctx, input_size, original)
+        seconds["steps"] = sum(s["seconds"]["apply"] + s["seconds"]["measure"] for s in steps)
+        progress.stage("export", f"ONNX opset {recipe.export.opset} into a temporary directory, onnxruntime batch 1")
+        export = check_export(loaded.model, loaded, recipe, Path(tmp))
+    seconds.update(export.pop("seconds"), total=time.perf_counter() - t_start)
+    final = {"params": steps[-1]["params_after"], "macs": steps[-1]["macs_after"]} if steps else dict(original)
+    return {
+        "model": {"name": loaded.name, "weights": loaded.weights, "input_size": list(input_size)},
+        "recipe": recipe_source,
+        "calibration": None if ctx.data is None else {
+            "data": ctx.data.name, "images": min(recipe.calibration.images, len(ctx.data.train)),
+            "recipe_images": recipe_images},
+        "planned": "steps" if recipe.cascade is None else CASCADE_PLANNED,
+        "original": original,
+        "steps": steps,
+        "final": {**final, "speedup": original["macs"] / final["macs"]},
+        "export": export,
+        "seconds": seconds,
+    }
+
+
+def plan_rows(result: dict) -> list[tuple[str, ...]]:
+    """(step, params, MACs, speed-up, cumulative speed-up, seconds) per step, formatted for people."""
+    return [(f"{s['step']} {s['transform']}", f"{s['params_before'] / 1e6:.2f} → {s['params_after'] / 1e6:.2f}",
+             f"{_mega(s['macs_before'])} → {_mega(s['macs_after'])}",
+             f"{s['speedup']:.2f}×", f"{s['cumulative_speedup']:.2f}×",
+             f"{s['seconds']['apply'] + s['seconds']['measure']:.1f}") for s in result["steps"]]
+
+
+def _mega(value: int) -> str:
+    """Millions with four significant digits or more: 277.1, 4599."""
+    return f"{value / 1e6:.1f}" if value < 1e9 else f"{value / 1e6:.0f}"
+
+
+def compact_names(names: list[str]) -> list[str]:
+    """Module names with numbered siblings folded into one pattern: blocks.0.attn … blocks.10.attn →
+    blocks.{0-10}.attn (the first numeric part of each name; runs of consecutive numbers become ranges)."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for name in names:
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if at is None:
+            groups.setdefault((name,), [])
+            continue
+        groups.setdefault((*parts[:at], "{}", *parts[at + 1:]), []).append(int(parts[at]))
+    folded = []
+    for pattern, numbers in groups.items():
+        if len(numbers) <= 1:
+            folded.append(".".join(pattern).replace("{}", str(numbers[0])) if numbers else pattern[0])
+            continue
+        runs: list[list[int]] = []
+        for n in sorted(numbers):
+            if runs and n == runs[-1][-1] + 1:
+                runs[-1].append(n)
+            else:
+                runs.append([n])
+        spans = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+        folded.append(".".join(pattern).replace("{}", "{" + spans + "}"))
+    return folded
+
+
+def export_line(export: dict) -> str:
+    """One line: exportable or not, and why / what was checked."""
+    if not export["exportable"]:
+        return f"exportable: no ({export['error']})"
+    shape = tuple(export["output_shape"])
+    return (f"exportable: yes ({export['onnx_bytes'] / 1e6:.1f} MB ONNX; ORT batch 1 → {shape}, "
+            f"|torch − ORT| ≤ {export['max_abs_diff']:.1e})")
