@@ -20,11 +20,11 @@ from vitcompress.context import ConvertSettings, LogProgress, Progress, RunConte
 from vitcompress.errors import ModelError, OutputError
 from vitcompress.models import resolve_name
 from vitcompress.recipe import Recipe, dump_recipe, load_recipe
-from vitcompress.stages import cascade, export, finetune, load, report, transform, validate
+from vitcompress.stages import cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformInputs
 
-STAGES = (load, transform, finetune, export, validate, cascade, report)
+STAGES = (load, transform, finetune, export, validate, cascade, profile, report)
 
 
 def machine_description() -> str:

@@ -212,6 +212,42 @@ def plan(model, recipe_path, checkpoint, data, overrides, random_init, calibrati
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--runs", default=20, show_default=True, type=click.IntRange(1, 10_000), help="profiled runs")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0, 1000), help="runs before them")
+@click.option("--threads", type=click.IntRange(1, 256), help="ORT intra-op threads [default: as validated]")
+@click.option("--baseline", type=click.Path(path_type=Path), help="another ONNX (e.g. the original) profiled alongside")
+@click.option("--json", "as_json", is_flag=True, help="print the profile as JSON to stdout")
+def profile(bundle, batch_size, runs, warmup, threads, baseline, as_json) -> None:
+    """Per-block latency of a convert output BUNDLE's model.onnx in onnxruntime's profiler.
+
+    Each node's time goes to its transformer block, the block's attn / mlp / norm / other sub-module and the
+    recipe step that converted it (from the bundle's report.json); time outside the blocks has its own rows.
+    """
+    from vitcompress.profile import block_columns, block_rows, parts_line, profile_bundle
+
+    with user_errors():
+        result = profile_bundle(bundle, baseline=baseline, batch_size=batch_size, runs=runs, warmup_runs=warmup,
+                                threads=threads)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    converted, reference = result["converted"], result["baseline"]
+    table = Table(title=f"{escape(str(bundle))}: ms per run by block (onnxruntime profiler, batch {batch_size}, "
+                        f"median of {runs} runs, {converted['threads']} threads)",
+                  caption=f"{parts_line(converted, reference)}\nnode kernels {converted['node_ms']:.2f} ms of a "
+                          f"{converted['run_ms']:.2f} ms profiled run; {converted['unmapped_nodes']} of "
+                          f"{converted['nodes']} nodes unmapped")
+    for column in block_columns("baseline" if reference else None):
+        text = column in ("block", "recipe steps", "top op types")
+        table.add_column(column, justify="left" if text else "right", no_wrap=not text, overflow="fold")
+    for row in block_rows(converted, reference):
+        table.add_row(*row, end_section=row[0] == "unmapped")
+    Console().print(table)
+
+
+@main.command()
 def recipes() -> None:
     """List the transforms a recipe can use, with their parameters."""
     from vitcompress.transforms import registry

@@ -71,6 +71,8 @@ class ValidateConfig(_Strict):
     threads: int = Field(2, ge=1, le=256)
     latency_runs: int = Field(30, ge=3, le=10_000)
     warmup_runs: int = Field(5, ge=0, le=1000)
+    profile_runs: int = Field(10, ge=0, le=10_000, description="onnxruntime-profiled runs per model for the "
+                              "per-block latency (at the first batch size; 0: no profile)")
     max_abs_diff: float = Field(1e-3, gt=0, description="largest allowed |torch − ORT| on logits")
     max_top1_drop: Optional[float] = Field(None, ge=0, le=100, description="points of top-1 the conversion may lose")
     min_agreement: Optional[float] = Field(None, ge=0, le=1, description="least top-1 agreement with the original")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from vitcompress.context import RunContext
+from vitcompress.profile import block_columns, block_rows, parts_line
 
 
 def side_by_side_rows(report: dict) -> list[tuple[str, str, str]]:
@@ -88,12 +89,29 @@ def markdown(report: dict) -> str:
                   "| low_effort_fraction | exit early | cascade top-1 | expected latency vs original |",
                   "|---|---|---|---|"]
         lines += [f"| {a} | {b} | {t} | {e} |" for a, b, t, e in cascade_rows(report)]
+    if report.get("profile"):
+        lines += ["", *profile_markdown(report["profile"])]
     lines += ["", "| gate | limit | value | result |", "|---|---|---|---|"]
     for g in report["validation"]["gates"]:
         value = "—" if g["value"] is None else f"{g['value']:.4g}"
         result = {True: "pass", False: "**FAIL**", None: g.get("note", "skipped")}[g["passed"]]
         lines.append(f"| {g['gate']} | {g['limit']} | {value} | {result} |")
     return "\n".join(lines) + "\n"
+
+
+def profile_markdown(profile: dict) -> list[str]:
+    """The per-block latency table (original vs converted) of the report's ``profile`` section."""
+    original, converted = profile["original"], profile["converted"]
+    lines = [f"Per-block latency: onnxruntime profiler, batch {converted['batch_size']}, each node's median "
+             f"over {converted['runs']} runs, {converted['threads']} threads; ms per run of the node kernels "
+             f"({original['node_ms']:.2f} / {converted['node_ms']:.2f} ms of a {original['run_ms']:.2f} / "
+             f"{converted['run_ms']:.2f} ms profiled run, original / converted). attn / mlp / norm / other: "
+             "the converted block's time by sub-module; top op types: share of the converted row.", "",
+             f"Original → converted, {parts_line(converted, original)}.", ""]
+    columns = block_columns("original")
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in block_rows(converted, original)]
+    return lines
 
 
 def _pct(value: float | None) -> str:

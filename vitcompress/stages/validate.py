@@ -26,8 +26,8 @@ EVAL_BATCH = 128
 PARITY_IMAGES = 256
 
 
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads that do not spin-wait between runs.
+def session_options(threads: int) -> ort.SessionOptions:
+    """Options of every measuring session: ``threads`` intra-op threads that do not spin-wait between runs.
 
     Spinning threads of one session would steal the cores from the next one in an interleaved latency
     measurement (seen here: the same model's b1 median moving 2× between runs), so spinning is off.
@@ -38,7 +38,12 @@ def ort_session(path: Path, threads: int) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return options
+
+
+def ort_session(path: Path, threads: int) -> ort.InferenceSession:
+    """A CPU session with the measuring options of :func:`session_options`."""
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def ort_logits(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "") -> tuple[np.ndarray, np.ndarray]:
