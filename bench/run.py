@@ -40,8 +40,7 @@ LATENCY_ONLY = {"random_init": True, "data": "synthetic"}
 NO_GATES = ["finetune=null", "validate.max_top1_drop=null", "validate.min_agreement=null"]
 # Extra accuracy variants a recipe's issue asks to measure: (label suffix, overrides).
 EXTRA_VARIANTS = {
-    "taylor": [("fine-tune with sparse branch", ["steps.0.sparse_branch.enabled=true"]),
-               ("paper's channel centring, no fine-tune", ["steps.0.center=channels", "finetune=null"])],
+    "taylor": [("paper's channel centring, no fine-tune", ["steps.0.center=channels", "finetune=null"])],
 }
 # Extra latency variants on the latency model: (label suffix, overrides).
 _MOE_ONLY = "steps=[{transform: shiftadd_moe, targets: ['re:blocks\\.\\d+\\.mlp\\.fc[12]'], dispatch: %s}]"
