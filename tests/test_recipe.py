@@ -27,7 +27,7 @@ def test_shipped_recipe_round_trip(path, tmp_path):
 def test_defaults_are_filled_in(tiny_recipe):
     resolved = yaml.safe_load(dump_recipe(load_recipe(tiny_recipe("steps:\n" + STEP))))
     assert resolved["steps"][0]["whitening"] == "none" and resolved["steps"][0]["ignore"] == []
-    assert resolved["validate"]["batch_sizes"] == [1, 8] and resolved["export"]["opset"] == 18
+    assert resolved["validate"]["batch_sizes"] == [1, 8] and resolved["export"]["opset"] == 20
     assert resolved["finetune"] is None
 
 

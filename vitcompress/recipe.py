@@ -59,7 +59,8 @@ class FinetuneConfig(_Strict):
 
 
 class ExportConfig(_Strict):
-    opset: int = Field(18, ge=17, le=23)
+    opset: int = Field(20, ge=17, le=23,
+                       description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which onnxruntime fuses with its bias")
     dynamic_batch: bool = True
 
 

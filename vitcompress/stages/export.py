@@ -50,7 +50,7 @@ def preprocessing_metadata(data_config: dict, class_names: list[str] | None) -> 
 
 
 def export_onnx(
-    model: nn.Module, path: str | Path, input_size: tuple[int, ...], opset: int = 18, dynamic_batch: bool = True,
+    model: nn.Module, path: str | Path, input_size: tuple[int, ...], opset: int = 20, dynamic_batch: bool = True,
     metadata: dict[str, str] | None = None, output_names: tuple[str, ...] = (OUTPUT_NAME,),
 ) -> Path:
     """Export ``model`` to ``path`` (one self-contained file), then check it loads and runs in onnxruntime.
