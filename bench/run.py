@@ -110,6 +110,8 @@ def summarise(label: str, model: str, report: dict) -> dict:
            "finetune": report["finetune"], "threads": report["validation"]["threads"], "latency": {}}
     if "expert_shares" in report["validation"]:
         row["expert_shares"] = report["validation"]["expert_shares"]["overall"]
+    if "moe_dispatch" in report["export"]:
+        row["moe_dispatch"] = report["export"]["moe_dispatch"]
     for batch, ms in converted["latency"].items():
         base = original["latency"][batch]
         row["latency"][batch] = {"original_p50_ms": base["p50_ms"], "original_p90_ms": base["p90_ms"],
@@ -152,9 +154,11 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 def rebuild_tables(out: Path) -> str:
-    """Rebuild ``results.md`` and README's table from every ``results/<recipe>.json``; returns the table."""
+    """Rebuild ``results.json`` (all recipes), ``results.md``, ``pareto.png`` and README's table from every
+    ``results/<recipe>.json``; returns the table."""
     results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))
                if not path.stem.endswith(".partial")}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     image = "\n![accuracy vs latency on vit_fmnist]({})\n" if plot(results, out / "pareto.png") else ""
     (out / "results.md").write_text(table + image.format("pareto.png"))

@@ -1,0 +1,47 @@
+"""The bench's own pieces: the ORT int8 baseline it compares with, and the Pareto frontier of its plot."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+
+from ort_int8 import quantized  # noqa: E402
+from pareto import frontier, plot  # noqa: E402
+
+from vitcompress.data import fmnist_dataset  # noqa: E402
+from vitcompress.models import load_model  # noqa: E402
+from vitcompress.stages.export import export_onnx  # noqa: E402
+from vitcompress.stages.validate import ort_logits, ort_session  # noqa: E402
+
+
+def test_frontier_keeps_only_points_no_other_beats_on_both():
+    points = [(1.0, 88.5), (1.3, 88.4), (1.2, 88.0), (2.0, 85.0), (1.9, 86.0), (2.0, 84.0)]
+    assert frontier(points) == [(1.0, 88.5), (1.3, 88.4), (1.9, 86.0), (2.0, 85.0)]
+
+
+def test_plot_writes_a_png_of_the_reference_rows(tmp_path):
+    def row(variant, speedup, top1):
+        return {"model": "vit_fmnist", "variant": variant, "top1": top1, "top1_original": 88.47,
+                "latency": {"b1": {"speedup": speedup}}}
+
+    results = {"svd": {"rows": [row("svd", 1.3, 88.4), row("svd + ORT int8", 1.9, 88.3),
+                                {**row("svd", 1.5, None), "model": "deit_s"}]}}
+    path = plot(results, tmp_path / "pareto.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot({"x": {"rows": [{**row("svd", 1.5, None), "model": "deit_s"}]}}, tmp_path / "none.png") is None
+
+
+def test_ort_int8_baseline_quantises_the_matmuls_and_keeps_the_predictions(tmp_path):
+    """On the shipped (trained) vit_fmnist weights: random weights give near-tied logits, where any rounding
+    changes the prediction."""
+    fp32 = export_onnx(load_model("vit_fmnist").model, tmp_path / "fp32.onnx", (1, 28, 28))
+    int8 = quantized(fp32, tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
+    assert ops.count("MatMulInteger") == 4 * 12 + 1 and "MatMul" in ops  # every Linear; Q·Kᵀ and A·V stay float
+    images = fmnist_dataset("test", 512)  # in the bench's evaluation batches: the activation scale is per batch
+    want, got = (ort_logits(ort_session(p, threads=2), images)[0] for p in (fp32, int8))
+    assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.98
+    assert 0 < np.abs(want - got).max()
