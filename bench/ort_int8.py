@@ -18,9 +18,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig
-from vitcompress.stages.export import export_onnx
+from vitcompress.export import export_onnx
+from vitcompress.runtime import open_session
 from vitcompress.stages.load import default_data, resolve_data
-from vitcompress.stages.validate import latency, latency_images, ort_logits, ort_session, top1
+from vitcompress.stages.validate import latency, latency_images, ort_logits, top1
 
 MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
 
@@ -42,7 +43,8 @@ class Originals:
     def get(self, name: str, random_init: bool):
         if name not in self.cache:
             loaded = load_model(name, random_init=random_init)
-            fp32 = export_onnx(loaded.model, self.work / f"{name}.onnx", tuple(loaded.data_config["input_size"]))
+            fp32 = export_onnx(loaded.model, self.work / f"{name}.onnx",
+                               input_size=tuple(loaded.data_config["input_size"]))
             data = resolve_data(default_data(loaded.name, random_init), loaded.data_config, None).val
             self.cache[name] = (fp32, quantized(fp32, self.work / f"{name}_int8.onnx"), data)
         return self.cache[name]
@@ -54,13 +56,12 @@ def measure(originals: Originals, name: str, random_init: bool, bundle: Path, ru
     paths = dict(zip(MODELS, (original, original_int8, bundle / "model.onnx",
                               quantized(bundle / "model.onnx", originals.work / "converted_int8.onnx"))))
     config = ValidateConfig(batch_sizes=[1, 8], threads=threads, latency_runs=runs)
-    input_size = tuple(data[0][0].shape)
-    timing = latency(paths, input_size, config, latency_images(data, 8))
+    timing = latency(paths, config, latency_images(data, 8))
     accuracy = {}
     for model in ("original + ORT int8", "converted + ORT int8"):
-        logits, labels = ort_logits(ort_session(paths[model], threads), data)
+        logits, labels = ort_logits(open_session(paths[model], threads), data)
         accuracy[model] = {"top1": top1(logits, labels), "predictions": logits.argmax(-1)}
-    reference, _ = ort_logits(ort_session(original, threads), data)
+    reference, _ = ort_logits(open_session(original, threads), data)
     agreement = {m: float(np.mean(a["predictions"] == reference.argmax(-1))) for m, a in accuracy.items()}
     return {"latency": timing,
             "top1": {m: a["top1"] for m, a in accuracy.items()}, "agreement": agreement, "runs": runs}

@@ -31,7 +31,7 @@ from readme_block import replace_readme_block
 from vitcompress.api import apply_recipe, convert, machine_description
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig, parse_recipe
-from vitcompress.stages.export import export_onnx
+from vitcompress.export import export_onnx
 from vitcompress.stages.validate import latency
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,13 +76,13 @@ def deit_latency(args, work: Path) -> dict:
     print("skip study: deit_s latency", file=sys.stderr, flush=True)
     loaded = load_model("deit_s", random_init=True)
     input_size = tuple(loaded.data_config["input_size"])
-    paths = {"original": export_onnx(loaded.model, work / "original.onnx", input_size)}
+    paths = {"original": export_onnx(loaded.model, work / "original.onnx", input_size=input_size)}
     for count in args.counts:
         model = copy.deepcopy(loaded.model)
         blocks = [round(i * DEPTH / count) for i in range(count)]
         apply_recipe(model, parse_recipe({"steps": [{"transform": "attention_skip", "blocks": blocks}]}, "study"))
-        paths[f"{count} skips"] = export_onnx(model, work / f"skip{count}.onnx", input_size)
-    timing = latency(paths, input_size, ValidateConfig(batch_sizes=[1, 8], latency_runs=args.runs))
+        paths[f"{count} skips"] = export_onnx(model, work / f"skip{count}.onnx", input_size=input_size)
+    timing = latency(paths, ValidateConfig(batch_sizes=[1, 8], latency_runs=args.runs))
     return {name: {batch: {**ms, "ratio": timing["original"][batch]["p50_ms"] / ms["p50_ms"]}
                    for batch, ms in per_batch.items()} for name, per_batch in timing.items()}
 

@@ -10,17 +10,17 @@ from vitcompress.models import build_reference_architecture
 
 # Small budgets so a whole conversion runs in seconds on 2 CPU cores.
 FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "validate.latency_runs=3",
-        "validate.warmup_runs=1", "calibration.images=32", "calibration.batch_size=16"]
+        "validate.warmup_runs=1", "validate.profile_runs=0", "calibration.images=32", "calibration.batch_size=16"]
 
 
 def assert_onnxruntime_matches_torch(model: torch.nn.Module, onnx_path, input_size: tuple[int, ...]) -> None:
     """ORT logits within 1e-4 of torch's, and the same top-1, on a seeded batch of 4."""
     import numpy as np
 
-    from vitcompress.stages.validate import ort_session
+    from vitcompress.runtime import open_session
 
     x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
-    got = ort_session(onnx_path, threads=2).run(None, {"input": x.numpy()})[0]
+    got = open_session(onnx_path, threads=2).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         want = model(x).numpy()
     assert np.abs(got - want).max() < 1e-4

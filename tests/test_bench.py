@@ -13,8 +13,9 @@ from pareto import frontier, plot  # noqa: E402
 
 from vitcompress.data import fmnist_dataset  # noqa: E402
 from vitcompress.models import load_model  # noqa: E402
-from vitcompress.stages.export import export_onnx  # noqa: E402
-from vitcompress.stages.validate import ort_logits, ort_session  # noqa: E402
+from vitcompress.export import export_onnx  # noqa: E402
+from vitcompress.runtime import open_session  # noqa: E402
+from vitcompress.stages.validate import ort_logits  # noqa: E402
 
 
 def test_frontier_keeps_only_points_no_other_beats_on_both():
@@ -37,11 +38,11 @@ def test_plot_writes_a_png_of_the_reference_rows(tmp_path):
 def test_ort_int8_baseline_quantises_the_matmuls_and_keeps_the_predictions(tmp_path):
     """On the shipped (trained) vit_fmnist weights: random weights give near-tied logits, where any rounding
     changes the prediction."""
-    fp32 = export_onnx(load_model("vit_fmnist").model, tmp_path / "fp32.onnx", (1, 28, 28))
+    fp32 = export_onnx(load_model("vit_fmnist").model, tmp_path / "fp32.onnx")
     int8 = quantized(fp32, tmp_path / "int8.onnx")
     ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
     assert ops.count("MatMulInteger") == 4 * 12 + 1 and "MatMul" in ops  # every Linear; Q·Kᵀ and A·V stay float
     images = fmnist_dataset("test", 512)  # in the bench's evaluation batches: the activation scale is per batch
-    want, got = (ort_logits(ort_session(p, threads=2), images)[0] for p in (fp32, int8))
+    want, got = (ort_logits(open_session(p, threads=2), images)[0] for p in (fp32, int8))
     assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.98
     assert 0 < np.abs(want - got).max()

@@ -11,14 +11,15 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.conftest import FAST
-from vitcompress.cascade import CASCADE_FILE, Cascade, calibrate_threshold
+from vitcompress.runtime import CASCADE_FILE, Cascade, calibrate_threshold
 from vitcompress.cli import main
 from vitcompress.errors import RecipeError
 from vitcompress.layers.entropy import WithEntropy, softmax_entropy
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.models import REFERENCE_CFG
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.stages.export import export_onnx, preprocessing_metadata
+from vitcompress.export import export_onnx
+from vitcompress.runtime import preprocessing_metadata
 
 
 @pytest.mark.parametrize("n", [1, 7, 100, 1001])
@@ -56,7 +57,7 @@ def cascade_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cascade")
     meta = preprocessing_metadata(REFERENCE_CFG, list(REFERENCE_CFG["label_names"]))
     for name, model in (("low", low), ("high", high)):
-        export_onnx(WithEntropy(model), directory / f"{name}.onnx", (1, 28, 28), metadata=meta,
+        export_onnx(WithEntropy(model), directory / f"{name}.onnx", input_size=(1, 28, 28), metadata=meta,
                     output_names=("logits", "entropy"))
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

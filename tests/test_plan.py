@@ -14,7 +14,7 @@ from vitcompress.errors import ExportError
 from vitcompress.models import load_model
 from vitcompress.planner import compact_names
 from vitcompress.recipe import load_recipe
-from vitcompress.stages.export import to_deploy
+from vitcompress.export import to_deploy
 from vitcompress.stages.measure import count_macs, count_params
 
 SKIP_THEN_SVD = """
@@ -56,7 +56,7 @@ def test_svd_plan_equals_the_converted_model(quiet_dir):
     want_macs = count_macs(reference, (1, 28, 28))
     assert result["original"] == {"params": count_params(reference), "macs": want_macs}
     apply_recipe(reference, recipe, lambda: [torch.randn(16, 1, 28, 28)])
-    to_deploy(reference)
+    reference = to_deploy(reference)
     (step,) = result["steps"]
     assert step["transform"] == "svd_lowrank" and step["matched"] == 24 == len(step["modules"])
     assert step["params_after"] == result["final"]["params"] == count_params(reference)

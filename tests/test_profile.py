@@ -99,7 +99,7 @@ steps:
     converted = apply_recipe(model, recipe)
     steps = [{"step": i, "transform": step.transform, "modules": modules}
              for i, (step, modules) in enumerate(zip(recipe.steps, converted))]
-    path = export_onnx(model, tmp_path / "deit.onnx", (3, 224, 224))
+    path = export_onnx(model, tmp_path / "deit.onnx")
     profile = profile_onnx(path, steps=steps, runs=2, warmup_runs=1)
     assert_attributed(profile)
     blocks = {b["block"]: b for b in profile["blocks"]}

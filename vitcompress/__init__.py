@@ -14,7 +14,7 @@ _PUBLIC = {
     "apply_recipe": "vitcompress.api",
     "plan": "vitcompress.planner",
     "load_recipe": "vitcompress.recipe",
-    "export_onnx": "vitcompress.stages.export",
+    "export_onnx": "vitcompress.export",
     "load_model": "vitcompress.models",
 }
 __all__ = sorted(_PUBLIC)

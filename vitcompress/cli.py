@@ -275,17 +275,14 @@ def recipes() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print the predictions as JSON to stdout")
 def predict(images, cascade_dir, threads, as_json) -> None:
     """Classify IMAGES (files or directories) with a low/high-effort cascade, onnxruntime only."""
-    import numpy as np
-
-    from vitcompress.cascade import Cascade, image_files
+    from vitcompress.runtime import Cascade, image_files, softmax
 
     with user_errors():
         cascade = Cascade(cascade_dir, threads)
         files = image_files(list(images))
-        result = cascade.predict(cascade.load_images(files))
+        result = cascade.predict(cascade.preprocessing.load(files))
     names = cascade.class_names
-    probs = np.exp(result.logits - result.logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = softmax(result.logits)
     rows = [{"image": str(f), "class": int(p.argmax()), "name": names[int(p.argmax())] if names else None,
              "probability": float(p.max()), "entropy": float(h), "model": "low" if e else "high"}
             for f, p, h, e in zip(files, probs, result.entropy, result.early)]

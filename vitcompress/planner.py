@@ -13,7 +13,6 @@ written: the predicted speed-up is the MAC ratio, not a measured latency.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from vitcompress.context import ConvertSettings, LogProgress, Progress, RunConte
 from vitcompress.errors import ExportError, ModelError
 from vitcompress.models import LoadedModel, load_model, resolve_name
 from vitcompress.recipe import Recipe, load_recipe, staged_steps
-from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME, export_onnx, preprocessing_metadata, to_deploy
+from vitcompress.export import export_onnx, to_deploy
+from vitcompress.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
 from vitcompress.stages.measure import count_macs, count_params
 from vitcompress.stages.transform import apply_steps
 
@@ -44,7 +44,7 @@ def step_order(recipe: Recipe) -> list[int]:
 def deployed_cost(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
     """(params, MACs per image) of ``model`` in deploy form, measured on a copy: like ``convert``, the later
     steps transform the train-time form, and only the finished model is deployed."""
-    deployed = to_deploy(copy.deepcopy(model))
+    deployed = to_deploy(model)
     return count_params(deployed), count_macs(deployed, input_size)
 
 
@@ -52,8 +52,6 @@ def check_export(model: nn.Module, loaded: LoadedModel, recipe: Recipe, director
     """Export ``model`` with the export stage's code, then run it in onnxruntime on one image.
 
     A failure is the result, not an exception: ``exportable`` is False and ``error`` says why."""
-    from vitcompress.stages.validate import ort_session
-
     config = recipe.export
     input_size = tuple(loaded.data_config["input_size"])
     result: dict = {"exportable": False, "error": None, "opset": config.opset, "dynamic_batch": config.dynamic_batch}
@@ -61,14 +59,14 @@ def check_export(model: nn.Module, loaded: LoadedModel, recipe: Recipe, director
     t0 = time.perf_counter()
     try:
         try:
-            path = export_onnx(model, directory / "model.onnx", input_size, config.opset, config.dynamic_batch,
-                               preprocessing_metadata(loaded.data_config, loaded.class_names))
+            path = export_onnx(model, directory / "model.onnx", input_size=input_size, config=config,
+                               metadata=preprocessing_metadata(loaded.data_config, loaded.class_names))
         finally:
             seconds["export"] = time.perf_counter() - t0
         result["onnx_bytes"] = path.stat().st_size
         t0 = time.perf_counter()
         x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
-        got = ort_session(path, threads=1).run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+        got = open_session(path, threads=1).run([LOGITS], {INPUT_NAME: x.numpy()})[0]
         with torch.no_grad():
             want = model(x).numpy()
         seconds["check"] = time.perf_counter() - t0

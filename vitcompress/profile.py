@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from vitcompress.errors import ModelError
-from vitcompress.stages.validate import session_options
+from vitcompress.runtime import input_shape, open_session, session_options
 
 KERNEL_SUFFIX = "_kernel_time"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -88,10 +88,7 @@ def _session(path: Path, threads: int, scratch: Path) -> ort.InferenceSession:
     options.profile_file_prefix = str(scratch / "ort")
     options.optimized_model_filepath = str(scratch / "optimized.onnx")
     options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, …)
-        raise ModelError(f"{path} does not load in onnxruntime: {str(exc).splitlines()[0]}") from None
+    return open_session(path, options=options)
 
 
 def node_times(events: list[dict], warmup_runs: int) -> tuple[list[tuple[str, str, float]], list[float]]:
@@ -118,11 +115,11 @@ def node_times(events: list[dict], warmup_runs: int) -> tuple[list[tuple[str, st
 
 def _input(session: ort.InferenceSession, path: Path, batch_size: int) -> np.ndarray:
     """Seeded Gaussian images of the model's one input at ``batch_size``."""
-    if len(session.get_inputs()) != 1:
-        raise ModelError(f"{path} has {len(session.get_inputs())} inputs: profiling needs one image input")
-    batch, *shape = session.get_inputs()[0].shape
-    if not all(isinstance(d, int) for d in shape):
-        raise ModelError(f"{path}: input shape {session.get_inputs()[0].shape} is not fixed past the batch axis")
+    try:
+        shape = input_shape(session)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from None
+    batch = session.get_inputs()[0].shape[0]
     if isinstance(batch, int) and batch != batch_size:
         raise ModelError(f"{path} has a fixed batch of {batch}: profile it with --batch-size {batch}")
     return np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
 
 from vitcompress.errors import RecipeError
+from vitcompress.export import ExportConfig
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig
 
@@ -56,12 +57,6 @@ class FinetuneConfig(_Strict):
         None, description="staged fine-tune: apply these groups of the steps' transforms one after the other, "
                           "each followed by `steps` optimizer steps (e.g. [[shiftadd_attention], [shiftadd_moe]])",
     )
-
-
-class ExportConfig(_Strict):
-    opset: int = Field(20, ge=17, le=23,
-                       description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which onnxruntime fuses with its bias")
-    dynamic_batch: bool = True
 
 
 class ValidateConfig(_Strict):

@@ -8,8 +8,8 @@ from torch import nn
 
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.stages.export import export_onnx
-from vitcompress.stages.validate import ort_session
+from vitcompress.export import export_onnx
+from vitcompress.runtime import open_session
 
 
 def _linear(out_features=48, in_features=32, seed=0) -> nn.Linear:
@@ -95,11 +95,11 @@ def test_int8_op_matches_float_within_activation_quantisation():
 @pytest.mark.export
 def test_int8_layer_runs_as_matmulinteger_in_onnxruntime_exactly(tmp_path):
     layer = ShiftLinear.from_linear(_linear(64, 96)).to_deploy()
-    path = export_onnx(nn.Sequential(layer), tmp_path / "layer.onnx", (7, 96))
+    path = export_onnx(nn.Sequential(layer), tmp_path / "layer.onnx", input_size=(7, 96))
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMul" not in ops
     w_int = next(i for i in onnx.load(str(path)).graph.initializer if i.data_type == onnx.TensorProto.INT8)
     assert np.array_equal(np.sort(onnx.numpy_helper.to_array(w_int).ravel()), np.sort(layer.w_int.numpy().ravel()))
     x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(0))
-    got = ort_session(path, threads=1).run(None, {"input": x.numpy()})[0]
+    got = open_session(path, threads=1).run(None, {"input": x.numpy()})[0]
     torch.testing.assert_close(torch.from_numpy(got), layer(x), rtol=1e-6, atol=1e-6)

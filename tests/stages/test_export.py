@@ -7,8 +7,9 @@ import torch
 
 from vitcompress.data import FMNIST_CLASSES
 from vitcompress.errors import ExportError
-from vitcompress.stages.export import check_runs, export_onnx, preprocessing_metadata
-from vitcompress.stages.validate import gates, latency, ort_session
+from vitcompress.export import ExportConfig, check_runs, export_onnx
+from vitcompress.runtime import open_session, preprocessing_metadata
+from vitcompress.stages.validate import gates, latency
 from vitcompress.recipe import ValidateConfig
 
 pytestmark = pytest.mark.export
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.export
 def exported(tmp_path_factory, reference_model):
     path = tmp_path_factory.mktemp("export") / "ref.onnx"
     meta = preprocessing_metadata(dict(reference_model.pretrained_cfg), list(FMNIST_CLASSES))
-    return export_onnx(reference_model, path, (1, 28, 28), opset=18, metadata=meta)
+    return export_onnx(reference_model, path, config=ExportConfig(opset=18), metadata=meta)
 
 
 def test_graph_is_valid_with_layernorm_op_and_metadata(exported):
@@ -36,21 +37,21 @@ def test_graph_is_valid_with_layernorm_op_and_metadata(exported):
 @pytest.mark.parametrize("batch", [1, 3, 7])
 def test_dynamic_batch_matches_torch(exported, reference_model, batch):
     x = torch.randn(batch, 1, 28, 28)
-    got = ort_session(exported, threads=1).run(["logits"], {"input": x.numpy()})[0]
+    got = open_session(exported, threads=1).run(["logits"], {"input": x.numpy()})[0]
     with torch.no_grad():
         want = reference_model(x).numpy()
     assert got.shape == (batch, 10) and np.abs(got - want).max() < 1e-4
 
 
 def test_static_batch_export_is_detected(tmp_path, reference_model):
-    path = export_onnx(reference_model, tmp_path / "static.onnx", (1, 28, 28), dynamic_batch=False)
+    path = export_onnx(reference_model, tmp_path / "static.onnx", config=ExportConfig(dynamic_batch=False))
     with pytest.raises(ExportError, match="does not run at batch 1"):
         check_runs(path, (1, 28, 28), (1,))
 
 
 def test_latency_is_measured_interleaved_for_each_batch(exported):
     config = ValidateConfig(batch_sizes=[1, 2], latency_runs=4, warmup_runs=1, threads=1)
-    result = latency({"a": exported, "b": exported}, (1, 28, 28), config)
+    result = latency({"a": exported, "b": exported}, config)
     for name in ("a", "b"):
         assert set(result[name]) == {"b1", "b2"}
         assert result[name]["b1"]["runs"] == 4

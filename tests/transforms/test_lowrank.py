@@ -8,7 +8,7 @@ from vitcompress.api import apply_recipe
 from vitcompress.errors import TargetError
 from vitcompress.layers.lowrank_linear import LowRankLinear
 from vitcompress.recipe import parse_recipe
-from vitcompress.stages.export import export_onnx
+from vitcompress.export import export_onnx
 
 
 def recipe(**step):
@@ -79,4 +79,4 @@ def test_torch_onnxruntime_parity(request, tmp_path, fixture):
     input_size = tuple(model.pretrained_cfg["input_size"])
     apply_recipe(model, recipe(targets=[r"re:blocks\.\d+\.mlp\.fc[12]"], rank_ratio=0.25, whitening="cholesky"),
                  calibration_batches=calibration(input_size))
-    assert_onnxruntime_matches_torch(model, export_onnx(model, tmp_path / "m.onnx", input_size), input_size)
+    assert_onnxruntime_matches_torch(model, export_onnx(model, tmp_path / "m.onnx", input_size=input_size), input_size)

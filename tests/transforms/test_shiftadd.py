@@ -15,8 +15,8 @@ from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.layers.shift_linear import ShiftLinear
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.stages.export import export_onnx, to_deploy
-from vitcompress.stages.validate import ort_session
+from vitcompress.export import export_onnx, to_deploy
+from vitcompress.runtime import open_session
 from vitcompress.transforms.shiftadd_moe import measure_latency_weights
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
@@ -136,7 +136,7 @@ def exported(tmp_path_factory):
         if (fixture, int8) not in cache:
             model = converted(request, fixture, int8)
             path = tmp_path_factory.mktemp(fixture) / f"shiftadd_int8_{int8}.onnx"
-            cache[fixture, int8] = (model, export_onnx(model, path, tuple(model.pretrained_cfg["input_size"])))
+            cache[fixture, int8] = (to_deploy(model), export_onnx(model, path))
         return cache[fixture, int8]
 
     return export
@@ -165,7 +165,7 @@ def test_torch_onnxruntime_parity_int8_experts(request, exported, fixture):
     assert ops.count("MatMulInteger") == 6 and {"Where", "NonZero", "ScatterND"} <= set(ops)
     input_size = tuple(model.pretrained_cfg["input_size"])
     x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
-    got = ort_session(path, threads=2).run(None, {"input": x.numpy()})[0]
+    got = open_session(path, threads=2).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         want, unquantised = model(x).numpy(), float_model(x).numpy()
     quantisation_error = np.abs(want - unquantised).max()
@@ -190,7 +190,7 @@ def _int8_layer_tensors(path: Path, tmp_path: Path, x: np.ndarray) -> list[tuple
         pairs.append((node.input[0], last.output[0]))
     model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for pair in pairs for n in pair)
     onnx.save_model(model, str(tmp_path / "probed.onnx"))
-    session = ort_session(tmp_path / "probed.onnx", threads=2)
+    session = open_session(tmp_path / "probed.onnx", threads=2)
     values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": x})))
     return [(values[a], values[b]) for a, b in pairs]
 
@@ -213,7 +213,7 @@ def test_every_int8_layer_matches_onnxruntime_on_its_own_input(request, exported
         with torch.no_grad():
             want = layer(torch.from_numpy(layer_in)).numpy()
         np.testing.assert_allclose(layer_out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    got = ort_session(path, threads=2).run(None, {"input": x.numpy()})[0]
+    got = open_session(path, threads=2).run(None, {"input": x.numpy()})[0]
     with torch.no_grad():
         assert (got.argmax(-1) == model(x).numpy().argmax(-1)).all()
 

@@ -12,7 +12,7 @@ from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.stages.export import export_onnx
+from vitcompress.export import export_onnx
 from vitcompress.transforms.skip import cka_scores
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
@@ -141,7 +141,7 @@ def test_torch_onnxruntime_parity_and_no_attention_ops(request, tmp_path, fixtur
     model = copy.deepcopy(request.getfixturevalue(fixture))
     input_size = tuple(model.pretrained_cfg["input_size"])
     apply_recipe(model, recipe(blocks=[0, 5, 11]))
-    path = export_onnx(model, tmp_path / "m.onnx", input_size)
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=input_size)
     assert_onnxruntime_matches_torch(model, path, input_size)
     ops = Counter(node.op_type for node in onnx.load(str(path)).graph.node)
     assert ops["LayerNormalization"] == 2 * 12 + 1 - 3, "norm1 of the skipped blocks must be gone"

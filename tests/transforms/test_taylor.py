@@ -12,7 +12,7 @@ from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
 from vitcompress.layers.taylor_attention import TaylorAttention
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.stages.export import export_onnx
+from vitcompress.export import export_onnx, to_deploy
 from vitcompress.transforms.taylor import TaylorConfig
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
@@ -37,12 +37,11 @@ def test_converts_every_attention_sharing_weights(reference_model):
 
 
 def test_sparse_branch_setting_reaches_the_layers_and_export_removes_it(reference_model):
-    from vitcompress.stages.export import to_deploy
-
     model = copy.deepcopy(reference_model)
     apply_recipe(model, recipe(targets=["blocks.0.attn"], sparse_branch={"enabled": True, "threshold": 0.01}))
     assert model.blocks[0].attn.sparse_threshold == 0.01
-    to_deploy(model)
+    assert to_deploy(model) is not model and model.blocks[0].attn.sparse_threshold == 0.01, "not in place"
+    to_deploy(model, inplace=True)
     assert isinstance(model.blocks[0].attn, TaylorAttention) and model.blocks[0].attn.sparse_threshold is None
 
 
@@ -123,7 +122,7 @@ def exported(tmp_path_factory):
                 apply_recipe(model, recipe(targets=["blocks.*.attn"], center=center, sparse_branch={"enabled": True}))
             path = tmp_path_factory.mktemp(fixture) / (f"taylor_{center}.onnx" if convert else "original.onnx")
             input_size = tuple(model.pretrained_cfg["input_size"])
-            cache[fixture, convert, center] = (model, export_onnx(model, path, input_size))
+            cache[fixture, convert, center] = (to_deploy(model), export_onnx(model, path, input_size=input_size))
         return cache[fixture, convert, center]
 
     return export

@@ -19,13 +19,14 @@ import json
 import numpy as np
 from torch.utils.data import DataLoader
 
-from vitcompress.cascade import CASCADE_FILE, ENTROPY, INPUT_NAME, LOGITS, Cascade, calibrate_threshold
 from vitcompress.context import RunContext
+from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
+from vitcompress.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session, run_batches
 from vitcompress.stages import finetune
-from vitcompress.stages.export import export_onnx, preprocessing_metadata
+from vitcompress.stages.export import run_metadata
 from vitcompress.stages.transform import apply_steps
-from vitcompress.stages.validate import EVAL_BATCH, latency, ort_session, top1
+from vitcompress.stages.validate import EVAL_BATCH, latency, top1
 
 SWEEP_FRACTIONS = (0.5, 0.7, 0.9)
 
@@ -44,14 +45,10 @@ def high_effort_model(ctx: RunContext):
 
 def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits, entropies and labels of every image of ``dataset`` through one cascade ONNX file."""
-    session = ort_session(path, threads)
-    logits, entropy, labels = [], [], []
-    for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
-        out = session.run([LOGITS, ENTROPY], {INPUT_NAME: images.numpy()})
-        logits.append(out[0])
-        entropy.append(out[1])
-        labels.append(batch_labels.numpy())
-    return np.concatenate(logits), np.concatenate(entropy), np.concatenate(labels)
+    batches = list(DataLoader(dataset, batch_size=EVAL_BATCH))
+    logits, entropy = run_batches(open_session(path, threads), (images.numpy() for images, _ in batches),
+                                  (LOGITS, ENTROPY))
+    return logits, entropy, np.concatenate([labels.numpy() for _, labels in batches])
 
 
 def operating_point(fraction: float, low: tuple, high_logits: np.ndarray, timing: dict) -> dict:
@@ -77,12 +74,11 @@ def run(ctx: RunContext) -> None:
     input_size = tuple(ctx.original.data_config["input_size"])
     high, high_info = high_effort_model(ctx)
     ctx.progress.stage("cascade", f"low/high-effort models, {config.low_effort_fraction:g} exit early")
-    metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
-    metadata["vitcompress.model"] = ctx.original.name
+    metadata = run_metadata(ctx)
     paths = {"low": ctx.work_dir / "low.onnx", "high": ctx.work_dir / "high.onnx"}
     for name, model in (("low", ctx.model), ("high", high)):
-        export_onnx(WithEntropy(model), paths[name], input_size, ctx.recipe.export.opset,
-                    ctx.recipe.export.dynamic_batch, metadata, output_names=(LOGITS, ENTROPY))
+        export_onnx(WithEntropy(model), paths[name], input_size=input_size, config=ctx.recipe.export,
+                    metadata=metadata, output_names=(LOGITS, ENTROPY))
     data = ctx.data.val
     low = outputs(paths["low"], data, validate.threads)
     high_logits, _, labels = outputs(paths["high"], data, validate.threads)
@@ -96,7 +92,7 @@ def run(ctx: RunContext) -> None:
     results = [runner.predict(images.numpy()) for images, _ in DataLoader(data, batch_size=EVAL_BATCH)]
     early = np.concatenate([r.early for r in results])
     ctx.progress.stage("latency", "original, low and high effort, interleaved")
-    timing = latency({"original": ctx.original_onnx_path, **paths}, input_size, validate)
+    timing = latency({"original": ctx.original_onnx_path, **paths}, validate)
     fractions = sorted({*SWEEP_FRACTIONS, config.low_effort_fraction})
     point = operating_point(config.low_effort_fraction, low, high_logits, timing)
     ctx.report["cascade"] = {

@@ -48,9 +48,8 @@ def choose(ctx: RunContext, export: Callable[[nn.Module, Path], Path]) -> dict |
     for form in FORMS:
         set_dispatch(ctx.model, names, form)
         paths[form] = export(ctx.model, ctx.scratch_dir / f"moe_{form}.onnx")
-    input_size = tuple(ctx.original.data_config["input_size"])
     images = latency_images(ctx.data.val, max(config.batch_sizes))
-    timing = latency(paths, input_size, config.model_copy(update={"latency_runs": DISPATCH_RUNS}), images)
+    timing = latency(paths, config, images, runs=DISPATCH_RUNS)
     ratios = [timing["gather"][b]["p50_ms"] / timing["where"][b]["p50_ms"] for b in timing["where"]]
     ratio = math.exp(sum(map(math.log, ratios)) / len(ratios))
     chosen = "gather" if ratio < 1 else "where"

@@ -7,7 +7,6 @@ machine noise hits both alike; the report gives medians and p90 over the runs.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,38 +18,18 @@ from torch.utils.data import DataLoader, Dataset
 from vitcompress.context import RunContext
 from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.recipe import ValidateConfig
-from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME
+from vitcompress.runtime import measure_latency, open_session, run_batches
 from vitcompress.stages.measure import count_macs, count_params
 
 EVAL_BATCH = 128
 PARITY_IMAGES = 256
 
 
-def session_options(threads: int) -> ort.SessionOptions:
-    """Options of every measuring session: ``threads`` intra-op threads that do not spin-wait between runs.
-
-    Spinning threads of one session would steal the cores from the next one in an interleaved latency
-    measurement (seen here: the same model's b1 median moving 2× between runs), so spinning is off.
-    """
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return options
-
-
-def ort_session(path: Path, threads: int) -> ort.InferenceSession:
-    """A CPU session with the measuring options of :func:`session_options`."""
-    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-
-
 def ort_logits(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Logits of every image of ``dataset`` and its labels."""
     logits, labels = [], []
     for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
-        logits.append(session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0])
+        logits.append(run_batches(session, [images.numpy()])[0])
         labels.append(batch_labels.numpy())
         if progress is not None:
             progress.advance(task, len(images))
@@ -75,28 +54,12 @@ def latency_images(dataset: Dataset, count: int) -> np.ndarray:
     return np.resize(images, (count, *images.shape[1:]))
 
 
-def latency(paths: dict[str, Path], input_size: tuple[int, ...], config: ValidateConfig,
-            images: np.ndarray | None = None) -> dict[str, dict]:
-    """Per model and batch size: median / p90 / mean ms of ``latency_runs`` interleaved runs, on the first
-    ``batch`` of ``images`` (random normal inputs when None)."""
-    sessions = {name: ort_session(path, config.threads) for name, path in paths.items()}
-    results: dict[str, dict] = {name: {} for name in paths}
-    for batch in config.batch_sizes:
-        x = (np.random.default_rng(batch).standard_normal((batch, *input_size), dtype=np.float32)
-             if images is None else np.ascontiguousarray(images[:batch]))
-        for session in sessions.values():
-            for _ in range(config.warmup_runs):
-                session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(config.latency_runs):
-            for name, session in sessions.items():
-                t0 = time.perf_counter()
-                session.run([OUTPUT_NAME], {INPUT_NAME: x})
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        for name, ms in times.items():
-            results[name][f"b{batch}"] = {"p50_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
-                                          "mean_ms": float(np.mean(ms)), "runs": len(ms)}
-    return results
+def latency(paths: dict[str, Path], config: ValidateConfig, images: np.ndarray | None = None,
+            runs: int | None = None) -> dict[str, dict]:
+    """:func:`vitcompress.runtime.measure_latency` with the recipe's threads, batch sizes, runs and warm-up
+    (``runs`` overrides the recipe's ``latency_runs``)."""
+    return measure_latency(paths, batch_sizes=config.batch_sizes, threads=config.threads,
+                           runs=runs or config.latency_runs, warmup=config.warmup_runs, images=images)
 
 
 def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
@@ -109,8 +72,8 @@ def run(ctx: RunContext) -> None:
     input_size = tuple(ctx.original.data_config["input_size"])
     data = ctx.data.val
     ctx.progress.stage("validate", f"onnxruntime on {len(data)} images, {config.threads} threads")
-    sessions = {"original": ort_session(ctx.original_onnx_path, config.threads),
-                "converted": ort_session(ctx.onnx_path, config.threads)}
+    sessions = {"original": open_session(ctx.original_onnx_path, config.threads),
+                "converted": open_session(ctx.onnx_path, config.threads)}
     ctx.progress.start("accuracy", 2 * len(data))
     logits = {}
     for name, session in sessions.items():
@@ -124,7 +87,7 @@ def run(ctx: RunContext) -> None:
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
                         "images": len(reference)}
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs")
-    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, input_size, config,
+    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
                      latency_images(data, max(config.batch_sizes)))
     models = {"original": ctx.original.model, "converted": ctx.model}
     table = {}

@@ -58,17 +58,10 @@ def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn]
     return wrap
 
 
-def _load_builtins() -> None:
-    from vitcompress.transforms import (  # noqa: F401  (register on import)
-        lowrank, shift_linear, shiftadd_attention, shiftadd_moe, skip, taylor,
-    )
-
-
 def get(name: str) -> Transform | None:
-    _load_builtins()
+    """The transform registered as ``name`` (the built-ins register when ``vitcompress.transforms`` is imported)."""
     return _TRANSFORMS.get(name)
 
 
 def available() -> dict[str, Transform]:
-    _load_builtins()
     return dict(sorted(_TRANSFORMS.items()))

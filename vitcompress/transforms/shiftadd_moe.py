@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from pathlib import Path
 from typing import Literal, Union
 
@@ -24,6 +23,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from vitcompress.layers.moe_linear import MoELinear
+from vitcompress.runtime import open_session, time_interleaved
 from vitcompress.transforms.registry import TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
 from vitcompress.transforms.shift_linear import ShiftOptions
@@ -80,24 +80,15 @@ def _expert_graph(in_features: int, out_features: int, int8: bool, seed: int) ->
 
 def measure_latency_weights(in_features: int, out_features: int, int8: bool) -> tuple[float, float]:
     """Median onnxruntime time (1 thread, interleaved runs) of the dense and the shift expert of one shape."""
-    from vitcompress.stages.validate import ort_session
-
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = []
-        for i, quantised in enumerate((False, int8)):
-            path = Path(tmp) / f"expert{i}.onnx"
+        sessions = {}
+        for i, (name, quantised) in enumerate((("dense", False), ("shift", int8))):
+            path = Path(tmp) / f"{name}.onnx"
             onnx.save_model(_expert_graph(in_features, out_features, quantised, i), str(path))
-            sessions.append(ort_session(path, threads=1))
+            sessions[name] = open_session(path, threads=1)
         x = np.random.default_rng(0).standard_normal((MEASURE_TOKENS, in_features)).astype(np.float32)
-        times: list[list[float]] = [[], []]
-        for run in range(MEASURE_RUNS + 3):
-            for i, session in enumerate(sessions):
-                t0 = time.perf_counter()
-                session.run(None, {"x": x})
-                if run >= 3:
-                    times[i].append(time.perf_counter() - t0)
-    dense, shift = (float(np.median(t)) for t in times)
-    return dense, shift
+        timing = time_interleaved(sessions, dict.fromkeys(sessions, {"x": x}), runs=MEASURE_RUNS, warmup=3)
+    return timing["dense"].p50_ms / 1e3, timing["shift"].p50_ms / 1e3
 
 
 @register("shiftadd_moe", MoEConfig)

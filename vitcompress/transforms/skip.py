@@ -30,8 +30,10 @@ from torch import nn
 
 from vitcompress.cka import CKAStats
 from vitcompress.errors import TargetError
+from vitcompress.export import export_onnx
 from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.skip import SkippedBlock
+from vitcompress.runtime import measure_latency
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
 
@@ -87,25 +89,11 @@ def cka_scores(model: nn.Module, candidates: list[tuple[str, nn.Module]], batche
 
 def onnx_latency_ms(model: nn.Module, input_size: tuple[int, ...], config: SkipConfig) -> float:
     """Median onnxruntime latency (ms) of ``model`` exported to a temporary ONNX file."""
-    import time
-
-    import numpy as np
-
-    from vitcompress.stages.export import INPUT_NAME, OUTPUT_NAME, export_onnx
-    from vitcompress.stages.validate import ort_session
-
     with tempfile.TemporaryDirectory(prefix="vitcompress-skip-") as tmp:
-        path = export_onnx(model, Path(tmp) / "candidate.onnx", input_size)
-        session = ort_session(path, config.latency_threads)
-        x = np.random.default_rng(0).standard_normal((config.latency_batch, *input_size), dtype=np.float32)
-        for _ in range(3):
-            session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        times = []
-        for _ in range(config.latency_runs):
-            t0 = time.perf_counter()
-            session.run([OUTPUT_NAME], {INPUT_NAME: x})
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+        path = export_onnx(model, Path(tmp) / "candidate.onnx", input_size=input_size)
+        timing = measure_latency({"candidate": path}, batch_sizes=[config.latency_batch],
+                                 threads=config.latency_threads, runs=config.latency_runs, warmup=3)
+    return timing["candidate"][f"b{config.latency_batch}"]["p50_ms"]
 
 
 def _greedy(model: nn.Module, config: SkipConfig, inputs: TransformInputs, names: list[str]) -> list[dict]:

@@ -1,0 +1,94 @@
+"""The import rules of design.md §1, read from the source with ast (imports inside functions count too).
+
+cli → api → stages → transforms → layers; runtime, export, errors and the torch-only helpers are leaves that
+the rest may use. No cycle anywhere in the package.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "vitcompress"
+#: Modules any layer may use: they import nothing of vitcompress but each other.
+LEAVES = {"vitcompress.errors", "vitcompress.runtime", "vitcompress.hooks", "vitcompress.cka"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str) -> set[str]:
+    """The vitcompress modules that ``name`` imports anywhere in its source (``from pkg import sub`` → sub)."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            for alias in node.names:
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def in_layer(module: str, layer: str) -> bool:
+    return module == f"vitcompress.{layer}" or module.startswith(f"vitcompress.{layer}.")
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "layers")])
+def test_layers_import_only_layers_and_leaves(name):
+    above = {m for m in GRAPH[name] if not in_layer(m, "layers") and m not in LEAVES}
+    assert not above, f"{name} imports {sorted(above)}"
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "transforms")])
+def test_transforms_never_import_stages_cli_or_api(name):
+    forbidden = {m for m in GRAPH[name] if in_layer(m, "stages") or m in {"vitcompress.cli", "vitcompress.api",
+                                                                           "vitcompress.planner"}}
+    assert not forbidden, f"{name} imports {sorted(forbidden)}"
+
+
+def test_leaves_import_only_leaves():
+    for leaf in LEAVES:
+        assert GRAPH[leaf] <= LEAVES, f"{leaf} imports {sorted(GRAPH[leaf] - LEAVES)}"
+
+
+def test_export_is_below_stages_and_transforms():
+    allowed = {m for m in MODULES if in_layer(m, "layers")} | LEAVES
+    assert GRAPH["vitcompress.export"] <= allowed, sorted(GRAPH["vitcompress.export"] - allowed)
+
+
+def test_runtime_source_never_names_torch():
+    tree = ast.parse(MODULES["vitcompress.runtime"].read_text())
+    roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    roots |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert roots.isdisjoint({"torch", "timm", "torchvision"}), roots
+
+
+def test_no_import_cycle():
+    state: dict[str, str] = {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for child in sorted(GRAPH[name]):
+            if state.get(child) == "open":
+                cycle = path[path.index(child):] + [child] if child in path else [name, child]
+                pytest.fail("import cycle: " + " → ".join(cycle))
+            if child not in state:
+                visit(child, path + [child])
+        state[name] = "done"
+
+    for name in MODULES:
+        if name not in state:
+            visit(name, [name])
