@@ -20,7 +20,7 @@ from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig
 from vitcompress.export import export_onnx
 from vitcompress.runtime import open_session
-from vitcompress.stages.load import default_data, resolve_data
+from vitcompress.stages.load import default_data, model_classes, resolve_data
 from vitcompress.stages.validate import latency, latency_images, ort_logits, top1
 
 MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
@@ -45,7 +45,8 @@ class Originals:
             loaded = load_model(name, random_init=random_init)
             fp32 = export_onnx(loaded.model, self.work / f"{name}.onnx",
                                input_size=tuple(loaded.data_config["input_size"]))
-            data = resolve_data(default_data(loaded.name, random_init), loaded.data_config, None).val
+            data = resolve_data(default_data(loaded.name, random_init), loaded.data_config, None,
+                                model_classes(loaded)).val
             self.cache[name] = (fp32, quantized(fp32, self.work / f"{name}_int8.onnx"), data)
         return self.cache[name]
 

@@ -35,6 +35,14 @@ def reference_model() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def test_vit() -> torch.nn.Module:
+    """timm's smallest ViT (``test_vit``: 6 blocks, width 64, 160×160 images, 1000 classes), seeded random
+    weights: the same classes as DeiT, for tests where DeiT's size adds nothing."""
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False).eval()
+
+
+@pytest.fixture(scope="session")
 def deit_tiny() -> torch.nn.Module:
     """A DeiT architecture (deit_tiny_patch16_224), seeded random weights."""
     torch.manual_seed(0)

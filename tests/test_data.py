@@ -6,6 +6,7 @@ from PIL import Image
 
 from vitcompress.data import ImageDirectory, fmnist_dataset, load_fmnist_arrays
 from vitcompress.errors import DataError
+from vitcompress.labels import ClassSpace
 from vitcompress.stages.load import resolve_data
 
 
@@ -45,10 +46,10 @@ def test_image_folder_labelled_and_unlabelled(tmp_path):
 
     transform = create_transform(input_size=(3, 32, 32), is_training=False)
     _write_images(tmp_path / "labelled", ["cat", "dog"])
-    data = ImageDirectory(tmp_path / "labelled", transform)
+    data = ImageDirectory(tmp_path / "labelled", transform, class_index={"cat": 7, "dog": 3})
     assert data.classes == ["cat", "dog"] and len(data) == 6
     x, y = data[4]
-    assert x.shape == (3, 32, 32) and y == 1
+    assert x.shape == (3, 32, 32) and y == 3
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("L", (20, 20)).save(flat / "a.jpg")
@@ -61,7 +62,7 @@ def test_resolve_data_train_val_split(tmp_path):
     _write_images(tmp_path / "val", ["a", "b"], per_class=2)
     config = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
               "crop_pct": 0.9, "crop_mode": "center"}
-    bundle = resolve_data(str(tmp_path), config, val_limit=3)
+    bundle = resolve_data(str(tmp_path), config, val_limit=3, classes=ClassSpace.of(2, None))
     assert len(bundle.train) == 8 and len(bundle.val) == 3 and bundle.labelled
-    synthetic = resolve_data("synthetic", config, val_limit=None)
+    synthetic = resolve_data("synthetic", config, val_limit=None, classes=ClassSpace.of(2, None))
     assert not synthetic.labelled and synthetic.val[0][0].shape == (3, 32, 32)

@@ -16,16 +16,16 @@ from vitcompress.cli import main
 from vitcompress.profile import attribute, module_of, profile_onnx
 from vitcompress.recipe import parse_recipe
 
-DEPTH = 12  # vit_fmnist and deit_tiny
+DEPTH = 12  # vit_fmnist
 
 
 def rows_total(profile: dict) -> float:
     return sum(b["ms"] for b in profile["blocks"]) + sum(o["ms"] for o in profile["outside_blocks"])
 
 
-def assert_attributed(profile: dict) -> None:
+def assert_attributed(profile: dict, depth: int = DEPTH) -> None:
     """Every block present, every node mapped, and the rows add up to the profiled node total."""
-    assert [b["block"] for b in profile["blocks"]] == list(range(DEPTH))
+    assert [b["block"] for b in profile["blocks"]] == list(range(depth))
     assert profile["unmapped_nodes"] == 0 and profile["outside_blocks"][-1] == {
         "name": "unmapped", "ms": 0.0, "share": 0.0, "top_ops": []}
     assert rows_total(profile) == pytest.approx(profile["node_ms"], rel=1e-9)
@@ -88,9 +88,9 @@ def test_cli_profile_table(bundle):
 
 
 @pytest.mark.export
-def test_deit_tiny_skip_and_svd_steps(tmp_path, deit_tiny):
-    """A DeiT export: the skipped block has no attention time, each step's modules carry its tag."""
-    model = copy.deepcopy(deit_tiny)
+def test_timm_vit_skip_and_svd_steps(tmp_path, test_vit):
+    """A timm ViT export: the skipped block has no attention time, each step's modules carry its tag."""
+    model = copy.deepcopy(test_vit)
     recipe = parse_recipe(yaml.safe_load("""
 steps:
   - {transform: attention_skip, blocks: [3]}
@@ -99,9 +99,9 @@ steps:
     converted = apply_recipe(model, recipe)
     steps = [{"step": i, "transform": step.transform, "modules": modules}
              for i, (step, modules) in enumerate(zip(recipe.steps, converted))]
-    path = export_onnx(model, tmp_path / "deit.onnx")
+    path = export_onnx(model, tmp_path / "test_vit.onnx")
     profile = profile_onnx(path, steps=steps, runs=2, warmup_runs=1)
-    assert_attributed(profile)
+    assert_attributed(profile, depth=len(model.blocks))
     blocks = {b["block"]: b for b in profile["blocks"]}
     assert blocks[3]["parts"]["attn"] == 0 and blocks[3]["parts"]["mlp"] > 0
     assert [s["transform"] for s in blocks[3]["steps"]] == ["attention_skip"]

@@ -83,17 +83,21 @@ def fmnist_dataset(split: str, limit: int | None = None) -> TensorDataset:
 class ImageDirectory(Dataset):
     """Images under a directory, preprocessed with a timm eval transform.
 
-    ``DIR/<class>/<img>`` gives labelled data (classes sorted by name, as torchvision's ImageFolder);
-    images directly under ``DIR`` give unlabelled data (label -1, distillation only).
+    ``DIR/<class>/<img>`` gives labelled data, each folder labelled by ``class_index`` (folder name → the
+    model's class index, from :meth:`vitcompress.labels.ClassSpace.map_folders`); images directly under ``DIR``
+    give unlabelled data (label -1, distillation only).
     """
 
-    def __init__(self, root: Path, transform, in_chans: int = 3, limit: int | None = None) -> None:
+    def __init__(self, root: Path, transform, in_chans: int = 3, limit: int | None = None,
+                 class_index: dict[str, int] | None = None) -> None:
         self.transform = transform
         self.mode = "L" if in_chans == 1 else "RGB"
-        class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-        self.classes = [p.name for p in class_dirs]
-        if class_dirs:
-            items = [(f, i) for i, d in enumerate(class_dirs) for f in sorted(d.rglob("*")) if _is_image(f)]
+        self.classes = class_folders(root)
+        if self.classes:
+            if class_index is None or set(self.classes) - set(class_index):
+                raise DataError(f"{root}: no class index for its folders {self.classes}")
+            items = [(f, class_index[name]) for name in self.classes for f in sorted((root / name).rglob("*"))
+                     if _is_image(f)]
         else:
             items = [(f, UNLABELLED) for f in sorted(root.iterdir()) if _is_image(f)]
         if not items:
@@ -107,8 +111,19 @@ class ImageDirectory(Dataset):
         from PIL import Image
 
         path, label = self.items[index]
-        with Image.open(path) as img:
-            return self.transform(img.convert(self.mode)), label
+        try:
+            with Image.open(path) as img:
+                return self.transform(img.convert(self.mode)), label
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            raise DataError(f"image {path} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def class_folders(root: Path) -> list[str]:
+    """Names of the sub-directories of ``root`` (its classes, in ImageFolder layout), sorted."""
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise DataError(f"data directory {root} cannot be read: {exc.strerror}") from None
 
 
 def _is_image(path: Path) -> bool:

@@ -44,23 +44,23 @@ def test_explicit_blocks(reference_model):
     assert isinstance(model.blocks[3], SkippedBlock) and isinstance(model.blocks[4], Block)
 
 
-def test_cka_count_is_greedy_and_rescored(reference_model):
-    model = copy.deepcopy(reference_model)
-    (chosen,) = apply_recipe(model, recipe(select="cka", count=3, ignore=["blocks.0"]), calibration())
+def test_cka_count_is_greedy_and_rescored(test_vit):
+    model = copy.deepcopy(test_vit)
+    (chosen,) = apply_recipe(model, recipe(select="cka", count=3, ignore=["blocks.0"]), calibration((3, 160, 160)))
     assert len(chosen) == 3 and "blocks.0" not in chosen
     # replay the greedy choice independently: argmax of fresh scores, skip it, score again
-    replay = copy.deepcopy(reference_model)
-    remaining = {f"blocks.{i}": replay.blocks[i] for i in range(1, 12)}
+    replay = copy.deepcopy(test_vit)
+    remaining = {f"blocks.{i}": replay.blocks[i] for i in range(1, len(replay.blocks))}
     expected = []
     for _ in range(3):
-        scores = cka_scores(replay, list(remaining.items()), calibration()())
+        scores = cka_scores(replay, list(remaining.items()), calibration((3, 160, 160))())
         best = max(scores, key=scores.get)
         replay.blocks[int(best.split(".")[1])] = SkippedBlock.from_block(remaining.pop(best))
         expected.append(best)
     assert chosen == expected
-    x = calibration()()
+    x = next(calibration((3, 160, 160))())
     with torch.no_grad():
-        torch.testing.assert_close(model(next(x)), replay(next(calibration()())))
+        torch.testing.assert_close(model(x), replay(x))
 
 
 def test_rescoring_changes_the_scores(reference_model):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch.utils.data import Subset, TensorDataset
 
 from vitcompress.context import DataBundle, RunContext
-from vitcompress.data import ImageDirectory, fmnist_dataset
+from vitcompress.data import FMNIST_CLASSES, ImageDirectory, class_folders, fmnist_dataset
 from vitcompress.errors import DataError
-from vitcompress.models import REFERENCE_MODEL, load_model
+from vitcompress.labels import ClassSpace
+from vitcompress.models import REFERENCE_MODEL, LoadedModel, load_model
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
 
@@ -25,32 +27,47 @@ def default_data(model_name: str, random_init: bool) -> str:
     raise DataError("no data given: pass --data DIR (ImageFolder layout), --data fmnist or --data synthetic")
 
 
-def resolve_data(spec: str, data_config: dict, val_limit: int | None) -> DataBundle:
-    """Build the data bundle for ``spec``: 'fmnist', 'synthetic' or an image directory."""
+def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: ClassSpace,
+                 labels: Mapping[str, int | str] | None = None) -> DataBundle:
+    """Build the data bundle for ``spec``: 'fmnist', 'synthetic' or an image directory whose class folders are
+    matched to ``classes`` (the model's), through the ``labels`` mapping first when given."""
     input_size = tuple(data_config["input_size"])
     if spec == "fmnist":
-        if input_size != (1, 28, 28):
-            raise DataError(f"--data fmnist needs a 1×28×28 model input, this model takes {input_size}")
+        if input_size != (1, 28, 28) or classes.count != len(FMNIST_CLASSES):
+            raise DataError(f"--data fmnist needs a 1×28×28 model input and 10 classes, this model takes "
+                            f"{input_size} and has {classes.count} classes")
         return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True)
     if spec == "synthetic":
         gen = torch.Generator().manual_seed(0)
         n_val = min(val_limit or SYNTHETIC_VAL, SYNTHETIC_VAL)
         images = torch.randn(SYNTHETIC_TRAIN + n_val, *input_size, generator=gen)
-        labels = torch.full((SYNTHETIC_TRAIN + n_val,), -1)
-        train = TensorDataset(images[:SYNTHETIC_TRAIN], labels[:SYNTHETIC_TRAIN])
-        val = TensorDataset(images[SYNTHETIC_TRAIN:], labels[SYNTHETIC_TRAIN:])
+        labels_ = torch.full((SYNTHETIC_TRAIN + n_val,), -1)
+        train = TensorDataset(images[:SYNTHETIC_TRAIN], labels_[:SYNTHETIC_TRAIN])
+        val = TensorDataset(images[SYNTHETIC_TRAIN:], labels_[SYNTHETIC_TRAIN:])
         return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False)
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
     from timm.data import create_transform
 
+    train_root, val_root = split_roots(root)
+    folders = sorted(set(class_folders(train_root)) | set(class_folders(val_root)))
+    class_index = classes.map_folders(folders, labels, where=f"--data {spec}") if folders else None
     transform = create_transform(**data_config, is_training=False)
-    split = {name: root / name for name in ("train", "val") if (root / name).is_dir()}
-    train = ImageDirectory(split.get("train", root), transform, in_chans=input_size[0])
-    val = ImageDirectory(split.get("val", root), transform, in_chans=input_size[0], limit=val_limit)
-    labelled = bool(val.classes)
-    return DataBundle(str(root), train, val, labelled=labelled)
+    train = ImageDirectory(train_root, transform, in_chans=input_size[0], class_index=class_index)
+    val = ImageDirectory(val_root, transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
+    return DataBundle(str(root), train, val, labelled=bool(val.classes))
+
+
+def split_roots(root: Path) -> tuple[Path, Path]:
+    """(train, val) directories of ``root``: ``root/train`` and ``root/val`` when it has them, else ``root``
+    for both. One without the other is an error: the lone folder would otherwise count as a class."""
+    train, val = root / "train", root / "val"
+    if train.is_dir() != val.is_dir():
+        have, missing = (train, val) if train.is_dir() else (val, train)
+        raise DataError(f"--data {root}: has {have.name}/ but no {missing.name}/: give both DIR/train and DIR/val, "
+                        f"or pass --data {have} to use the same images for calibration, fine-tune and validation")
+    return (train, val) if train.is_dir() else (root, root)
 
 
 def run(ctx: RunContext) -> None:
@@ -69,7 +86,7 @@ def load_data(ctx: RunContext) -> DataBundle:
     """The data of ``--data``, or the model's default (:func:`default_data`), for the loaded model."""
     settings = ctx.settings
     spec = settings.data or default_data(ctx.original.name, settings.random_init)
-    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images)
+    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images, model_classes(ctx.original))
     if len(data.val) == 0:
         raise DataError(f"data {spec!r} has no validation images")
     return data
@@ -85,3 +102,8 @@ def calibration_batches(ctx: RunContext):
     subset = Subset(ctx.data.train, range(min(cal.images, len(ctx.data.train))))
     loader = torch.utils.data.DataLoader(subset, batch_size=cal.batch_size, shuffle=False)
     return (images for images, _ in loader)
+
+
+def model_classes(loaded: LoadedModel) -> ClassSpace:
+    """The class space of a loaded model: its output count and class names (ImageNet's, for a 1000-way head)."""
+    return ClassSpace.of(int(loaded.model.num_classes), loaded.class_names)
