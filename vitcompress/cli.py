@@ -2,7 +2,7 @@
 
 torch and the pipeline are imported inside the commands so that ``--help`` answers at once. Every
 :class:`~vitcompress.errors.VitCompressError` becomes one ``error:`` line and its exit code (2 for bad input,
-1 for a failed validation gate); nothing else is caught.
+1 for a failed validation gate); an unexpected exception is one line naming a traceback log and exit code 70.
 """
 
 from __future__ import annotations
@@ -10,7 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 console = Console(stderr=True)
+#: Exit code of an unexpected exception (sysexits' EX_SOFTWARE): not 1 (a failed gate), not 2 (bad input).
+CRASH_EXIT_CODE = 70
 
 
 class RichProgress:
@@ -57,16 +64,54 @@ class RichProgress:
             console.print(f"{'':>9} {task} done: {self.last_info.pop(task)}", highlight=False)
 
 
+def _error_line(message: str) -> None:
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _crash_log(exc: BaseException) -> Path:
+    """Write the full traceback of an unexpected exception to a log file; returns its path."""
+    path = Path(tempfile.gettempdir()) / f"vitcompress-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text("".join(traceback.format_exception(exc)))
+    return path
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread, so the library's cleanup (``finally``) runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 @contextlib.contextmanager
 def user_errors():
-    """A VitCompressError inside becomes one ``error:`` line on stderr and the error's exit code."""
+    """Turn every way a command can end badly into one ``error:`` line and a distinct exit code.
+
+    A :class:`VitCompressError` exits with its own code (2 bad input, 1 failed gate); Ctrl-C with 130 and
+    SIGTERM with 143, after the library has cleaned up; any other exception is a crash: one line naming a log
+    file with the full traceback, exit code :data:`CRASH_EXIT_CODE`, so CI can tell a crash from a failed gate.
+    """
     from vitcompress.errors import VitCompressError
 
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     except VitCompressError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _error_line(str(exc))
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _error_line("interrupted (Ctrl-C); nothing was written")
+        sys.exit(130)
+    except Terminated:
+        _error_line("terminated (SIGTERM); nothing was written")
+        sys.exit(143)
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        _error_line(f"internal error: {type(exc).__name__}: {detail} (full traceback in {_crash_log(exc)}; "
+                    "please report it)")
+        sys.exit(CRASH_EXIT_CODE)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _report_table(report: dict) -> Table:

@@ -1,0 +1,45 @@
+"""How commands end when something goes wrong outside the user's input: crashes and signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tests.conftest import FAST
+from vitcompress.cli import CRASH_EXIT_CODE, main
+
+
+def test_unexpected_exception_is_one_line_with_a_traceback_log_and_its_own_exit_code(monkeypatch, tmp_path):
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault\nsecond line")
+
+    monkeypatch.setattr("vitcompress.profile.profile_bundle", broken)
+    result = CliRunner().invoke(main, ["profile", str(tmp_path)], catch_exceptions=False)
+    lines = result.output.strip("\n").splitlines()
+    assert result.exit_code == CRASH_EXIT_CODE not in (1, 2) and len(lines) == 1, result.output
+    assert lines[0].startswith("error: internal error: RuntimeError: injected fault (full traceback in ")
+    log = Path(lines[0].split("full traceback in ")[1].split(";")[0])
+    assert "Traceback" in log.read_text() and "second line" in log.read_text()
+    log.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_convert_exits_with_its_code_and_leaves_nothing(tmp_path, signum, code):
+    sets = [x for item in FAST for x in ("--set", item)]
+    process = subprocess.Popen([sys.executable, "-m", "vitcompress.cli", "convert", "vit_fmnist", "--recipe",
+                                str(Path(__file__).parent.parent / "recipes" / "svd.yaml"), "--out",
+                                str(tmp_path / "run"), *sets], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "COLUMNS": "200"})
+    process.stderr.readline()  # the first stage line: the hidden work directory exists by now
+    time.sleep(1)
+    process.send_signal(signum)
+    stderr = process.stderr.read()
+    assert process.wait(timeout=60) == code, stderr
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no bundle, no hidden .partial directory"
