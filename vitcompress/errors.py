@@ -8,9 +8,13 @@ from __future__ import annotations
 
 
 class VitCompressError(Exception):
-    """Base class: a problem the user can fix, described in one line."""
+    """Base class: a problem the user can fix, described in one line (line breaks in the message, e.g. from a
+    YAML parser's or onnxruntime's own text, are folded into spaces)."""
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 class RecipeError(VitCompressError):
