@@ -21,7 +21,7 @@ from vitcompress.recipe import ValidateConfig
 from vitcompress.export import export_onnx
 from vitcompress.runtime import open_session
 from vitcompress.stages.load import default_data, model_classes, resolve_data
-from vitcompress.stages.validate import latency, latency_images, ort_logits, top1
+from vitcompress.stages.validate import latency, latency_images, ort_predictions, top1
 
 MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
 
@@ -60,9 +60,9 @@ def measure(originals: Originals, name: str, random_init: bool, bundle: Path, ru
     timing = latency(paths, config, latency_images(data, 8))
     accuracy = {}
     for model in ("original + ORT int8", "converted + ORT int8"):
-        logits, labels = ort_logits(open_session(paths[model], threads), data)
-        accuracy[model] = {"top1": top1(logits, labels), "predictions": logits.argmax(-1)}
-    reference, _ = ort_logits(open_session(original, threads), data)
-    agreement = {m: float(np.mean(a["predictions"] == reference.argmax(-1))) for m, a in accuracy.items()}
+        predicted = ort_predictions(open_session(paths[model], threads), data)
+        accuracy[model] = {"top1": top1(predicted.classes, predicted.labels), "predictions": predicted.classes}
+    reference = ort_predictions(open_session(original, threads), data).classes
+    agreement = {m: float(np.mean(a["predictions"] == reference)) for m, a in accuracy.items()}
     return {"latency": timing,
             "top1": {m: a["top1"] for m, a in accuracy.items()}, "agreement": agreement, "runs": runs}

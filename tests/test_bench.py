@@ -15,7 +15,7 @@ from vitcompress.data import fmnist_dataset  # noqa: E402
 from vitcompress.models import load_model  # noqa: E402
 from vitcompress.export import export_onnx  # noqa: E402
 from vitcompress.runtime import open_session  # noqa: E402
-from vitcompress.stages.validate import ort_logits  # noqa: E402
+from vitcompress.stages.validate import ort_predictions  # noqa: E402
 
 
 def test_frontier_keeps_only_points_no_other_beats_on_both():
@@ -43,6 +43,7 @@ def test_ort_int8_baseline_quantises_the_matmuls_and_keeps_the_predictions(tmp_p
     ops = [n.op_type for n in onnx.load(str(int8)).graph.node]
     assert ops.count("MatMulInteger") == 4 * 12 + 1 and "MatMul" in ops  # every Linear; Q·Kᵀ and A·V stay float
     images = fmnist_dataset("test", 512)  # in the bench's evaluation batches: the activation scale is per batch
-    want, got = (ort_logits(open_session(p, threads=2), images)[0] for p in (fp32, int8))
+    want, got = (ort_predictions(open_session(p, threads=2), images, keep_logits=len(images)).head_logits
+                 for p in (fp32, int8))
     assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.98
     assert 0 < np.abs(want - got).max()

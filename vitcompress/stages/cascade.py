@@ -44,21 +44,25 @@ def high_effort_model(ctx: RunContext):
 
 
 def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Logits, entropies and labels of every image of ``dataset`` through one cascade ONNX file."""
-    batches = list(DataLoader(dataset, batch_size=EVAL_BATCH))
-    logits, entropy = run_batches(open_session(path, threads), (images.numpy() for images, _ in batches),
-                                  (LOGITS, ENTROPY))
-    return logits, entropy, np.concatenate([labels.numpy() for _, labels in batches])
+    """Top-1 classes, entropies and labels of every image of ``dataset`` through one cascade ONNX file,
+    a batch at a time (memory does not grow with the logits of the whole set)."""
+    session = open_session(path, threads)
+    classes, entropies, labels = [], [], []
+    for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
+        logits, entropy = run_batches(session, [images.numpy()], (LOGITS, ENTROPY))
+        classes.append(logits.argmax(-1))
+        entropies.append(entropy)
+        labels.append(batch_labels.numpy())
+    return np.concatenate(classes), np.concatenate(entropies), np.concatenate(labels)
 
 
-def operating_point(fraction: float, low: tuple, high_logits: np.ndarray, timing: dict) -> dict:
+def operating_point(fraction: float, low: tuple, high_classes: np.ndarray, timing: dict) -> dict:
     """Threshold, early-exit share, top-1 and expected latency per image of the cascade at ``fraction``."""
-    low_logits, entropy, labels = low
+    low_classes, entropy, labels = low
     threshold = calibrate_threshold(entropy, fraction)
     early = entropy.astype(np.float64) <= threshold
-    logits = np.where(early[:, None], low_logits, high_logits)
     point = {"low_effort_fraction": fraction, "threshold": threshold, "early_fraction": float(early.mean()),
-             "top1": top1(logits, labels), "expected_ms": {}}
+             "top1": top1(np.where(early, low_classes, high_classes), labels), "expected_ms": {}}
     for batch in timing["low"]:
         cost = timing["low"][batch]["p50_ms"] + (1 - early.mean()) * timing["high"][batch]["p50_ms"]
         point["expected_ms"][batch] = {"cascade": float(cost), "original": timing["original"][batch]["p50_ms"],
@@ -81,7 +85,7 @@ def run(ctx: RunContext) -> None:
                     metadata=metadata, output_names=(LOGITS, ENTROPY))
     data = ctx.data.val
     low = outputs(paths["low"], data, validate.threads)
-    high_logits, _, labels = outputs(paths["high"], data, validate.threads)
+    high_classes, _, labels = outputs(paths["high"], data, validate.threads)
     threshold = calibrate_threshold(low[1], config.low_effort_fraction)
     spec = {"low": "low.onnx", "high": "high.onnx", "threshold": threshold,
             "low_effort_fraction": config.low_effort_fraction,
@@ -89,17 +93,20 @@ def run(ctx: RunContext) -> None:
             "calibration": {"data": ctx.data.name, "images": len(data)}}
     (ctx.work_dir / CASCADE_FILE).write_text(json.dumps(spec, indent=2))
     runner = Cascade(ctx.work_dir, validate.threads)
-    results = [runner.predict(images.numpy()) for images, _ in DataLoader(data, batch_size=EVAL_BATCH)]
-    early = np.concatenate([r.early for r in results])
+    early_parts, class_parts = [], []
+    for images, _ in DataLoader(data, batch_size=EVAL_BATCH):
+        result = runner.predict(images.numpy())
+        early_parts.append(result.early)
+        class_parts.append(result.logits.argmax(-1))
+    early, classes = np.concatenate(early_parts), np.concatenate(class_parts)
     ctx.progress.stage("latency", "original, low and high effort, interleaved")
     timing = latency({"original": ctx.original_onnx_path, **paths}, validate)
     fractions = sorted({*SWEEP_FRACTIONS, config.low_effort_fraction})
-    point = operating_point(config.low_effort_fraction, low, high_logits, timing)
+    point = operating_point(config.low_effort_fraction, low, high_classes, timing)
     ctx.report["cascade"] = {
         "low_effort_fraction": config.low_effort_fraction, "threshold": threshold,
         "early_fraction": float(early.mean()), "images": len(data),
-        "top1": top1(np.concatenate([r.logits for r in results]), labels),
-        "top1_low": top1(low[0], labels), "top1_high": top1(high_logits, labels),
+        "top1": top1(classes, labels), "top1_low": top1(low[0], labels), "top1_high": top1(high_classes, labels),
         "expected_ms": point["expected_ms"], "latency": timing, "high": high_info,
-        "sweep": [operating_point(f, low, high_logits, timing) for f in fractions],
+        "sweep": [operating_point(f, low, high_classes, timing) for f in fractions],
     }

@@ -7,6 +7,7 @@ machine noise hits both alike; the report gives medians and p90 over the runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +26,32 @@ EVAL_BATCH = 128
 PARITY_IMAGES = 256
 
 
-def ort_logits(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """Logits of every image of ``dataset`` and its labels."""
-    logits, labels = [], []
+@dataclass
+class Predictions:
+    """What a pass over the validation data keeps: every image's top-1 class and label, and the logits of the
+    first images only (for parity), so memory stays bounded by a batch whatever the size of the data."""
+
+    classes: np.ndarray
+    labels: np.ndarray
+    head_logits: np.ndarray
+
+
+def ort_predictions(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "",
+                    keep_logits: int = PARITY_IMAGES) -> Predictions:
+    """Top-1 classes and labels of every image of ``dataset`` through ``session``; logits of the first
+    ``keep_logits`` images."""
+    classes, labels, head = [], [], []
+    kept = 0
     for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
-        logits.append(run_batches(session, [images.numpy()])[0])
+        (logits,) = run_batches(session, [images.numpy()])
+        classes.append(logits.argmax(-1))
         labels.append(batch_labels.numpy())
+        if kept < keep_logits:
+            head.append(logits[: keep_logits - kept])
+            kept += len(head[-1])
         if progress is not None:
             progress.advance(task, len(images))
-    return np.concatenate(logits), np.concatenate(labels)
+    return Predictions(np.concatenate(classes), np.concatenate(labels), np.concatenate(head))
 
 
 def first_images(dataset: Dataset, limit: int):
@@ -62,9 +80,10 @@ def latency(paths: dict[str, Path], config: ValidateConfig, images: np.ndarray |
                            runs=runs or config.latency_runs, warmup=config.warmup_runs, images=images)
 
 
-def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
+def top1(classes: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 accuracy (%) of predicted ``classes`` over the labelled images (label ≥ 0); None without labels."""
     mask = labels >= 0
-    return float((logits[mask].argmax(-1) == labels[mask]).mean() * 100) if mask.any() else None
+    return float((classes[mask] == labels[mask]).mean() * 100) if mask.any() else None
 
 
 def run(ctx: RunContext) -> None:
@@ -75,14 +94,14 @@ def run(ctx: RunContext) -> None:
     sessions = {"original": open_session(ctx.original_onnx_path, config.threads),
                 "converted": open_session(ctx.onnx_path, config.threads)}
     ctx.progress.start("accuracy", 2 * len(data))
-    logits = {}
-    for name, session in sessions.items():
-        logits[name], labels = ort_logits(session, data, ctx.progress, "accuracy")
+    predictions = {name: ort_predictions(session, data, ctx.progress, "accuracy")
+                   for name, session in sessions.items()}
     ctx.progress.finish("accuracy")
+    labels = predictions["original"].labels
     parity = {}
     for name, model in (("original", ctx.original.model), ("converted", ctx.model)):
         reference = torch_logits(model, data, PARITY_IMAGES)
-        got = logits[name][: len(reference)]
+        got = predictions[name].head_logits
         parity[name] = {"max_abs_diff": float(np.abs(reference - got).max()),
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
                         "images": len(reference)}
@@ -94,9 +113,9 @@ def run(ctx: RunContext) -> None:
     for name, model in models.items():
         table[name] = {
             "params": count_params(model), "macs": count_macs(model, input_size),
-            "top1": top1(logits[name], labels), "latency": timing[name], "parity": parity[name],
+            "top1": top1(predictions[name].classes, labels), "latency": timing[name], "parity": parity[name],
         }
-    agreement = float((logits["converted"].argmax(-1) == logits["original"].argmax(-1)).mean())
+    agreement = float((predictions["converted"].classes == predictions["original"].classes).mean())
     table["converted"]["agreement"] = agreement
     table["original"]["agreement"] = 1.0
     ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
