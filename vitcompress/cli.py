@@ -183,7 +183,25 @@ def _print_plan(result: dict) -> None:
     out.print(f"plan took {seconds['total']:.1f} s ({parts})", highlight=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A click group whose usage errors (unknown option, bad number, missing argument) are one ``error:`` line
+    and exit code 2, like every other bad input, instead of click's three-line usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.ClickException as exc:
+            context = getattr(exc, "ctx", None)
+            _error_line(exc.format_message() + (f" (see '{context.command_path} --help')" if context else ""))
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            _error_line("aborted")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="log each converted module")
 def main(verbose: bool) -> None:
     """vitcompress: make a pretrained Vision Transformer faster, export it to ONNX, prove it still agrees."""
