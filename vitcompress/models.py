@@ -139,6 +139,10 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         raise ModelError(f"checkpoint {source} is for another architecture: " + "; ".join(parts))
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if broken:
+        raise ModelError(f"checkpoint {source} holds NaN or infinite values in {len(broken)} tensors "
+                         f"(e.g. {broken[0]}): it is not a usable model")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 

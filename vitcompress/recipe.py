@@ -250,12 +250,47 @@ def _child(node: Any, part: str, path: list[str], item: str, create: bool) -> An
     raise RecipeError(f"--set {item!r}: {'.'.join(path[:-1])} is not a mapping or list")
 
 
+MAX_RECIPE_BYTES = 1_000_000
+MAX_YAML_ALIASES = 100
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where a recipe gains nothing from YAML's freedom: a key given twice is an
+    error (PyYAML silently keeps the last), and at most :data:`MAX_YAML_ALIASES` aliases (``*name``), which
+    stops "billion laughs" files whose aliases expand into an exponentially large structure."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases (*name)",
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_recipe_file(path: Path) -> dict:
     """Parse the YAML of a recipe file into a mapping (errors name the file, line and column)."""
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is {size / 1e6:.1f} MB: a recipe is a small YAML file (at most "
+                          f"{MAX_RECIPE_BYTES // 1_000_000} MB)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -263,7 +298,9 @@ def read_recipe_file(path: Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
-    return data if data is not None else {}
+    if data is None:
+        raise RecipeError(f"recipe {path} is empty: a recipe lists `steps:` (see `vitcompress recipes`)")
+    return data
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -259,7 +259,7 @@ class Preprocessing:
                 with Image.open(path) as image:
                     image.load()
                     arrays.append(self(image))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
                 raise DataError(f"image {path} cannot be read: {exc}") from None
         return np.stack(arrays)
 
