@@ -196,3 +196,63 @@ def test_recipes_lists_transforms():
     result = invoke("recipes")
     assert result.exit_code == 0
     assert "svd_lowrank" in result.output and "whitening" in result.output and "rank_ratio" in result.output
+
+
+def test_recipes_lists_the_shipped_recipes_with_descriptions():
+    from vitcompress.recipe import recipe_description, shipped_recipes
+
+    result = invoke("recipes")
+    assert result.exit_code == 0
+    for name, path in shipped_recipes().items():
+        assert name in result.output
+        assert recipe_description(path).split()[0] in result.output
+
+
+@pytest.mark.parametrize("spec", ["no_such_recipe", "no_such_recipe.yaml"])
+def test_unknown_recipe_name_exit_2_lists_shipped(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("convert", "test_vit", "--recipe", spec, "--random-init", "--out", "run")
+    assert result.exit_code == 2 and one_error_line(result.output)
+    assert f"recipe {spec} does not exist" in result.output and "shipped: cascade, fast" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("override", ["finetune.steps=0", "finetune=null"])
+def test_zero_finetune_steps_skips_the_finetune(tmp_path, svd_recipe, override):
+    out = tmp_path / "run"
+    result = invoke("convert", "test_vit", "--recipe", svd_recipe, "--random-init", "--out", out, "--set", override,
+                    *sets("calibration.images=16", "validate.batch_sizes=[1]", "validate.profile_runs=0"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "report.json").read_text())["finetune"] is None
+    assert "finetune: null" in (out / "recipe.resolved.yaml").read_text()
+
+
+def test_offline_pretrained_fails_fast_with_one_line(tmp_path, monkeypatch):
+    """No cached weights, hub unreachable: exit 2 within seconds, one error line, no huggingface_hub retries."""
+    import time
+
+    import huggingface_hub.constants
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.perf_counter()
+    result = CliRunner().invoke(main, ["convert", "deit_s", "--recipe", "svd", "--out", str(tmp_path / "run")])
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 2 and one_error_line(result.stderr), result.output
+    assert "cannot be reached (offline?)" in result.stderr and "WARNING" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_shipped_recipe_by_file_name_from_an_empty_directory(tmp_path, monkeypatch):
+    """`convert deit_s --recipe shiftadd.yaml` where no recipes/ folder is: the shipped file, the CLI's model."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("convert", "deit_s", "--recipe", "shiftadd.yaml", "--random-init", "--out", "run", *sets(
+        *FAST, "finetune.steps=1", "finetune.batch_size=2", "validate.images=4", "validate.batch_sizes=[1]",
+        "validate.profile_runs=0", "validate.max_abs_diff=1.0"))
+    assert result.exit_code in (0, 1), result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["model"]["name"] == "deit_small_patch16_224"
+    assert [s["transform"] for s in report["steps"]] == ["shiftadd_attention", "shiftadd_moe"]

@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import timm
 import torch
@@ -110,3 +112,36 @@ def test_reference_model_config(tmp_path, reference_model):
     assert loaded.data_config["input_size"] == (1, 28, 28)
     assert loaded.data_config["mean"] == (0.2860,) and len(loaded.class_names) == 10
     _same_weights(loaded.model, reference_model)
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """An empty Hugging Face cache and an endpoint that refuses connections (port 9 on this machine): offline,
+    whether or not the machine running the tests has a network."""
+    import huggingface_hub.constants
+
+    for var in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_offline_without_cache_fails_fast(no_hub):
+    start = time.perf_counter()
+    with pytest.raises(ModelError, match=r"not cached and 127\.0\.0\.1 cannot be reached .*--checkpoint PATH"):
+        load_model("deit_s")
+    assert time.perf_counter() - start < 10
+
+
+def test_cached_hub_weights_load_offline(no_hub, test_vit):
+    """Weights in the HF cache are used without the network (timm's own repo id, safetensors file)."""
+    repo = no_hub / f"models--{test_vit.pretrained_cfg['hf_hub_id'].replace('/', '--')}"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file({k: v.contiguous() for k, v in test_vit.state_dict().items()}, str(snapshot / "model.safetensors"))
+    loaded = load_model("test_vit")
+    assert loaded.weights == "timm pretrained (test_vit)"
+    _same_weights(loaded.model, test_vit)

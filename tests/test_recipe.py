@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from vitcompress.errors import RecipeError
-from vitcompress.recipe import dump_recipe, load_recipe, parse_recipe
+from vitcompress.recipe import (dump_recipe, load_recipe, parse_recipe, recipe_description, resolve_recipe,
+                                shipped_recipes)
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 STEP = "  - {transform: svd_lowrank, targets: ['blocks.*.mlp.fc1'], rank: 8}\n"
@@ -85,7 +86,7 @@ def test_overrides(tiny_recipe):
     ("steps.x.rank=3", "no list item x"),
     ("finetune.steps.deep=3", "is not a mapping or list"),
     ("finetune.steps=[1", "not valid YAML"),
-    ("finetune.steps=-1", r"finetune\.steps: .*greater than or equal to 1"),
+    ("finetune.steps=-1", r"finetune\.steps: .*greater than or equal to 0"),
 ])
 def test_bad_override(tiny_recipe, override, message):
     path = tiny_recipe("steps:\n" + STEP + "finetune: {steps: 10}\n")
@@ -96,3 +97,38 @@ def test_bad_override(tiny_recipe, override, message):
 def test_parse_accepts_mapping_without_file():
     recipe = parse_recipe({"steps": [{"transform": "svd_lowrank", "targets": ["x"], "rank": 2}]}, "<dict>")
     assert recipe.steps[0].rank == 2
+
+
+def test_shipped_recipes_are_the_repo_folder():
+    assert list(shipped_recipes()) == [p.stem for p in RECIPES]
+
+
+@pytest.mark.parametrize("name", [p.stem for p in RECIPES])
+def test_every_shipped_recipe_has_a_one_line_description(name):
+    description = recipe_description(shipped_recipes()[name])
+    assert 20 <= len(description) <= 110 and description[0].isupper(), description
+
+
+def test_name_resolution_cwd_file_first_then_shipped(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_recipes()["svd"]
+    assert resolve_recipe("svd") == shipped and resolve_recipe("svd.yaml") == shipped
+    assert load_recipe("svd", ["finetune.steps=7"]).finetune.steps == 7
+    (tmp_path / "svd.yaml").write_text("steps:\n" + STEP)
+    assert resolve_recipe("svd.yaml") == Path("svd.yaml")
+    assert load_recipe("svd.yaml").finetune is None, "the working directory's svd.yaml must win"
+    assert load_recipe("svd").finetune is not None, "a bare name without the file here is the shipped one"
+
+
+@pytest.mark.parametrize("spec", ["nope", "nope.yaml", "sub/svd.yaml"])
+def test_unknown_recipe_lists_the_shipped_names(tmp_path, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RecipeError, match=rf"recipe {spec} does not exist: .*\(shipped: cascade, fast, .*svd"):
+        load_recipe(spec)
+
+
+def test_zero_finetune_steps_is_no_finetune(tiny_recipe):
+    path = tiny_recipe("steps:\n" + STEP + "finetune: {steps: 10, lr: 1.0e-4}\n")
+    zero = load_recipe(path, ["finetune.steps=0"])
+    assert zero.finetune is None and zero == load_recipe(path, ["finetune=null"])
+    assert yaml.safe_load(dump_recipe(zero))["finetune"] is None

@@ -30,6 +30,7 @@ from rich.table import Table
 console = Console(stderr=True)
 #: Exit code of an unexpected exception (sysexits' EX_SOFTWARE): not 1 (a failed gate), not 2 (bad input).
 CRASH_EXIT_CODE = 70
+RECIPE_HELP = "recipe YAML file, or a shipped recipe by name (e.g. svd; list: vitcompress recipes)"
 
 
 class RichProgress:
@@ -211,7 +212,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help="recipe YAML file")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help=RECIPE_HELP)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="weights: .safetensors, .pth or .pt")
 @click.option("--data", help="fmnist, synthetic, or an image directory (DIR/<class>/*, or DIR/train + DIR/val)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
@@ -246,7 +247,7 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help="recipe YAML file")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help=RECIPE_HELP)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="weights: .safetensors, .pth or .pt")
 @click.option("--data", help="calibration images, only for steps that calibrate (as convert's --data)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -312,8 +313,17 @@ def profile(bundle, batch_size, runs, warmup, threads, baseline, as_json) -> Non
 
 @main.command()
 def recipes() -> None:
-    """List the transforms a recipe can use, with their parameters."""
+    """List the shipped recipes (usable by name: --recipe svd) and the transforms a recipe can use."""
+    from vitcompress.recipe import recipe_description, shipped_recipes
     from vitcompress.transforms import registry
+
+    shipped = Table(title="[bold]shipped recipes[/] (--recipe NAME; a file of that name here comes first)",
+                    title_justify="left", show_edge=False)
+    shipped.add_column("name", no_wrap=True)
+    shipped.add_column("description")
+    for name, path in shipped_recipes().items():
+        shipped.add_row(name, escape(recipe_description(path)))
+    Console().print(shipped)
 
     for name, transform in registry.available().items():
         table = Table(title=f"[bold]{name}[/]: {transform.doc}", title_justify="left", show_edge=False)

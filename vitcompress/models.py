@@ -7,7 +7,10 @@ silent fallback to random weights: an offline download failure is an error that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -186,14 +189,110 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
                        class_names=list(class_names) if class_names else None)
 
 
+HUB_CONNECT_TIMEOUT_S = 2.0
+QUIET_LOGGERS = ("huggingface_hub", "timm")
+NO_WEIGHTS_ADVICE = ("pass a local file with --checkpoint PATH (.safetensors, .pth or .pt), "
+                     "or --random-init for latency-only work")
+
+
 def _download_pretrained(resolved: str) -> nn.Module:
+    """timm's pretrained weights: a locally cached copy without touching the network, else a download when
+    the weights' host answers; offline, a :class:`ModelError` at once instead of huggingface_hub's retries."""
     import timm
 
+    cfg = timm.models.get_pretrained_cfg(resolved)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    cached = _cached_weights(cfg)
+    if cached is None and not _weights_host_reachable(cfg):
+        raise ModelError(f"pretrained weights for {resolved} are not cached and {_weights_host(cfg)[0]} cannot "
+                         f"be reached (offline?): {NO_WEIGHTS_ADVICE}")
     try:
-        return timm.create_model(resolved, pretrained=True)
+        with _quiet_hub():
+            if cached is not None:
+                return timm.create_model(resolved, pretrained=True, pretrained_cfg_overlay={"file": str(cached)})
+            return timm.create_model(resolved, pretrained=True)
     except Exception as exc:
-        raise ModelError(
-            f"could not fetch pretrained weights for {resolved} ({type(exc).__name__}; offline?): "
-            "pass a local file with --checkpoint PATH (.safetensors, .pth or .pt), "
-            "or --random-init for latency-only work"
-        ) from None
+        raise ModelError(f"could not fetch pretrained weights for {resolved} ({type(exc).__name__}): "
+                         f"{NO_WEIGHTS_ADVICE}") from None
+
+
+def _cached_weights(cfg: dict) -> Path | None:
+    """The file timm would download for ``cfg`` when it is already local: the Hugging Face hub cache (timm's
+    first source, safetensors before the pickle) or torch hub's checkpoint folder (URL sources)."""
+    if cfg.get("hf_hub_id"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg["hf_hub_id"].partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.get("url"):
+        from urllib.parse import urlparse
+
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg["url"]).path).name
+        if path.is_file():
+            return path
+    return None
+
+
+def _weights_host(cfg: dict) -> tuple[str, int]:
+    """Host and port a download of ``cfg``'s weights connects to first: an HTTPS proxy when one is set, else
+    the Hugging Face endpoint (``HF_ENDPOINT``) for hub weights, else the weights' URL."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies
+
+    proxy = getproxies().get("https")
+    if proxy:
+        parsed = urlparse(proxy)
+        return parsed.hostname or "", parsed.port or 443
+    if cfg.get("hf_hub_id") or not cfg.get("url"):
+        from huggingface_hub import constants
+
+        parsed = urlparse(constants.ENDPOINT)
+    else:
+        parsed = urlparse(cfg["url"])
+    return parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)
+
+
+def _weights_host_reachable(cfg: dict) -> bool:
+    """Whether a TCP connection to the weights' host opens within :data:`HUB_CONNECT_TIMEOUT_S` (name lookup
+    included: it runs in a daemon thread, since a dead resolver is not bounded by the socket timeout).
+    ``HF_HUB_OFFLINE`` counts as no connection for hub weights."""
+    import socket
+    import threading
+
+    from huggingface_hub import constants
+
+    if cfg.get("hf_hub_id") and constants.is_offline_mode():
+        return False
+    host, port = _weights_host(cfg)
+    result: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_CONNECT_TIMEOUT_S + 0.5)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's and timm's retry warnings while fetching: a failure becomes one ModelError."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

@@ -7,6 +7,7 @@ registry) and the ``calibration``, ``finetune``, ``export`` and ``validate`` set
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -41,7 +42,7 @@ class DistillConfig(_Strict):
 class FinetuneConfig(_Strict):
     """Brief distillation fine-tune from the original model; the budget is optimizer steps, not epochs."""
 
-    steps: int = Field(200, ge=1, le=1_000_000)
+    steps: int = Field(200, ge=0, le=1_000_000, description="optimizer steps; 0: no fine-tune (as finetune: null)")
     lr: float = Field(5e-5, gt=0, le=1.0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(64, ge=1, le=4096)
@@ -106,6 +107,13 @@ class Recipe(_Strict):
     def _cascade_owns_the_steps(self) -> "Recipe":
         if self.cascade is not None and self.steps:
             raise ValueError("with cascade, give the steps as cascade.low (and cascade.high), not as steps")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_steps_is_no_finetune(self) -> "Recipe":
+        """``finetune.steps: 0`` means no fine-tune: the same recipe as ``finetune: null`` everywhere after."""
+        if self.finetune is not None and self.finetune.steps == 0:
+            self.finetune = None
         return self
 
     @property
@@ -250,6 +258,44 @@ def _child(node: Any, part: str, path: list[str], item: str, create: bool) -> An
     raise RecipeError(f"--set {item!r}: {'.'.join(path[:-1])} is not a mapping or list")
 
 
+SHIPPED_PACKAGE = "vitcompress.recipes"
+
+
+def _shipped_dir() -> Path:
+    """Folder of the shipped recipes: the package ``vitcompress.recipes`` (the repo's top-level ``recipes/``,
+    mapped in pyproject), or ``recipes/`` beside the package in a source checkout that is not installed."""
+    try:
+        return Path(str(resources.files(SHIPPED_PACKAGE)))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name → file of every recipe shipped with vitcompress, sorted by name."""
+    return {path.stem: path for path in sorted(_shipped_dir().glob("*.yaml"))}
+
+
+def recipe_description(path: Path) -> str:
+    """The first line of the recipe file's leading ``#`` comment: its one-line summary ('' when it has none)."""
+    first = path.read_text().partition("\n")[0]
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """The recipe file ``spec`` names: an existing path first (relative to the working directory), else a
+    shipped recipe by name, with or without ``.yaml`` (``svd``, ``svd.yaml``)."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    shipped = shipped_recipes()
+    if path.parent == Path("."):
+        name = path.name.removesuffix(".yaml")
+        if name in shipped:
+            return shipped[name]
+    raise RecipeError(f"recipe {spec} does not exist: not a file here, nor a shipped recipe "
+                      f"(shipped: {', '.join(shipped) or 'none'})")
+
+
 MAX_RECIPE_BYTES = 1_000_000
 MAX_YAML_ALIASES = 100
 
@@ -284,7 +330,7 @@ class RecipeLoader(yaml.SafeLoader):
 def read_recipe_file(path: Path) -> dict:
     """Parse the YAML of a recipe file into a mapping (errors name the file, line and column)."""
     if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
+        raise RecipeError(f"recipe {path} is not a file")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe {path} is {size / 1e6:.1f} MB: a recipe is a small YAML file (at most "
@@ -304,8 +350,8 @@ def read_recipe_file(path: Path) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe file, after applying ``--set`` overrides."""
-    path = Path(path)
+    """Load and validate a recipe file or shipped recipe (:func:`resolve_recipe`), after ``--set`` overrides."""
+    path = resolve_recipe(path)
     data = read_recipe_file(path)
     if overrides:
         if not isinstance(data, dict):
