@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
@@ -21,6 +21,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from vitcompress.report import Report
 
 console = Console(stderr=True)
 
@@ -69,11 +72,11 @@ def user_errors():
         sys.exit(exc.exit_code)
 
 
-def _report_table(report: dict) -> Table:
+def _report_table(report: Report) -> Table:
     from vitcompress.stages.report import side_by_side_rows
 
-    table = Table(title=f"{report['model']['name']}: original vs converted (onnxruntime CPU, "
-                        f"{report['validation']['threads']} threads)")
+    table = Table(title=f"{report.model.name}: original vs converted (onnxruntime CPU, "
+                        f"{report.validation.threads} threads)")
     table.add_column("metric")
     table.add_column("original", justify="right")
     table.add_column("converted", justify="right")
@@ -82,7 +85,7 @@ def _report_table(report: dict) -> Table:
     return table
 
 
-def _extra_tables(report: dict) -> list[Table]:
+def _extra_tables(report: Report) -> list[Table]:
     """CKA scores of attention_skip steps and the cascade's operating points, when the run has them."""
     from vitcompress.stages.report import cascade_rows, cka_rows
 
@@ -94,10 +97,10 @@ def _extra_tables(report: dict) -> list[Table]:
         for row in cka_rows(report):
             table.add_row(*row)
         tables.append(table)
-    if report.get("cascade"):
-        c = report["cascade"]
-        table = Table(title=f"cascade: low → high effort by entropy (threshold {c['threshold']:.4g} at "
-                            f"fraction {c['low_effort_fraction']:g})")
+    if report.cascade:
+        c = report.cascade
+        table = Table(title=f"cascade: low → high effort by entropy (threshold {c.threshold:.4g} at "
+                            f"fraction {c.low_effort_fraction:g})")
         for column in ("low_effort_fraction", "exit early", "top-1 (%)", "expected latency / image"):
             table.add_column(column, justify="right")
         for row in cascade_rows(report):
@@ -164,20 +167,20 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     bars = Progress(*columns, console=console, transient=True) if console.is_terminal else contextlib.nullcontext()
     with user_errors(), bars as bar:
-        report = run_convert(model, recipe_path, out_dir, checkpoint=checkpoint, data=data,
+        report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar))
+                             progress=RichProgress(bar)).report
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(report.dump_json())
     else:
         Console().print(_report_table(report))
         for table in _extra_tables(report):
             Console().print(table)
-        cascade = ", low.onnx, high.onnx, cascade.json" if report.get("cascade") else ""
+        cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
                       f"report.md{cascade}")
-    if report["failed_gates"]:
-        console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")
+    if report.failed_gates:
+        console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
         sys.exit(1)
 
 
