@@ -32,6 +32,7 @@ from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
 from vitcompress.recipe import load_recipe, parse_recipe
+from vitcompress.report import Report
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "vit_fmnist"
@@ -73,13 +74,13 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
                    for label, extra in LATENCY_VARIANTS.get(recipe.stem, [])]
 
 
-def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int) -> dict:
+def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int) -> Report:
     """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune."""
     overrides = [*overrides, f"validate.latency_runs={runs}"]
     if recipe.stem == BASELINE:
         baseline = parse_recipe({"steps": [], "finetune": None, "validate": {"latency_runs": runs}}, BASELINE)
-        return convert(model, baseline, out, force=True, **kwargs)
-    return convert(model, recipe, out, force=True, overrides=overrides, **kwargs)
+        return convert(model, baseline, out_dir=out, force=True, **kwargs).report
+    return convert(model, recipe, out_dir=out, force=True, overrides=overrides, **kwargs).report
 
 
 def int8_rows(row: dict, int8: dict) -> list[dict]:
@@ -99,24 +100,25 @@ def int8_rows(row: dict, int8: dict) -> list[dict]:
     return [row, extra]
 
 
-def summarise(label: str, model: str, report: dict) -> dict:
-    table = report["validation"]["models"]
+def summarise(label: str, model: str, report: Report) -> dict:
+    """The bench's row (its own JSON format, see results/) of one convert report."""
+    table = report.validation.models
     original, converted = table["original"], table["converted"]
-    row = {"model": model, "variant": label, "params": converted["params"], "macs": converted["macs"],
-           "params_original": original["params"], "macs_original": original["macs"],
-           "mac_ideal_speedup": original["macs"] / converted["macs"],
-           "top1_original": original["top1"], "top1": converted["top1"], "agreement": converted["agreement"],
-           "max_abs_diff": converted["parity"]["max_abs_diff"], "failed_gates": report["failed_gates"],
-           "finetune": report["finetune"], "threads": report["validation"]["threads"], "latency": {}}
-    if "expert_shares" in report["validation"]:
-        row["expert_shares"] = report["validation"]["expert_shares"]["overall"]
-    if "moe_dispatch" in report["export"]:
-        row["moe_dispatch"] = report["export"]["moe_dispatch"]
-    for batch, ms in converted["latency"].items():
-        base = original["latency"][batch]
-        row["latency"][batch] = {"original_p50_ms": base["p50_ms"], "original_p90_ms": base["p90_ms"],
-                                 "p50_ms": ms["p50_ms"], "p90_ms": ms["p90_ms"],
-                                 "speedup": base["p50_ms"] / ms["p50_ms"]}
+    row = {"model": model, "variant": label, "params": converted.params, "macs": converted.macs,
+           "params_original": original.params, "macs_original": original.macs,
+           "mac_ideal_speedup": original.macs / converted.macs,
+           "top1_original": original.top1, "top1": converted.top1, "agreement": converted.agreement,
+           "max_abs_diff": converted.parity.max_abs_diff, "failed_gates": report.failed_gates,
+           "finetune": report.finetune and report.finetune.model_dump(),
+           "threads": report.validation.threads, "latency": {}}
+    if report.validation.expert_shares is not None:
+        row["expert_shares"] = report.validation.expert_shares["overall"]
+    if report.export.moe_dispatch is not None:
+        row["moe_dispatch"] = report.export.moe_dispatch.model_dump()
+    for batch, ms in converted.latency.items():
+        base = original.latency[batch]
+        row["latency"][batch] = {"original_p50_ms": base.p50_ms, "original_p90_ms": base.p90_ms,
+                                 "p50_ms": ms.p50_ms, "p90_ms": ms.p90_ms, "speedup": base.p50_ms / ms.p50_ms}
     return row
 
 
@@ -194,7 +196,7 @@ def main() -> None:
                 measured.add(model)
                 print(f"bench: {model} / {label} vs ORT int8", file=sys.stderr, flush=True)
                 int8 = measure(originals, model, kwargs == LATENCY_ONLY, work / "run", args.runs,
-                               report["validation"]["threads"])
+                               report.validation.threads)
                 rows += int8_rows(row, int8)
             else:
                 rows.append(row)

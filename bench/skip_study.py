@@ -51,24 +51,25 @@ def skip_runs(args, work: Path) -> list[dict]:
             variants[f"random #{draw + 1}"] = ["steps.0.select=null", "steps.0.count=null", f"steps.0.blocks={chosen}"]
         for rule, overrides in variants.items():
             print(f"skip study: {count} skips chosen by {rule}", file=sys.stderr, flush=True)
-            report = convert("vit_fmnist", ROOT / "recipes" / "skip_cka.yaml", work / "run", force=True,
-                             overrides=[*common, *overrides])
-            step = report["steps"][0]
-            models = report["validation"]["models"]
-            rows.append({"skips": count, "rule": rule, "blocks": step["modules"],
-                         "rounds": step.get("details", {}).get("rounds"),
-                         "top1_original": models["original"]["top1"], "top1": models["converted"]["top1"],
-                         "agreement": models["converted"]["agreement"], "finetune": report["finetune"]})
+            report = convert("vit_fmnist", ROOT / "recipes" / "skip_cka.yaml", out_dir=work / "run", force=True,
+                             overrides=[*common, *overrides]).report
+            step = report.steps[0]
+            models = report.validation.models
+            rows.append({"skips": count, "rule": rule, "blocks": step.modules,
+                         "rounds": (step.details or {}).get("rounds"),
+                         "top1_original": models["original"].top1, "top1": models["converted"].top1,
+                         "agreement": models["converted"].agreement,
+                         "finetune": report.finetune and report.finetune.model_dump()})
     return rows
 
 
 def cascade_run(args, work: Path) -> dict:
     print("skip study: cascade", file=sys.stderr, flush=True)
-    report = convert("vit_fmnist", ROOT / "recipes" / "cascade.yaml", work / "run", force=True,
+    report = convert("vit_fmnist", ROOT / "recipes" / "cascade.yaml", out_dir=work / "run", force=True,
                      overrides=[f"finetune.steps={args.steps}", f"validate.images={args.images}",
-                                f"validate.latency_runs={args.runs}"])
-    return {**report["cascade"], "low_blocks": report["steps"][0]["modules"],
-            "top1_original": report["validation"]["models"]["original"]["top1"]}
+                                f"validate.latency_runs={args.runs}"]).report
+    return {**report.cascade.model_dump(), "low_blocks": report.steps[0].modules,
+            "top1_original": report.validation.models["original"].top1}
 
 
 def deit_latency(args, work: Path) -> dict:

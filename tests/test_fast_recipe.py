@@ -14,22 +14,22 @@ FAST_RECIPE = Path(__file__).parent.parent / "recipes" / "fast.yaml"
 
 @pytest.mark.slow
 def test_fast_recipe_factors_every_block_linear_of_the_reference_model(tmp_path):
-    report = convert("vit_fmnist", FAST_RECIPE, tmp_path / "run", overrides=FAST)
-    modules = report["steps"][0]["modules"]
+    report = convert("vit_fmnist", FAST_RECIPE, out_dir=tmp_path / "run", overrides=FAST).report
+    modules = report.steps[0].modules
     assert len(modules) == 12 * 4 and {m.rsplit(".", 1)[1] for m in modules} == {"qkv", "proj", "fc1", "fc2"}
-    models = report["validation"]["models"]
-    assert models["original"]["macs"] / models["converted"]["macs"] > 4.5
-    assert all(g["passed"] for g in report["validation"]["gates"] if g["gate"] == "max_abs_diff")
-    assert models["converted"]["top1"] >= models["original"]["top1"] - 6  # 64 images, 3 fine-tune steps
+    models = report.validation.models
+    assert models["original"].macs / models["converted"].macs > 4.5
+    assert all(g.passed for g in report.validation.gates if g.gate == "max_abs_diff")
+    assert models["converted"].top1 >= models["original"].top1 - 6  # 64 images, 3 fine-tune steps
     ops = [n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node]
     assert ops.count("MatMul") >= 2 * 48
 
 
 @pytest.mark.slow
 def test_fast_recipe_on_a_deit_architecture(tmp_path):
-    report = convert("deit_t", FAST_RECIPE, tmp_path / "run", random_init=True,
-                     overrides=[*FAST, "validate.max_top1_drop=null", "validate.min_agreement=null"])
-    assert len(report["steps"][0]["modules"]) == 12 * 4
-    assert [g["gate"] for g in report["validation"]["gates"] if g["passed"]] == ["max_abs_diff"]
-    models = report["validation"]["models"]
-    assert models["original"]["macs"] / models["converted"]["macs"] > 3
+    report = convert("deit_t", FAST_RECIPE, out_dir=tmp_path / "run", random_init=True,
+                     overrides=[*FAST, "validate.max_top1_drop=null", "validate.min_agreement=null"]).report
+    assert len(report.steps[0].modules) == 12 * 4
+    assert [g.gate for g in report.validation.gates if g.passed] == ["max_abs_diff"]
+    models = report.validation.models
+    assert models["original"].macs / models["converted"].macs > 3

@@ -39,8 +39,8 @@ def assert_attributed(profile: dict, depth: int = DEPTH) -> None:
 def bundle(tmp_path_factory):
     """vit_fmnist with recipes/svd.yaml (no fine-tune, small validation): every block's MLP converted."""
     out = tmp_path_factory.mktemp("profile") / "svd"
-    convert("vit_fmnist", "recipes/svd.yaml", out, overrides=[*FAST, "finetune=null", "validate.batch_sizes=[1]",
-                                                              "validate.profile_runs=3"])
+    convert("vit_fmnist", "recipes/svd.yaml", out_dir=out,
+            overrides=[*FAST, "finetune=null", "validate.batch_sizes=[1]", "validate.profile_runs=3"])
     return out
 
 

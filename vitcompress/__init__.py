@@ -2,7 +2,15 @@
 
 Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)::
 
-    from vitcompress import convert, plan, load_recipe, apply_recipe, export_onnx, load_model
+    import vitcompress
+
+    vitcompress.apply(model, vitcompress.TaylorConfig())            # transform in place, returns the model
+    result = vitcompress.convert("vit_fmnist", "recipes/fast.yaml")  # the whole pipeline → ConvertResult
+    result.report.validation.models["converted"].latency["b1"].p50_ms
+
+Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``export_onnx``, ``load_model`` and the transform
+configs ``LowRankConfig``, ``TaylorConfig``, ``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``,
+``SkipConfig``.
 """
 
 from __future__ import annotations
@@ -10,12 +18,23 @@ from __future__ import annotations
 from importlib import import_module
 
 _PUBLIC = {
-    "convert": "vitcompress.api",
+    "apply": "vitcompress.api",
     "apply_recipe": "vitcompress.api",
+    "convert": "vitcompress.api",
+    "ConvertResult": "vitcompress.api",
+    "Report": "vitcompress.report",
     "plan": "vitcompress.planner",
     "load_recipe": "vitcompress.recipe",
+    "Recipe": "vitcompress.recipe",
     "export_onnx": "vitcompress.export",
     "load_model": "vitcompress.models",
+    "to_deploy": "vitcompress.export",
+    "LowRankConfig": "vitcompress.transforms.lowrank",
+    "TaylorConfig": "vitcompress.transforms.taylor",
+    "BinaryAttentionConfig": "vitcompress.transforms.shiftadd_attention",
+    "ShiftConfig": "vitcompress.transforms.shift_linear",
+    "MoEConfig": "vitcompress.transforms.shiftadd_moe",
+    "SkipConfig": "vitcompress.transforms.skip",
 }
 __all__ = sorted(_PUBLIC)
 

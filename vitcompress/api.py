@@ -1,4 +1,8 @@
-"""Python API: :func:`convert` runs load → transform → finetune → export → validate → report.
+"""Python API: :func:`apply` (transform steps on a module, in place) and :func:`convert` (the whole pipeline).
+
+``apply`` is the torchao-style one-liner: ``vitcompress.apply(model, vitcompress.TaylorConfig())``.
+``convert`` runs load → transform → finetune → export → validate → report, like llm-compressor's ``oneshot``:
+on a model name or an in-memory timm ViT (never changed), writing into ``out_dir`` or a temporary directory.
 
 The output directory is written atomically: all files go to a hidden sibling directory that is renamed to
 ``out_dir`` only when every stage has finished, so a failed or interrupted run leaves nothing half-written.
@@ -6,25 +10,36 @@ The output directory is written atomically: all files go to a hidden sibling dir
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Union
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
-from vitcompress.errors import ModelError, OutputError
-from vitcompress.models import resolve_name
-from vitcompress.recipe import Recipe, dump_recipe, load_recipe
+from vitcompress.context import ConvertSettings, DataBundle, LogProgress, Progress, RunContext
+from vitcompress.data import UNLABELLED
+from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
+from vitcompress.models import LoadedModel, resolve_name
+from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
+from vitcompress.report import Report
 from vitcompress.stages import cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
-from vitcompress.transforms.registry import TransformInputs
+from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
 STAGES = (load, transform, finetune, export, validate, cascade, profile, report)
+IN_MEMORY_WEIGHTS = "in-memory module"
+
+Steps = Union[TransformConfig, Sequence[TransformConfig], Recipe, str, Path]
+Calibration = Union[torch.Tensor, Dataset, Iterable[Any], Callable[[], Iterable[Any]], None]
 
 
 def machine_description() -> str:
@@ -40,17 +55,246 @@ def machine_description() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads available"
 
 
-def apply_recipe(
-    model: nn.Module, recipe: Recipe | str | Path, calibration_batches: Callable[[], Iterable[torch.Tensor]] | None = None
-) -> list[list[str]]:
-    """Apply the recipe's transform steps to ``model`` in place; returns the converted module names per step."""
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+# ---------------------------------------------------------------------------------------------------- apply
 
-    def no_calibration() -> Iterable[torch.Tensor]:
-        raise ValueError("this recipe needs calibration images: pass calibration_batches")
 
-    inputs = TransformInputs(calibration_batches=calibration_batches or no_calibration)
-    return [registry.get(step.transform).apply(model, step, inputs) for step in recipe.steps]
+def apply(model: nn.Module, steps: Steps, calibration: Calibration = None) -> nn.Module:
+    """Apply transform steps to ``model`` in place and return it (torchao's ``quantize_(model, config)``).
+
+    The model keeps its train/eval mode (the new layers follow it). Nothing is fine-tuned or exported: use
+    :func:`convert` for the whole pipeline.
+
+    Args:
+        model: a timm Vision Transformer (or any module whose names the steps' ``targets`` select).
+        steps: one transform config (e.g. ``TaylorConfig()``), a list of them applied in order, a
+            :class:`~vitcompress.recipe.Recipe`, or the path of a recipe file (its ``steps``).
+        calibration: images for steps that calibrate (SVD whitening, CKA skip selection): a DataLoader or any
+            re-iterable of image batches or ``(images, labels)`` batches, a one-shot iterator (read once and
+            kept), a function returning fresh batches, a torch Dataset or an image tensor (N, C, H, W) (their
+            first ``calibration.images`` images in batches of ``calibration.batch_size``: the recipe's, or the
+            defaults), or None when no step calibrates.
+
+    Returns:
+        ``model`` itself, converted.
+
+    Raises:
+        TargetError: a step's targets match no module (or only modules it cannot convert).
+        RecipeError: a cascade recipe (two models: use :func:`convert`, or apply ``recipe.cascade.low``), an
+            invalid recipe file, or something that is not a transform config.
+        DataError: a step needs calibration images and ``calibration`` is None or holds no images.
+    """
+    apply_recipe(model, steps, calibration)
+    return model
+
+
+def apply_recipe(model: nn.Module, steps: Steps, calibration: Calibration = None) -> list[list[str]]:
+    """:func:`apply`, returning instead the names of the modules each step converted (same arguments)."""
+    recipe = _as_recipe(steps)
+    was_training = model.training
+    converted = []
+    try:
+        for i, step in enumerate(recipe.steps):
+            transform = registry.get(step.transform)
+            if transform is None:
+                known = ", ".join(registry.available())
+                raise RecipeError(f"step {i}: unknown transform {step.transform!r} (known: {known})")
+            batches = _calibration_batches(calibration, recipe.calibration, f"step {i} ({step.transform})")
+            converted.append(transform.apply(model, step, TransformInputs(calibration_batches=batches)))
+    finally:
+        model.train(was_training)
+    return converted
+
+
+def _as_recipe(steps: Steps) -> Recipe:
+    """The recipe whose ``steps`` to apply: ``steps`` itself, loaded from a file, or wrapping configs."""
+    if isinstance(steps, (str, Path)):
+        steps = load_recipe(steps)
+    if isinstance(steps, Recipe):
+        if steps.cascade is not None:
+            raise RecipeError("apply() applies one model's steps, and this is a cascade recipe (a low- and a "
+                              "high-effort model): use vitcompress.convert(), or apply(model, recipe.cascade.low) "
+                              "for the low-effort model alone")
+        return steps
+    configs = [steps] if isinstance(steps, TransformConfig) else list(steps)
+    for i, config in enumerate(configs):
+        if not isinstance(config, TransformConfig):
+            raise RecipeError(f"step {i}: expected a transform config (e.g. vitcompress.TaylorConfig()), "
+                              f"got {type(config).__name__}")
+    return Recipe(steps=configs)
+
+
+def _calibration_batches(calibration: Calibration, config: CalibrationConfig, step: str) -> Callable[[], Iterable]:
+    """A function returning a fresh iterable of image tensors on each call, from what ``apply`` accepts."""
+    if calibration is None:
+        def missing() -> Iterable[torch.Tensor]:
+            raise DataError(f"{step} needs calibration images: pass calibration= (a DataLoader or iterable of "
+                            "image batches, or a torch Dataset)")
+        return missing
+    if isinstance(calibration, torch.Tensor):
+        return lambda: _images(calibration[: config.images].split(config.batch_size), step)
+    if isinstance(calibration, Dataset) and hasattr(calibration, "__len__"):
+        subset = Subset(calibration, range(min(config.images, len(calibration))))
+        loader = DataLoader(subset, batch_size=config.batch_size, shuffle=False)
+        return lambda: _images(loader, step)
+    if callable(calibration):
+        return lambda: _images(calibration(), step)
+    if iter(calibration) is calibration:  # a one-shot iterator: keep its batches for every pass
+        calibration = list(calibration)
+    return lambda: _images(calibration, step)
+
+
+def _images(batches: Iterable[Any], step: str) -> Iterable[torch.Tensor]:
+    """The image tensor of each batch (the first item of an ``(images, labels)`` batch)."""
+    count = 0
+    for batch in batches:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if not isinstance(images, torch.Tensor):
+            raise DataError(f"{step}: calibration batches must be image tensors or (images, labels), "
+                            f"got {type(images).__name__}")
+        count += 1
+        yield images
+    if count == 0:
+        raise DataError(f"{step}: the calibration data holds no images")
+
+
+# -------------------------------------------------------------------------------------------------- convert
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` made: the converted module, its report, and where the files are."""
+
+    model: nn.Module = field(repr=False)
+    report: Report = field(repr=False)
+    onnx_path: Path
+    out_dir: Path
+
+
+def convert(
+    model: str | nn.Module | None,
+    recipe: str | Path | Recipe,
+    *,
+    data: str | Dataset | tuple[Dataset, Dataset] | None = None,
+    out_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    random_init: bool = False,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
+
+    A failed validation gate does not raise: the bundle is written and ``result.report.failed_gates`` lists it.
+    Bad input raises a :class:`~vitcompress.errors.VitCompressError` before anything is written.
+
+    Args:
+        model: a model name (timm name, alias such as ``deit_s``, or ``vit_fmnist``; it wins over the recipe's
+            ``model:``), None for the recipe's ``model:``, or an in-memory timm ``VisionTransformer`` (the
+            teacher of the fine-tune; it is copied, never changed).
+        recipe: a recipe file or a :class:`~vitcompress.recipe.Recipe`.
+        data: ``'fmnist'``, ``'synthetic'``, an image directory, a torch Dataset of ``(image, label)`` or images
+            (used for calibration, fine-tuning and validation), or a ``(train, val)`` pair of Datasets. Default:
+            the reference model's Fashion-MNIST; other models need it (or ``random_init`` for noise).
+        out_dir: where to write model.onnx, model.safetensors, recipe.resolved.yaml, report.json, report.md;
+            None: a new temporary directory (``result.out_dir``; deleting it is the caller's business).
+        checkpoint: weights file for a model name (.safetensors, .pth or .pt).
+        overrides: ``key.path=value`` changes to the recipe (as the CLI's ``--set``), for a recipe file.
+        force: replace an existing ``out_dir``.
+        random_init: random weights for a model name (latency-only work; the report says so).
+        progress: receives stage and progress events (default: ``logging``).
+
+    Returns:
+        A :class:`ConvertResult`: the converted module, the :class:`~vitcompress.report.Report`, the ONNX path
+        and the output directory.
+
+    Raises:
+        ModelError: unknown name, or a module that is not a timm VisionTransformer.
+        RecipeError, DataError, TargetError, OutputError, ExportError: bad input, described in one line.
+    """
+    if isinstance(recipe, Recipe) and overrides:
+        raise RecipeError("overrides apply to a recipe file: change the Recipe object (model_copy) instead")
+    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    original, settings = _model_settings(model, recipe, checkpoint, random_init)
+    bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
+    temporary = out_dir is None
+    if not temporary:
+        _check_out_dir(Path(out_dir), force)
+    out_dir = Path(tempfile.mkdtemp(prefix="vitcompress-")) if temporary else Path(out_dir)
+    settings = dataclasses.replace(settings, out_dir=out_dir, data=data if isinstance(data, str) else None,
+                                   force=force)
+    try:
+        return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress())
+    except BaseException:
+        if temporary:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: str | Path | None,
+                    random_init: bool) -> tuple[LoadedModel | None, ConvertSettings]:
+    """The in-memory original (None for a name, which the load stage loads) and the settings naming it."""
+    if isinstance(model, nn.Module):
+        if checkpoint is not None or random_init:
+            raise ModelError("checkpoint and random_init go with a model name, not an in-memory module")
+        original = _loaded_module(model)
+        return original, ConvertSettings(model=original.name, out_dir=Path())
+    if model is not None and not isinstance(model, str):
+        raise ModelError(f"model: expected a name or a timm VisionTransformer module, got {type(model).__name__}")
+    name = model or recipe.model
+    if name is None:
+        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
+    resolve_name(name)
+    return None, ConvertSettings(model=name, out_dir=Path(), checkpoint=Path(checkpoint) if checkpoint else None,
+                                 random_init=random_init, model_source="argument" if model else "recipe")
+
+
+def _loaded_module(model: nn.Module) -> LoadedModel:
+    """A frozen CPU copy of a user's timm ViT, with its preprocessing from timm's data config."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"convert() takes a timm VisionTransformer (the module the transforms know), got "
+                         f"{type(model).__module__}.{type(model).__name__}: pass a timm ViT or a model name")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    return LoadedModel(model=copy.deepcopy(model).cpu().eval(), name=cfg.get("architecture") or type(model).__name__,
+                       weights=IN_MEMORY_WEIGHTS, data_config=timm.data.resolve_data_config(model=model),
+                       class_names=list(names) if names else None)
+
+
+class _ImageLabel(Dataset):
+    """A dataset of ``(image, label)``, ``(image,)`` or images, seen as ``(image, label)`` (label −1: none)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)):
+            return item, UNLABELLED
+        return item[0], int(item[1]) if len(item) > 1 else UNLABELLED
+
+
+def _data_bundle(data: Dataset | tuple[Dataset, Dataset], val_limit: int | None) -> DataBundle:
+    """Train and validation sets from one in-memory Dataset (both) or a ``(train, val)`` pair."""
+    pair = isinstance(data, tuple)
+    train, val = data if pair else (data, data)
+    for part in (train, val):
+        if not isinstance(part, Dataset) or not hasattr(part, "__len__"):
+            raise DataError(f"data: expected 'fmnist', 'synthetic', a directory, a torch Dataset with a length or "
+                            f"a (train, val) pair of them, got {type(part).__name__}")
+        if len(part) == 0:
+            raise DataError("data: the dataset is empty")
+    train, val = _ImageLabel(train), _ImageLabel(val)
+    if val_limit is not None:
+        val = Subset(val, range(min(val_limit, len(val))))
+    name = "in-memory datasets (train, val)" if pair else "in-memory dataset (fine-tuned and validated on)"
+    return DataBundle(name, train, val, labelled=val[0][1] != UNLABELLED)
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
@@ -64,38 +308,15 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise OutputError(f"cannot create {out_dir.parent}: {exc.strerror}") from None
 
 
-def convert(
-    model: str | None,
-    recipe: str | Path | Recipe,
-    out_dir: str | Path = "runs/latest",
-    *,
-    checkpoint: str | Path | None = None,
-    data: str | None = None,
-    overrides: list[str] | None = None,
-    force: bool = False,
-    random_init: bool = False,
-    progress: Progress | None = None,
-) -> dict:
-    """Convert ``model`` with ``recipe``; writes the bundle to ``out_dir`` and returns the report.
-
-    A failed validation gate does not raise: the bundle is written and ``report["failed_gates"]`` lists it.
-    Bad input raises a :class:`~vitcompress.errors.VitCompressError` before anything is written.
-    """
-    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    name = model or recipe.model
-    if name is None:
-        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
-    resolve_name(name)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
-    settings = ConvertSettings(model=name, out_dir=out_dir, checkpoint=Path(checkpoint) if checkpoint else None,
-                               data=data, force=force, random_init=random_init)
+def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
+                data: DataBundle | None, progress: Progress) -> ConvertResult:
+    """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished."""
+    out_dir = settings.out_dir
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     work_dir.chmod(0o755)
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
     ctx = RunContext(settings=settings, recipe=recipe, work_dir=work_dir, scratch_dir=scratch_dir,
-                     progress=progress or LogProgress())
+                     progress=progress, original=original, data=data)
     ctx.report.update(recipe=recipe_source, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       machine=machine_description(),
                       versions={"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
@@ -110,7 +331,8 @@ def convert(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         shutil.rmtree(scratch_dir, ignore_errors=True)
-    return ctx.report
+    return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
+                         onnx_path=out_dir / "model.onnx", out_dir=out_dir)
 
 
 def _version(package: str) -> str:

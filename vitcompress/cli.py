@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich import box
@@ -26,6 +26,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from vitcompress.report import Report
 
 console = Console(stderr=True)
 #: Exit code of an unexpected exception (sysexits' EX_SOFTWARE): not 1 (a failed gate), not 2 (bad input).
@@ -115,11 +118,11 @@ def user_errors():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _report_table(report: dict) -> Table:
+def _report_table(report: Report) -> Table:
     from vitcompress.stages.report import side_by_side_rows
 
-    table = Table(title=f"{report['model']['name']}: original vs converted (onnxruntime CPU, "
-                        f"{report['validation']['threads']} threads)")
+    table = Table(title=f"{report.model.name}: original vs converted (onnxruntime CPU, "
+                        f"{report.validation.threads} threads)")
     table.add_column("metric")
     table.add_column("original", justify="right")
     table.add_column("converted", justify="right")
@@ -128,7 +131,7 @@ def _report_table(report: dict) -> Table:
     return table
 
 
-def _extra_tables(report: dict) -> list[Table]:
+def _extra_tables(report: Report) -> list[Table]:
     """CKA scores of attention_skip steps and the cascade's operating points, when the run has them."""
     from vitcompress.stages.report import cascade_rows, cka_rows
 
@@ -140,10 +143,10 @@ def _extra_tables(report: dict) -> list[Table]:
         for row in cka_rows(report):
             table.add_row(*row)
         tables.append(table)
-    if report.get("cascade"):
-        c = report["cascade"]
-        table = Table(title=f"cascade: low → high effort by entropy (threshold {c['threshold']:.4g} at "
-                            f"fraction {c['low_effort_fraction']:g})")
+    if report.cascade:
+        c = report.cascade
+        table = Table(title=f"cascade: low → high effort by entropy (threshold {c.threshold:.4g} at "
+                            f"fraction {c.low_effort_fraction:g})")
         for column in ("low_effort_fraction", "exit early", "top-1 (%)", "expected latency / image"):
             table.add_column(column, justify="right")
         for row in cascade_rows(report):
@@ -228,20 +231,20 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     bars = Progress(*columns, console=console, transient=True) if console.is_terminal else contextlib.nullcontext()
     with user_errors(), bars as bar:
-        report = run_convert(model, recipe_path, out_dir, checkpoint=checkpoint, data=data,
+        report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar))
+                             progress=RichProgress(bar)).report
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(report.dump_json())
     else:
         Console().print(_report_table(report))
         for table in _extra_tables(report):
             Console().print(table)
-        cascade = ", low.onnx, high.onnx, cascade.json" if report.get("cascade") else ""
+        cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
                       f"report.md{cascade}")
-    if report["failed_gates"]:
-        console.print(f"[bold red]validation failed:[/] {', '.join(report['failed_gates'])} (see {out_dir}/report.md)")
+    if report.failed_gates:
+        console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
         sys.exit(1)
 
 

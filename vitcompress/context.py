@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from torch import nn
 from torch.utils.data import Dataset
@@ -71,6 +71,7 @@ class ConvertSettings:
 
     model: str
     out_dir: Path
+    model_source: Literal["argument", "recipe"] = "argument"
     checkpoint: Path | None = None
     data: str | None = None
     force: bool = False

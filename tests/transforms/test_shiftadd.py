@@ -231,22 +231,22 @@ def test_shipped_recipe_converts_the_reference_model(tmp_path, name):
     fewer = {"shift_mlp": ["steps.0.targets=[blocks.0.mlp.fc1, blocks.0.mlp.fc2]"],
              "shiftadd": ["steps.0.targets=[blocks.0.attn]", "steps.0.ignore=[]",
                           "steps.1.targets=[blocks.0.mlp.fc1, blocks.1.mlp.fc2]"]}[name]
-    report = convert("vit_fmnist", RECIPES / f"{name}.yaml", tmp_path / "run", overrides=[*FAST, *fewer])
+    report = convert("vit_fmnist", RECIPES / f"{name}.yaml", out_dir=tmp_path / "run", overrides=[*FAST, *fewer]).report
     assert json.loads((tmp_path / "run" / "report.json").read_text())["recipe"].endswith(f"{name}.yaml")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node}
     assert "MatMulInteger" in ops
-    validation = report["validation"]
-    assert validation["models"]["converted"]["top1"] > 50
-    gate = next(g for g in validation["gates"] if g["gate"] == "max_abs_diff")
-    assert gate["passed"], gate
+    validation = report.validation
+    assert validation.models["converted"].top1 > 50
+    gate = next(g for g in validation.gates if g.gate == "max_abs_diff")
+    assert gate.passed, gate
     if name == "shiftadd":
-        assert [s["transforms"] for s in report["finetune"]["stages"]] == [["shiftadd_attention"], ["shiftadd_moe"]]
-        shares = validation["expert_shares"]
+        assert [s.transforms for s in report.finetune.stages] == [["shiftadd_attention"], ["shiftadd_moe"]]
+        shares = validation.expert_shares
         assert set(shares["layers"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc2"}
         assert abs(sum(shares["overall"].values()) - 1) < 1e-9
-        dispatch = report["export"]["moe_dispatch"]
-        where, gather = (dispatch["latency"][form] for form in ("where", "gather"))
+        dispatch = report.export.moe_dispatch
+        where, gather = (dispatch.latency[form] for form in ("where", "gather"))
         ratio = np.exp(np.mean([np.log(gather[b] / where[b]) for b in where]))
-        assert dispatch["chosen"] == ("gather" if ratio < 1 else "where") and dispatch["layers"] == 2
-        assert ("NonZero" in ops) == (dispatch["chosen"] == "gather")
-        assert f"MoE export form: **{dispatch['chosen']}**" in (tmp_path / "run" / "report.md").read_text()
+        assert dispatch.chosen == ("gather" if ratio < 1 else "where") and dispatch.layers == 2
+        assert ("NonZero" in ops) == (dispatch.chosen == "gather")
+        assert f"MoE export form: **{dispatch.chosen}**" in (tmp_path / "run" / "report.md").read_text()

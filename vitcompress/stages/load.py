@@ -1,4 +1,6 @@
-"""Stage 1 — load: the original model (teacher, frozen), the student copy, and the data."""
+"""Stage 1 — load: the original model (teacher, frozen), the student copy, and the data.
+
+The API may have set ``ctx.original`` (an in-memory module) and ``ctx.data`` (an in-memory dataset) already."""
 
 from __future__ import annotations
 
@@ -72,12 +74,12 @@ def split_roots(root: Path) -> tuple[Path, Path]:
 
 def run(ctx: RunContext) -> None:
     settings = ctx.settings
-    ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init)
+    ctx.original = ctx.original or load_model(settings.model, settings.checkpoint, settings.random_init)
     ctx.original.model.requires_grad_(False)
     ctx.model = copy.deepcopy(ctx.original.model)
-    ctx.data = load_data(ctx)
+    ctx.data = ctx.data or load_data(ctx)
     ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
-                           "input_size": list(ctx.original.data_config["input_size"])}
+                           "input_size": list(ctx.original.data_config["input_size"]), "source": settings.model_source}
     ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
                           "val_images": len(ctx.data.val), "labelled": ctx.data.labelled}
 

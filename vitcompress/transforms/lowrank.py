@@ -18,7 +18,7 @@ from torch import nn
 from vitcompress.errors import TargetError
 from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.lowrank_linear import LowRankLinear, Whitening
-from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
+from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 class LowRankConfig(TransformConfig):
     transform: Literal["svd_lowrank"] = "svd_lowrank"
+    targets: list[str] = default_targets(MLP_LINEARS, "both MLP Linears of every block")
     rank: Optional[int] = Field(None, ge=1, description="absolute rank of every target")
     rank_ratio: Optional[float] = Field(None, gt=0, lt=1, description="rank as a fraction of min(in, out)")
     energy: Optional[float] = Field(None, gt=0, le=1, description="fraction of spectral energy to keep")

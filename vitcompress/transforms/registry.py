@@ -24,6 +24,16 @@ class TransformConfig(BaseModel):
     ignore: list[str] = Field(default_factory=list, description="selectors removed from the matches")
 
 
+ATTENTIONS = ("blocks.*.attn",)
+MLP_LINEARS = ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+
+
+def default_targets(selectors: tuple[str, ...], what: str) -> Any:
+    """A ``targets`` field defaulting to ``selectors``, so ``Config()`` converts the natural modules of a ViT."""
+    return Field(default_factory=lambda: list(selectors), min_length=1,
+                 description=f"selectors: exact name, glob, 're:<regex>' or a class name; default {what}")
+
+
 @dataclass
 class TransformInputs:
     """What a transform may need beyond the model: a source of calibration image batches. ``details`` is

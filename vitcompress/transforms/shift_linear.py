@@ -16,7 +16,7 @@ from torch import nn
 
 from vitcompress.layers.int8_linear import INT8_LEVELS
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
+from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 class ShiftOptions(TransformConfig):
     """Settings of the power-of-two weights, shared with ``shiftadd_moe``."""
 
+    targets: list[str] = default_targets(MLP_LINEARS, "both MLP Linears of every block")
     levels: int = Field(INT8_LEVELS, ge=1, le=32, description="exponents kept per output channel")
     int8: bool = Field(True, description="export as int8 × per-channel 2^e (needs levels ≤ 7)")
 

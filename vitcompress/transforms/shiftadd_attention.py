@@ -15,7 +15,7 @@ from torch import nn
 
 from vitcompress.errors import TargetError
 from vitcompress.layers.binary_attention import BinaryAttention
-from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
+from vitcompress.transforms.registry import ATTENTIONS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 class BinaryAttentionConfig(TransformConfig):
     transform: Literal["shiftadd_attention"] = "shiftadd_attention"
+    targets: list[str] = default_targets(ATTENTIONS, "every block's attention")
 
 
 @register("shiftadd_attention", BinaryAttentionConfig)

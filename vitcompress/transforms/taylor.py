@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from vitcompress.layers.taylor_attention import TaylorAttention
-from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
+from vitcompress.transforms.registry import ATTENTIONS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class SparseBranchConfig(BaseModel):
 
 class TaylorConfig(TransformConfig):
     transform: Literal["taylor_attention"] = "taylor_attention"
+    targets: list[str] = default_targets(ATTENTIONS, "every block's attention")
     center: Literal["tokens", "channels"] = Field(
         "tokens", description="tokens: subtract the mean key (constant denominator, linearises the softmax); "
         "channels: subtract each key's mean over its channels (the paper's row-mean centring; ill-conditioned on "

@@ -1,0 +1,104 @@
+"""The report schema: the stages' dict validates into ``Report`` (unknown keys and wrong types fail), report.json
+loads back equal, and report.md renders from the model's attributes."""
+
+import copy
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from vitcompress.report import SCHEMA_VERSION, Report
+from vitcompress.stages.report import build, markdown, side_by_side_rows
+
+
+def latency(p50: float) -> dict:
+    return {"b1": {"p50_ms": p50, "p90_ms": p50 * 1.1, "mean_ms": p50, "runs": 3}}
+
+
+def metrics(params: int, p50: float, top1: float, agreement: float) -> dict:
+    return {"params": params, "macs": params * 50, "top1": top1, "latency": latency(p50), "agreement": agreement,
+            "parity": {"max_abs_diff": 2e-6, "top1_agreement": 1.0, "images": 64}}
+
+
+def stage_sections() -> dict:
+    """What the stages leave in ``ctx.report`` for a CKA skip run with a failing and a skipped gate."""
+    cka = {"blocks.1": 0.9, "blocks.2": 0.5}
+    return {
+        "recipe": "recipes/skip_cka.yaml", "date": "2026-12-01T10:00:00+00:00", "machine": "test CPU, 2 threads",
+        "versions": {"torch": "2.5"},
+        "model": {"name": "vit_fmnist", "weights": "in-memory module", "input_size": [1, 28, 28], "source": "argument"},
+        "data": {"name": "fmnist", "train_images": 100, "val_images": 64, "labelled": True},
+        "steps": [{"step": 0, "transform": "attention_skip", "modules": ["blocks.1"], "params_before": 1000,
+                   "params_after": 900, "details": {"select": "cka", "skipped": ["blocks.1"],
+                                                    "rounds": [{"chosen": "blocks.1", "cka": cka}]}}],
+        "finetune": {"steps_done": 3, "steps_budget": 3, "first_loss": 1.5, "last_loss": 1.25, "seconds": 2.0,
+                     "images_per_second": 12.0, "stopped": None, "device": "cpu"},
+        "export": {"opset": 20, "dynamic_batch": True, "checked_batches": [1, 3], "onnx_bytes": 4096},
+        "validation": {"images": 64, "threads": 2,
+                       "models": {"original": metrics(1000, 2.0, 88.0, 1.0), "converted": metrics(900, 1.6, 80.0, 0.9)},
+                       "gates": [{"gate": "max_abs_diff", "limit": 1e-3, "value": 2e-6, "passed": True},
+                                 {"gate": "max_top1_drop", "limit": 1.0, "value": 8.0, "passed": False},
+                                 {"gate": "min_agreement", "limit": 0.5, "value": None, "passed": None,
+                                  "note": "skipped: no labels"}]},
+    }
+
+
+def test_build_validates_the_sections_and_lists_the_failed_gates():
+    report = build(stage_sections())
+    assert report.schema_version == SCHEMA_VERSION and report.failed_gates == ["max_top1_drop"]
+    assert report.validation.models["converted"].latency["b1"].p50_ms == 1.6
+    assert report.cascade is None and report.profile is None and report.export.moe_dispatch is None
+
+
+def test_report_json_loads_back_equal(tmp_path):
+    report = build(stage_sections())
+    (tmp_path / "report.json").write_text(report.dump_json())
+    assert Report.load(tmp_path / "report.json") == report == Report.load(tmp_path)
+    assert json.loads(report.dump_json())["schema_version"] == SCHEMA_VERSION
+
+
+@pytest.mark.parametrize("path", [(), ("validation", "models", "converted"), ("steps", 0), ("finetune",)])
+def test_an_unknown_key_anywhere_is_an_error(path):
+    sections = stage_sections()
+    node = sections
+    for key in path:
+        node = node[key]
+    node["colour"] = "red"
+    with pytest.raises(ValidationError, match="colour\n.*Extra inputs are not permitted"):
+        build(sections)
+
+
+def test_a_wrong_type_or_a_missing_section_is_an_error():
+    sections = stage_sections()
+    sections["validation"]["models"]["converted"]["params"] = "many"
+    with pytest.raises(ValidationError, match="validation.models.converted.params"):
+        build(sections)
+    sections = stage_sections()
+    del sections["export"]
+    with pytest.raises(ValidationError, match="export\n.*Field required"):
+        build(sections)
+
+
+def test_another_schema_version_does_not_load(tmp_path):
+    data = json.loads(build(stage_sections()).dump_json())
+    (tmp_path / "report.json").write_text(json.dumps({**data, "schema_version": 2}))
+    with pytest.raises(ValidationError, match="schema_version"):
+        Report.load(tmp_path)
+
+
+def test_markdown_renders_the_table_the_cka_scores_and_every_gate():
+    report = build(stage_sections())
+    text = markdown(report)
+    assert "# vitcompress report: vit_fmnist" in text and "- weights: in-memory module" in text
+    assert "| ORT latency b1 p50 / p90 | 2.00 / 2.20 ms | 1.60 / 1.76 ms (1.25×) |" in text
+    assert "| blocks.1 | 0.9000 | 1 |" in text and "| blocks.2 | 0.5000 | — |" in text
+    assert "| max_top1_drop | 1.0 | 8 | **FAIL** |" in text
+    assert "| min_agreement | 0.5 | — | skipped: no labels |" in text
+    assert "fine-tune: 3/3 steps, loss 1.5000 → 1.2500" in text
+
+
+def test_no_top1_row_without_labels():
+    sections = copy.deepcopy(stage_sections())
+    for model in sections["validation"]["models"].values():
+        model["top1"] = None
+    assert not any(row[0].startswith("top-1 (%)") for row in side_by_side_rows(build(sections)))

@@ -1,0 +1,206 @@
+"""The conversion report: a pydantic model with a ``schema_version``, dumped as ``report.json``.
+
+The stages write their sections into ``RunContext.report`` (a plain dict); the report stage validates that dict
+into :class:`Report` (unknown keys and wrong types are errors, so the schema is enforced where it is made) and
+writes ``report.json`` from it. Readers (the CLI, ``report.md``, the bench) load it with :meth:`Report.load`
+and use attributes, e.g. ``report.validation.models["converted"].latency["b1"].p50_ms``.
+
+A leaf module: pydantic and the standard library only (no torch), so reading a report is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Section):
+    """The original model: its name, where its weights came from, and which input decided the model."""
+
+    name: str
+    weights: str
+    input_size: list[int]
+    source: Literal["argument", "recipe"] = Field(
+        description="argument: the model (name or module) given to convert; recipe: the recipe's `model:`")
+
+
+class DataInfo(_Section):
+    name: str
+    train_images: int
+    val_images: int
+    labelled: bool
+
+
+class Step(_Section):
+    """What one recipe step converted; ``details`` holds transform-specific facts (e.g. CKA rounds)."""
+
+    step: int
+    transform: str
+    modules: list[str]
+    params_before: int
+    params_after: int
+    details: Optional[dict[str, Any]] = None
+
+
+class FinetuneRun(_Section):
+    """One distillation run: steps done of the budget, losses, speed, and why it stopped early (if it did)."""
+
+    steps_done: int
+    steps_budget: int
+    first_loss: Optional[float]
+    last_loss: Optional[float]
+    seconds: float
+    images_per_second: float
+    stopped: Optional[str]
+    device: str
+
+
+class FinetuneStageRun(FinetuneRun):
+    transforms: list[str]
+
+
+class Finetune(FinetuneRun):
+    """The whole fine-tune; with ``finetune.stages``, the sum of the stages and each stage's run."""
+
+    stages: Optional[list[FinetuneStageRun]] = None
+
+
+class MoEDispatch(_Section):
+    """The MoE export form chosen by measurement (``dispatch: auto``) and the p50 ms of each form per batch."""
+
+    layers: int
+    chosen: str
+    gather_over_where: float
+    runs: int
+    latency: dict[str, dict[str, float]]
+
+
+class Export(_Section):
+    opset: int
+    dynamic_batch: bool
+    checked_batches: list[int]
+    onnx_bytes: int
+    moe_dispatch: Optional[MoEDispatch] = None
+
+
+class Latency(_Section):
+    """:class:`vitcompress.runtime.Timing` of one model at one batch size; spread = (p90 − p10) / p50."""
+
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    spread: float
+    runs: int
+
+
+class Parity(_Section):
+    """torch vs onnxruntime logits of the same model on the first validation images."""
+
+    max_abs_diff: float
+    top1_agreement: float
+    images: int
+
+
+class ModelMetrics(_Section):
+    params: int
+    macs: int
+    top1: Optional[float]
+    latency: dict[str, Latency] = Field(description="per batch size key, e.g. 'b1'")
+    parity: Parity
+    agreement: float = Field(description="top-1 agreement with the original model in onnxruntime")
+
+
+class Gate(_Section):
+    gate: str
+    limit: float
+    value: Optional[float]
+    passed: Optional[bool] = Field(description="None: skipped (``note`` says why)")
+    note: Optional[str] = None
+
+
+class Validation(_Section):
+    images: int
+    threads: int
+    models: dict[str, ModelMetrics] = Field(description="'original' and 'converted'")
+    gates: list[Gate]
+    expert_shares: Optional[dict[str, Any]] = Field(
+        None, description="MoE models: share of tokens per expert, overall and per layer")
+
+
+class ExpectedCost(_Section):
+    cascade: float
+    original: float
+    speedup: float
+
+
+class OperatingPoint(_Section):
+    low_effort_fraction: float
+    threshold: float
+    early_fraction: float
+    top1: Optional[float]
+    expected_ms: dict[str, ExpectedCost]
+
+
+class CascadeHigh(_Section):
+    """The high-effort model: 'original', or the steps applied to it and their fine-tune."""
+
+    steps: Union[Literal["original"], list[Step]]
+    finetune: Optional[Finetune]
+
+
+class Cascade(_Section):
+    low_effort_fraction: float
+    threshold: float
+    early_fraction: float
+    images: int
+    top1: Optional[float]
+    top1_low: Optional[float]
+    top1_high: Optional[float]
+    expected_ms: dict[str, ExpectedCost]
+    latency: dict[str, dict[str, Latency]]
+    high: CascadeHigh
+    sweep: list[OperatingPoint]
+
+
+class Report(_Section):
+    """Everything one ``convert`` measured; ``report.json`` is :meth:`dump_json` of it."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    recipe: str = Field(description="the recipe file, or '(in memory)'")
+    date: str
+    machine: str
+    versions: dict[str, str]
+    model: ModelInfo
+    data: DataInfo
+    steps: list[Step]
+    finetune: Optional[Finetune]
+    export: Export
+    validation: Validation
+    cascade: Optional[Cascade] = None
+    profile: Optional[dict[str, Any]] = Field(None, description="per-block onnxruntime profile (vitcompress.profile)")
+    failed_gates: list[str]
+
+    def dump_json(self) -> str:
+        """The text of ``report.json``."""
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        """Read and validate a ``report.json`` (or a convert output directory holding one).
+
+        Args:
+            path: the ``report.json`` file, or the directory ``convert`` wrote it to.
+
+        Raises:
+            pydantic.ValidationError: the file does not follow this schema version.
+        """
+        path = Path(path)
+        return cls.model_validate_json((path / "report.json" if path.is_dir() else path).read_text())
