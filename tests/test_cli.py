@@ -87,14 +87,16 @@ def test_failed_gate_exits_1_and_keeps_the_bundle(tmp_path, svd_recipe):
     assert json.loads((out / "report.json").read_text())["failed_gates"] == ["max_abs_diff"]
 
 
-def test_force_replaces_existing_output(tmp_path, svd_recipe):
+def test_force_replaces_an_earlier_bundle(tmp_path, svd_recipe):
     out = tmp_path / "run"
     out.mkdir()
     (out / "old.txt").write_text("x")
+    (out / "report.json").write_text('{"schema_version": 1}')
     result = invoke("convert", "test_vit", "--recipe", svd_recipe, "--random-init", "--out", out, "--force",
-                    *sets("calibration.images=16", "finetune=null", "validate.batch_sizes=[1]"))
+                    *sets("calibration.images=16", "finetune=null", "validate.batch_sizes=[1]", "validate.images=8"))
     assert result.exit_code == 0, result.output
     assert not (out / "old.txt").exists() and (out / "model.onnx").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml", "run"], "no lock or old copy left"
 
 
 @pytest.fixture

@@ -43,3 +43,47 @@ def test_signal_during_convert_exits_with_its_code_and_leaves_nothing(tmp_path, 
     assert process.wait(timeout=60) == code, stderr
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == [], "no bundle, no hidden .partial directory"
+
+
+def run_force(out: str, cwd: Path):
+    recipe = Path(__file__).parent / "bad_inputs" / "tiny_svd.yaml"
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, ["convert", "test_vit", "--random-init", "--recipe", str(recipe), "--out", out,
+                                         "--force"], catch_exceptions=False)
+    finally:
+        os.chdir(previous)
+
+
+def snapshot(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    (".", "is the working directory or one of its parents"),
+    ("..", "is the working directory or one of its parents"),
+    ("../data", "holds files that are not a vitcompress bundle"),
+])
+def test_force_never_replaces_the_working_directory_or_other_files(tmp_path, out, message):
+    work, data = tmp_path / "work", tmp_path / "data"
+    work.mkdir()
+    data.mkdir()
+    (work / "notes.txt").write_text("mine")
+    (data / "images.bin").write_bytes(b"\x00" * 10)
+    (data / "report.json").write_text('{"not": "ours"}')
+    before = snapshot(tmp_path)
+    result = run_force(out, work)
+    lines = result.output.strip("\n").splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], result.output
+    assert snapshot(tmp_path) == before
+
+
+def test_a_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    from vitcompress.api import output_lock
+
+    with output_lock(tmp_path / "run"):
+        result = run_force("run", tmp_path)
+    lines = result.output.strip("\n").splitlines()
+    assert result.exit_code == 2 and "another vitcompress convert is writing" in lines[-1], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "no bundle, no work directory, no lock file"

@@ -10,13 +10,17 @@ The output directory is written atomically: all files go to a hidden sibling dir
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
+import fcntl
+import json
+import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vitcompress.context import ConvertSettings, DataBundle, LogProgress, Progress, RunContext
 from vitcompress.data import UNLABELLED
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
+from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, resolve_name
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
@@ -180,6 +185,7 @@ def convert(
     overrides: list[str] | None = None,
     force: bool = False,
     random_init: bool = False,
+    labels: str | Path | None = None,
     progress: Progress | None = None,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
@@ -201,6 +207,8 @@ def convert(
         overrides: ``key.path=value`` changes to the recipe (as the CLI's ``--set``), for a recipe file.
         force: replace an existing ``out_dir``.
         random_init: random weights for a model name (latency-only work; the report says so).
+        labels: a YAML or JSON file mapping the image directory's class folders to the model's class indices or
+            names, for folders named otherwise (see :mod:`vitcompress.labels`).
         progress: receives stage and progress events (default: ``logging``).
 
     Returns:
@@ -216,13 +224,14 @@ def convert(
     recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     original, settings = _model_settings(model, recipe, checkpoint, random_init)
+    label_mapping = read_label_mapping(Path(labels)) if labels is not None else None
     bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
     temporary = out_dir is None
     if not temporary:
         _check_out_dir(Path(out_dir), force)
     out_dir = Path(tempfile.mkdtemp(prefix="vitcompress-")) if temporary else Path(out_dir)
     settings = dataclasses.replace(settings, out_dir=out_dir, data=data if isinstance(data, str) else None,
-                                   force=force)
+                                   force=force, labels=label_mapping)
     try:
         return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress())
     except BaseException:
@@ -297,11 +306,30 @@ def _data_bundle(data: Dataset | tuple[Dataset, Dataset], val_limit: int | None)
     return DataBundle(name, train, val, labelled=val[0][1] != UNLABELLED)
 
 
+def is_bundle(directory: Path) -> bool:
+    """Whether ``directory`` holds a ``report.json`` that vitcompress wrote (what ``--force`` may replace)."""
+    try:
+        report = json.loads((directory / "report.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(report, dict) and ("schema_version" in report or {"model", "validation"} <= set(report))
+
+
 def _check_out_dir(out_dir: Path, force: bool) -> None:
+    """``out_dir`` may be written: new, or (with ``force``) an empty directory or an earlier vitcompress bundle —
+    never the working directory, one of its parents, or a directory of other files."""
     if out_dir.exists() and not force:
         raise OutputError(f"output directory {out_dir} exists: pass --force to replace it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} exists and is not a directory")
+    if out_dir.exists():
+        resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise OutputError(f"--out {out_dir} is the working directory or one of its parents: --force never "
+                              "replaces it; name a new directory")
+        if any(out_dir.iterdir()) and not is_bundle(out_dir):
+            raise OutputError(f"--out {out_dir} holds files that are not a vitcompress bundle (no report.json of "
+                              "ours): --force only replaces an empty directory or an earlier bundle")
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -322,17 +350,51 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
                       versions={"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
                                 "timm": _version("timm"), "onnx": _version("onnx")})
     try:
-        (work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-        for stage in STAGES:
-            stage.run(ctx)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work_dir.rename(out_dir)
+        with output_lock(out_dir):
+            (work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            for stage in STAGES:
+                stage.run(ctx)
+            _replace(out_dir, work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
                          onnx_path=out_dir / "model.onnx", out_dir=out_dir)
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` for a whole conversion: a second conversion to the same directory
+    fails at once with an OutputError instead of mixing its files into the bundle."""
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    descriptor = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another vitcompress convert is writing {out_dir} now: wait for it, or choose "
+                              "another --out") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)
+
+
+def _replace(out_dir: Path, work_dir: Path) -> None:
+    """Move the finished ``work_dir`` to ``out_dir``; an existing bundle (checked again now) is moved aside
+    first and deleted only once the new one is in place."""
+    if not out_dir.exists():
+        work_dir.rename(out_dir)
+        return
+    if any(out_dir.iterdir()) and not is_bundle(out_dir):
+        raise OutputError(f"--out {out_dir} changed during the conversion and is no longer a vitcompress bundle: "
+                          "left as it is")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    out_dir.rename(old / "bundle")
+    work_dir.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _version(package: str) -> str:

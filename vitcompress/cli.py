@@ -218,12 +218,14 @@ def main(verbose: bool) -> None:
 @click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help=RECIPE_HELP)
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="weights: .safetensors, .pth or .pt")
 @click.option("--data", help="fmnist, synthetic, or an image directory (DIR/<class>/*, or DIR/train + DIR/val)")
+@click.option("--labels", type=click.Path(path_type=Path),
+              help="YAML/JSON file mapping --data's class folders to the model's class indices or names")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe value, e.g. finetune.steps=50")
 @click.option("--force", is_flag=True, help="replace the output directory if it exists")
 @click.option("--random-init", is_flag=True, help="random weights, for latency-only work (stated in the report)")
 @click.option("--json", "as_json", is_flag=True, help="print report.json to stdout")
-def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, random_init, as_json) -> None:
+def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
     from vitcompress.api import convert as run_convert
 
@@ -231,7 +233,7 @@ def convert(model, recipe_path, checkpoint, data, out_dir, overrides, force, ran
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     bars = Progress(*columns, console=console, transient=True) if console.is_terminal else contextlib.nullcontext()
     with user_errors(), bars as bar:
-        report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data,
+        report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
                              progress=RichProgress(bar)).report
     if as_json:

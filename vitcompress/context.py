@@ -63,6 +63,7 @@ class DataBundle:
     train: Dataset
     val: Dataset
     labelled: bool
+    classes: str | None = None
 
 
 @dataclass
@@ -76,6 +77,7 @@ class ConvertSettings:
     data: str | None = None
     force: bool = False
     random_init: bool = False
+    labels: dict[str, int | str] | None = None
 
 
 @dataclass

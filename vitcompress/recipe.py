@@ -297,25 +297,12 @@ def resolve_recipe(spec: str | Path) -> Path:
 
 
 MAX_RECIPE_BYTES = 1_000_000
-MAX_YAML_ALIASES = 100
+MAX_RECIPE_VALUES = 100_000
 
 
 class RecipeLoader(yaml.SafeLoader):
     """YAML's safe loader, stricter where a recipe gains nothing from YAML's freedom: a key given twice is an
-    error (PyYAML silently keeps the last), and at most :data:`MAX_YAML_ALIASES` aliases (``*name``), which
-    stops "billion laughs" files whose aliases expand into an exponentially large structure."""
-
-    def __init__(self, stream) -> None:
-        super().__init__(stream)
-        self.aliases = 0
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.aliases += 1
-            if self.aliases > MAX_YAML_ALIASES:
-                raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_ALIASES} aliases (*name)",
-                                                  self.peek_event().start_mark)
-        return super().compose_node(parent, index)
+    error (PyYAML silently keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -346,7 +333,21 @@ def read_recipe_file(path: Path) -> dict:
         raise RecipeError(f"{path}: not a text file") from None
     if data is None:
         raise RecipeError(f"recipe {path} is empty: a recipe lists `steps:` (see `vitcompress recipes`)")
+    if _expanded_size(data, {}) > MAX_RECIPE_VALUES:
+        raise RecipeError(f"{path}: its YAML aliases (*name) expand to more than {MAX_RECIPE_VALUES:,} values "
+                          "(a 'billion laughs' file?)")
     return data
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """How many values ``value`` holds once YAML aliases are expanded (shared objects counted each time they
+    appear), computed once per distinct object, so a "billion laughs" file is measured without expanding it."""
+    if not isinstance(value, (list, dict)):
+        return 1
+    if id(value) not in memo:
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[id(value)]
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

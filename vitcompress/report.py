@@ -37,6 +37,7 @@ class DataInfo(_Section):
     train_images: int
     val_images: int
     labelled: bool
+    classes: Optional[str] = Field(None, description="how class folders were matched to the model's classes")
 
 
 class Step(_Section):

@@ -58,7 +58,9 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
     transform = create_transform(**data_config, is_training=False)
     train = ImageDirectory(train_root, transform, in_chans=input_size[0], class_index=class_index)
     val = ImageDirectory(val_root, transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
-    return DataBundle(str(root), train, val, labelled=bool(val.classes))
+    matched = (f"{len(folders)} class folders → the model's classes by "
+               f"{'the --labels mapping, then ' if labels else ''}{classes.source}") if folders else None
+    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched)
 
 
 def split_roots(root: Path) -> tuple[Path, Path]:
@@ -81,14 +83,18 @@ def run(ctx: RunContext) -> None:
     ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
                            "input_size": list(ctx.original.data_config["input_size"]), "source": settings.model_source}
     ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
-                          "val_images": len(ctx.data.val), "labelled": ctx.data.labelled}
+                          "val_images": len(ctx.data.val), "labelled": ctx.data.labelled,
+                          "classes": ctx.data.classes}
 
 
 def load_data(ctx: RunContext) -> DataBundle:
     """The data of ``--data``, or the model's default (:func:`default_data`), for the loaded model."""
     settings = ctx.settings
     spec = settings.data or default_data(ctx.original.name, settings.random_init)
-    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images, model_classes(ctx.original))
+    if settings.labels is not None and spec in ("fmnist", "synthetic"):
+        raise DataError(f"--labels maps the class folders of an image directory; --data {spec} has none")
+    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images, model_classes(ctx.original),
+                        settings.labels)
     if len(data.val) == 0:
         raise DataError(f"data {spec!r} has no validation images")
     return data
