@@ -12,7 +12,7 @@ from vitcompress.stages.report import build, markdown, side_by_side_rows
 
 
 def latency(p50: float) -> dict:
-    return {"b1": {"p50_ms": p50, "p90_ms": p50 * 1.1, "mean_ms": p50, "runs": 3}}
+    return {"b1": {"p50_ms": p50, "p90_ms": p50 * 1.1, "mean_ms": p50, "spread": 0.1, "runs": 3}}
 
 
 def metrics(params: int, p50: float, top1: float, agreement: float) -> dict:

@@ -5,10 +5,10 @@ import torch
 
 from tests.conftest import assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
-from vitcompress.errors import TargetError
+from vitcompress.errors import DataError, TargetError
+from vitcompress.export import export_onnx
 from vitcompress.layers.lowrank_linear import LowRankLinear
 from vitcompress.recipe import parse_recipe
-from vitcompress.export import export_onnx
 
 
 def recipe(**step):
@@ -56,7 +56,7 @@ def test_whitening_uses_calibration_and_reduces_output_error(reference_model, wh
     plain, whitened = copy.deepcopy(reference_model), copy.deepcopy(reference_model)
     apply_recipe(plain, recipe(targets=["blocks.5.mlp.fc1"], rank=24))
     apply_recipe(whitened, recipe(targets=["blocks.5.mlp.fc1"], rank=24, whitening=whitening),
-                 calibration_batches=lambda: iter([images[:8], images[8:]]))
+                 calibration=lambda: iter([images[:8], images[8:]]))
     features = {}
     hook = reference_model.blocks[5].mlp.fc1.register_forward_hook(lambda m, a, o: features.update(ref=o, x=a[0]))
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_whitening_uses_calibration_and_reduces_output_error(reference_model, wh
 
 
 def test_whitening_without_calibration_data_is_an_error(reference_model):
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(DataError, match="calibration"):
         apply_recipe(copy.deepcopy(reference_model), recipe(targets=["blocks.0.mlp.fc1"], rank=8, whitening="pca"))
 
 
@@ -78,5 +78,5 @@ def test_torch_onnxruntime_parity(request, tmp_path, fixture):
     model = copy.deepcopy(request.getfixturevalue(fixture))
     input_size = tuple(model.pretrained_cfg["input_size"])
     apply_recipe(model, recipe(targets=[r"re:blocks\.\d+\.mlp\.fc[12]"], rank_ratio=0.25, whitening="cholesky"),
-                 calibration_batches=calibration(input_size))
+                 calibration=calibration(input_size))
     assert_onnxruntime_matches_torch(model, export_onnx(model, tmp_path / "m.onnx", input_size=input_size), input_size)
