@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig
-from vitcompress.export import export_onnx
 from vitcompress.runtime import open_session
 from vitcompress.stages.load import default_data, model_classes, resolve_data
 from vitcompress.stages.validate import latency, latency_images, ort_predictions, top1

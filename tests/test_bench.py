@@ -12,8 +12,8 @@ from ort_int8 import quantized  # noqa: E402
 from pareto import frontier, plot  # noqa: E402
 
 from vitcompress.data import fmnist_dataset  # noqa: E402
-from vitcompress.models import load_model  # noqa: E402
 from vitcompress.export import export_onnx  # noqa: E402
+from vitcompress.models import load_model  # noqa: E402
 from vitcompress.runtime import open_session  # noqa: E402
 from vitcompress.stages.validate import ort_predictions  # noqa: E402
 

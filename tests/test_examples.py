@@ -31,4 +31,5 @@ def test_deploy_script_matches_pipeline_preprocessing_and_predictions(tmp_path, 
               f"+ {list(map(str, paths))!r}; runpy.run_path(sys.argv[0], run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     predicted = reference_model(fmnist_dataset("test", limit=4).tensors[0]).argmax(-1).tolist()
-    assert [line.split(": ")[1].rsplit(" (", 1)[0] for line in out.splitlines()] == [FMNIST_CLASSES[k] for k in predicted]
+    names = [line.split(": ")[1].rsplit(" (", 1)[0] for line in out.splitlines()]
+    assert names == [FMNIST_CLASSES[k] for k in predicted]

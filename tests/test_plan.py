@@ -11,10 +11,10 @@ from tests.test_cli import BAD_RECIPES, invoke, one_error_line, sets
 from vitcompress import plan
 from vitcompress.api import apply_recipe
 from vitcompress.errors import ExportError
+from vitcompress.export import to_deploy
 from vitcompress.models import load_model
 from vitcompress.planner import compact_names
 from vitcompress.recipe import load_recipe
-from vitcompress.export import to_deploy
 from vitcompress.stages.measure import count_macs, count_params
 
 SKIP_THEN_SVD = """

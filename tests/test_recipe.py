@@ -4,8 +4,14 @@ import pytest
 import yaml
 
 from vitcompress.errors import RecipeError
-from vitcompress.recipe import (dump_recipe, load_recipe, parse_recipe, recipe_description, resolve_recipe,
-                                shipped_recipes)
+from vitcompress.recipe import (
+    dump_recipe,
+    load_recipe,
+    parse_recipe,
+    recipe_description,
+    resolve_recipe,
+    shipped_recipes,
+)
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 STEP = "  - {transform: svd_lowrank, targets: ['blocks.*.mlp.fc1'], rank: 8}\n"

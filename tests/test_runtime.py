@@ -20,7 +20,13 @@ from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 from vitcompress.runtime import (
-    CASCADE_FILE, Preprocessing, Timing, measure_latency, open_session, preprocessing_metadata, run_batches,
+    CASCADE_FILE,
+    Preprocessing,
+    Timing,
+    measure_latency,
+    open_session,
+    preprocessing_metadata,
+    run_batches,
 )
 
 # Real photographs of several sizes, none square, and a crop of a grey one (scikit-image's own samples).

@@ -33,8 +33,8 @@ class ExportConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    opset: int = Field(20, ge=17, le=23,
-                       description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which onnxruntime fuses with its bias")
+    opset: int = Field(20, ge=17, le=23, description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which "
+                                                     "onnxruntime fuses with its bias")
     dynamic_batch: bool = True
 
 

@@ -23,9 +23,9 @@ from torch import nn
 
 from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
 from vitcompress.errors import ExportError, ModelError
+from vitcompress.export import export_onnx, to_deploy
 from vitcompress.models import LoadedModel, load_model, resolve_name
 from vitcompress.recipe import Recipe, load_recipe, staged_steps
-from vitcompress.export import export_onnx, to_deploy
 from vitcompress.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
 from vitcompress.stages.measure import count_macs, count_params
 from vitcompress.stages.transform import apply_steps

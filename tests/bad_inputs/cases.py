@@ -2,14 +2,14 @@
 
 Each :class:`Case` writes what it needs into a fresh directory (``setup``), then runs the CLI with ``args``, in
 which ``{tmp}`` is that directory, ``{ok}`` a valid cheap recipe, ``{cascade}`` a valid cascade directory and
-``{bundle}`` a valid convert bundle (the cascade directory, which holds a ``model.onnx`` too). The command must end with one ``error:`` line containing ``expect``,
+``{bundle}`` a valid convert bundle (the cascade directory, which holds a ``model.onnx`` too). The command
+must end with one ``error:`` line containing ``expect``,
 exit code 2, and write nothing. (Stored recipe files are in ``recipes/``, each naming its expected message.)
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import shutil
 import struct
 import zlib
@@ -247,5 +247,6 @@ ACCEPTED = [
          image("deep.png", lambda: Image.fromarray(np.arange(2000, dtype=np.uint16).reshape(40, 50) * 30))),
     Case("image-rgba-png", [*PREDICT, "{tmp}/alpha.png"], "",
          image("alpha.png", lambda: Image.new("RGBA", (30, 70), (10, 200, 30, 100)))),
-    Case("image-grey-for-rgb-model", [*PREDICT, "{tmp}/grey.png"], "", image("grey.png", lambda: Image.new("L", (33, 21)))),
+    Case("image-grey-for-rgb-model", [*PREDICT, "{tmp}/grey.png"], "",
+         image("grey.png", lambda: Image.new("L", (33, 21)))),
 ]

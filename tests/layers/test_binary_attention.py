@@ -4,7 +4,10 @@ import torch
 from timm.models.vision_transformer import Attention
 
 from vitcompress.layers.binary_attention import (
-    BinaryAttention, binary_attention, binary_attention_quadratic, binary_codes,
+    BinaryAttention,
+    binary_attention,
+    binary_attention_quadratic,
+    binary_codes,
 )
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from vitcompress.export import export_onnx
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.export import export_onnx
 from vitcompress.runtime import open_session
 
 

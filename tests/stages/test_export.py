@@ -8,9 +8,9 @@ import torch
 from vitcompress.data import FMNIST_CLASSES
 from vitcompress.errors import ExportError
 from vitcompress.export import ExportConfig, check_runs, export_onnx
+from vitcompress.recipe import ValidateConfig
 from vitcompress.runtime import open_session, preprocessing_metadata
 from vitcompress.stages.validate import gates, latency
-from vitcompress.recipe import ValidateConfig
 
 pytestmark = pytest.mark.export
 

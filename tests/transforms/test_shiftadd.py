@@ -10,12 +10,12 @@ from timm.models.vision_transformer import Attention
 from tests.conftest import assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
+from vitcompress.export import export_onnx, to_deploy
 from vitcompress.layers.binary_attention import BinaryAttention
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.layers.shift_linear import ShiftLinear
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.export import export_onnx, to_deploy
 from vitcompress.runtime import open_session
 from vitcompress.transforms.shiftadd_moe import measure_latency_weights
 

@@ -10,9 +10,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from tests.conftest import assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
+from vitcompress.export import export_onnx
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.export import export_onnx
 from vitcompress.transforms.skip import cka_scores
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"

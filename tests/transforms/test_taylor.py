@@ -10,10 +10,9 @@ from timm.models.vision_transformer import Attention
 from tests.conftest import FAST, assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
 from vitcompress.errors import RecipeError, TargetError
+from vitcompress.export import export_onnx, to_deploy
 from vitcompress.layers.taylor_attention import TaylorAttention
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.export import export_onnx, to_deploy
-from vitcompress.transforms.taylor import TaylorConfig
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
 

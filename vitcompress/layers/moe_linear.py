@@ -31,7 +31,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitcompress.hooks import run_with_hooks
