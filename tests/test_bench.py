@@ -35,6 +35,7 @@ def test_plot_writes_a_png_of_the_reference_rows(tmp_path):
     assert plot({"x": {"rows": [{**row("svd", 1.5, None), "model": "deit_s"}]}}, tmp_path / "none.png") is None
 
 
+@pytest.mark.slow
 def test_ort_int8_baseline_quantises_the_matmuls_and_keeps_the_predictions(tmp_path):
     """On the shipped (trained) vit_fmnist weights: random weights give near-tied logits, where any rounding
     changes the prediction."""

@@ -87,6 +87,7 @@ def test_failed_gate_exits_1_and_keeps_the_bundle(tmp_path, svd_recipe):
     assert json.loads((out / "report.json").read_text())["failed_gates"] == ["max_abs_diff"]
 
 
+@pytest.mark.slow
 def test_force_replaces_an_earlier_bundle(tmp_path, svd_recipe):
     out = tmp_path / "run"
     out.mkdir()
@@ -219,6 +220,7 @@ def test_unknown_recipe_name_exit_2_lists_shipped(tmp_path, monkeypatch, spec):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override", ["finetune.steps=0", "finetune=null"])
 def test_zero_finetune_steps_skips_the_finetune(tmp_path, svd_recipe, override):
     out = tmp_path / "run"

@@ -196,7 +196,7 @@ def _int8_layer_tensors(path: Path, tmp_path: Path, x: np.ndarray) -> list[tuple
 
 
 @pytest.mark.export
-@pytest.mark.parametrize("fixture", ["reference_model", "deit_tiny"])
+@pytest.mark.parametrize("fixture", ["reference_model", pytest.param("deit_tiny", marks=pytest.mark.slow)])
 def test_every_int8_layer_matches_onnxruntime_on_its_own_input(request, exported, fixture, tmp_path):
     """Layer by layer, the torch int8 op on onnxruntime's own input gives onnxruntime's output: same uint8
     codes, same integer product, same rescale. End to end, a model can still differ by more than float noise:

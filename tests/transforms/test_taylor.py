@@ -129,7 +129,8 @@ def exported(tmp_path_factory):
 
 @pytest.mark.export
 @pytest.mark.parametrize(("fixture", "center"),
-                         [("reference_model", "tokens"), ("reference_model", "channels"), ("deit_tiny", "tokens")])
+                         [("reference_model", "tokens"), ("deit_tiny", "tokens"),
+                          pytest.param("reference_model", "channels", marks=pytest.mark.slow)])
 def test_torch_onnxruntime_parity(request, exported, fixture, center):
     model, path = exported(request, fixture, center=center)
     assert all(m.sparse_threshold is None for m in model.modules() if isinstance(m, TaylorAttention))
