@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
