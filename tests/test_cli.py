@@ -189,7 +189,7 @@ def test_existing_output_without_force(tmp_path, svd_recipe):
 
 
 def test_missing_recipe_and_usage_errors(tmp_path):
-    result = invoke("convert", "test_vit", "--recipe", tmp_path / "none.yaml")
+    result = invoke("convert", "test_vit", "--random-init", "--recipe", tmp_path / "none.yaml")
     assert result.exit_code == 2 and "does not exist" in result.output
     assert invoke("convert", "test_vit").exit_code == 2
     assert invoke("convert", "test_vit", "--recipe", "x.yaml", "--bogus").exit_code == 2
@@ -242,11 +242,13 @@ def test_offline_pretrained_fails_fast_with_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.perf_counter()
-    result = CliRunner().invoke(main, ["convert", "deit_s", "--recipe", "svd", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(main, ["convert", "deit_s", "--recipe", "svd", "--out",
+                                       str(tmp_path / "runs" / "run")])
     assert time.perf_counter() - start < 10
     assert result.exit_code == 2 and one_error_line(result.stderr), result.output
     assert "cannot be reached (offline?)" in result.stderr and "WARNING" not in result.output
-    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"] or not (tmp_path / "runs").exists(), \
+        "not even the parent of --out is created"
 
 
 @pytest.mark.slow

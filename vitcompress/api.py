@@ -330,16 +330,13 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         if any(out_dir.iterdir()) and not is_bundle(out_dir):
             raise OutputError(f"--out {out_dir} holds files that are not a vitcompress bundle (no report.json of "
                               "ours): --force only replaces an empty directory or an earlier bundle")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir.parent}: {exc.strerror}") from None
 
 
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
                 data: DataBundle | None, progress: Progress) -> ConvertResult:
     """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished."""
     out_dir = settings.out_dir
+    created = _make_parents(out_dir)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     work_dir.chmod(0o755)
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
@@ -355,11 +352,26 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
             for stage in STAGES:
                 stage.run(ctx)
             _replace(out_dir, work_dir)
-    finally:
+    except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
+        for directory in created:  # the parents this run made, deepest first, if still empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
                          onnx_path=out_dir / "model.onnx", out_dir=out_dir)
+
+
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Create the missing parents of ``out_dir``; returns those created, deepest first (removed on failure)."""
+    missing = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {out_dir.parent}: {exc.strerror}") from None
+    return missing
 
 
 @contextlib.contextmanager

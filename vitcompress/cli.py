@@ -227,6 +227,11 @@ def main(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print report.json to stdout")
 def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
+    if model and checkpoint is None and not random_init:
+        from vitcompress.models import check_pretrained_available
+
+        with user_errors():  # before the pipeline's imports: offline fails in seconds
+            check_pretrained_available(model)
     from vitcompress.api import convert as run_convert
 
     columns = (TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

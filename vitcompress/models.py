@@ -195,17 +195,29 @@ NO_WEIGHTS_ADVICE = ("pass a local file with --checkpoint PATH (.safetensors, .p
                      "or --random-init for latency-only work")
 
 
-def _download_pretrained(resolved: str) -> nn.Module:
-    """timm's pretrained weights: a locally cached copy without touching the network, else a download when
-    the weights' host answers; offline, a :class:`ModelError` at once instead of huggingface_hub's retries."""
+def check_pretrained_available(name: str) -> Path | None:
+    """The local file of ``name``'s pretrained weights (None: not cached, but their host answers); neither is a
+    :class:`ModelError` at once. The CLI calls this before importing the pipeline, so offline fails in seconds."""
     import timm
 
+    resolved = resolve_name(name)
+    if resolved == REFERENCE_MODEL:
+        return reference_weights_path()
     cfg = timm.models.get_pretrained_cfg(resolved)
     cfg = cfg.to_dict() if cfg is not None else {}
     cached = _cached_weights(cfg)
     if cached is None and not _weights_host_reachable(cfg):
         raise ModelError(f"pretrained weights for {resolved} are not cached and {_weights_host(cfg)[0]} cannot "
                          f"be reached (offline?): {NO_WEIGHTS_ADVICE}")
+    return cached
+
+
+def _download_pretrained(resolved: str) -> nn.Module:
+    """timm's pretrained weights: a locally cached copy without touching the network, else a download when
+    the weights' host answers; offline, a :class:`ModelError` at once instead of huggingface_hub's retries."""
+    import timm
+
+    cached = check_pretrained_available(resolved)
     try:
         with _quiet_hub():
             if cached is not None:

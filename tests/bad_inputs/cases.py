@@ -224,7 +224,7 @@ CASES = [
          "is not a cascade model", copy_cascade(lambda c: shutil.copy(c / "model.onnx", c / "low.onnx"))),
     # arguments
     Case("unknown-model", ["convert", "deit_huge", "--recipe", "{ok}", "--out", "{tmp}/out"], "unknown model"),
-    Case("recipe-missing", ["convert", "test_vit", "--recipe", "{tmp}/none.yaml", "--out", "{tmp}/out"],
+    Case("recipe-missing", ["convert", "test_vit", "--random-init", "--recipe", "{tmp}/none.yaml", "--out", "{tmp}/out"],
          "none.yaml"),
     Case("out-exists", [*RANDOM], "exists: pass --force", lambda t: (t / "out").mkdir()),
     Case("out-is-a-file", [*RANDOM, "--force"], "is not a directory", write("out", b"a file")),
@@ -234,7 +234,8 @@ CASES = [
     Case("unknown-command", ["compress", "test_vit"], "No such command"),
     Case("missing-recipe-option", ["convert", "test_vit"], "Missing option '--recipe'"),
     Case("predict-without-images", ["predict", "--cascade", "{cascade}"], "Missing argument"),
-    Case("recipe-10-mb", ["convert", "test_vit", "--recipe", "{tmp}/big.yaml"], "a recipe is a small YAML file",
+    Case("recipe-10-mb", ["convert", "test_vit", "--random-init", "--recipe", "{tmp}/big.yaml"],
+         "a recipe is a small YAML file",
          write("big.yaml", b"# padding\n" * 1_100_000)),
     Case("labels-float-values", [*RANDOM, "--data", "{tmp}/data", "--labels", "{tmp}/labels.yaml"],
          "expected a mapping", lambda t: (image_dir(["cats"])(t), (t / "labels.yaml").write_text("cats: 1.5\n"))),
