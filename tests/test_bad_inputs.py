@@ -44,9 +44,9 @@ def cascade(tmp_path_factory) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (not following links) with a hash of its content."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+    """Every file and directory under ``root`` (not following links), files with a hash of their content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*")) if not p.is_symlink()}
 
 
 def run(case: Case, tmp: Path, cascade: Path):

@@ -190,6 +190,8 @@ CASES = [
     Case("image-dir-without-images", [*PREDICT, "{tmp}"], "holds no images", write("notes.txt", b"text")),
     # data directories, through convert
     Case("data-missing", [*RANDOM, "--data", "{tmp}/nowhere"], "not a directory"),
+    Case("data-missing-new-out-parents", ["convert", "test_vit", "--random-init", "--recipe", "{ok}", "--out",
+                                          "{tmp}/new/deeper/out", "--data", "{tmp}/nowhere"], "not a directory"),
     Case("data-empty", [*RANDOM, "--data", "{tmp}/data"], "holds no images", lambda t: (t / "data").mkdir()),
     Case("data-no-image-files", [*RANDOM, "--data", "{tmp}/data"], "holds no images",
          image_dir(["n01440764"], junk=True)),
