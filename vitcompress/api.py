@@ -318,18 +318,19 @@ def is_bundle(directory: Path) -> bool:
 def _check_out_dir(out_dir: Path, force: bool) -> None:
     """``out_dir`` may be written: new, or (with ``force``) an empty directory or an earlier vitcompress bundle —
     never the working directory, one of its parents, or a directory of other files."""
-    if out_dir.exists() and not force:
+    if not out_dir.exists():
+        return
+    if not force:
         raise OutputError(f"output directory {out_dir} exists: pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
+    if not out_dir.is_dir():
         raise OutputError(f"output path {out_dir} exists and is not a directory")
-    if out_dir.exists():
-        resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents:
-            raise OutputError(f"--out {out_dir} is the working directory or one of its parents: --force never "
-                              "replaces it; name a new directory")
-        if any(out_dir.iterdir()) and not is_bundle(out_dir):
-            raise OutputError(f"--out {out_dir} holds files that are not a vitcompress bundle (no report.json of "
-                              "ours): --force only replaces an empty directory or an earlier bundle")
+    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise OutputError(f"--out {out_dir} is the working directory or one of its parents: --force never "
+                          "replaces it; name a new directory")
+    if any(out_dir.iterdir()) and not is_bundle(out_dir):
+        raise OutputError(f"--out {out_dir} holds files that are not a vitcompress bundle (no report.json of "
+                          "ours): --force only replaces an empty directory or an earlier bundle")
 
 
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,

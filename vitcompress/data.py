@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from vitcompress.errors import DataError
 
@@ -70,6 +71,13 @@ def normalize_uint8(images: torch.Tensor, mean: tuple[float, ...], std: tuple[fl
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
     return (images.float() / 255.0 - mean_t) / std_t
+
+
+def first_images(dataset: Dataset, limit: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The images (no labels) of the first ``limit`` items of an ``(image, label)`` dataset, in batches, in order:
+    what calibration, parity and latency measurements read."""
+    loader = DataLoader(Subset(dataset, range(min(limit, len(dataset)))), batch_size=batch_size, shuffle=False)
+    return (images for images, _ in loader)
 
 
 def fmnist_dataset(split: str, limit: int | None = None) -> TensorDataset:

@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader
 from vitcompress.context import RunContext
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
-from vitcompress.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session, run_batches
+from vitcompress.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session
 from vitcompress.stages import finetune
 from vitcompress.stages.export import run_metadata
 from vitcompress.stages.transform import apply_steps
-from vitcompress.stages.validate import EVAL_BATCH, latency, top1
+from vitcompress.stages.validate import EVAL_BATCH, latency, ort_predictions, top1
 
 SWEEP_FRACTIONS = (0.5, 0.7, 0.9)
 
@@ -44,16 +44,9 @@ def high_effort_model(ctx: RunContext):
 
 
 def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-1 classes, entropies and labels of every image of ``dataset`` through one cascade ONNX file,
-    a batch at a time (memory does not grow with the logits of the whole set)."""
-    session = open_session(path, threads)
-    classes, entropies, labels = [], [], []
-    for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
-        logits, entropy = run_batches(session, [images.numpy()], (LOGITS, ENTROPY))
-        classes.append(logits.argmax(-1))
-        entropies.append(entropy)
-        labels.append(batch_labels.numpy())
-    return np.concatenate(classes), np.concatenate(entropies), np.concatenate(labels)
+    """Top-1 classes, entropies and labels of every image of ``dataset`` through one cascade ONNX file."""
+    predicted = ort_predictions(open_session(path, threads), dataset, keep_logits=0, entropy=True)
+    return predicted.classes, predicted.entropy, predicted.labels
 
 
 def operating_point(fraction: float, low: tuple, high_classes: np.ndarray, timing: dict) -> dict:

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from vitcompress.context import DataBundle, RunContext
-from vitcompress.data import FMNIST_CLASSES, ImageDirectory, class_folders, fmnist_dataset
+from vitcompress.data import FMNIST_CLASSES, ImageDirectory, class_folders, first_images, fmnist_dataset
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
 from vitcompress.models import REFERENCE_MODEL, LoadedModel, load_model
@@ -107,9 +107,7 @@ def calibration_batches(ctx: RunContext):
     if ctx.data is None:
         ctx.data = load_data(ctx)
     cal = ctx.recipe.calibration
-    subset = Subset(ctx.data.train, range(min(cal.images, len(ctx.data.train))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=cal.batch_size, shuffle=False)
-    return (images for images, _ in loader)
+    return first_images(ctx.data.train, cal.images, cal.batch_size)
 
 
 def model_classes(loaded: LoadedModel) -> ClassSpace:

@@ -17,9 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitcompress.context import RunContext
+from vitcompress.data import first_images
 from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.recipe import ValidateConfig
-from vitcompress.runtime import measure_latency, open_session, run_batches
+from vitcompress.runtime import ENTROPY, LOGITS, measure_latency, open_session, run_batches
 from vitcompress.stages.measure import count_macs, count_params
 
 EVAL_BATCH = 128
@@ -34,41 +35,41 @@ class Predictions:
     classes: np.ndarray
     labels: np.ndarray
     head_logits: np.ndarray
+    entropy: np.ndarray | None = None
 
 
 def ort_predictions(session: ort.InferenceSession, dataset: Dataset, progress=None, task: str = "",
-                    keep_logits: int = PARITY_IMAGES) -> Predictions:
+                    keep_logits: int = PARITY_IMAGES, entropy: bool = False) -> Predictions:
     """Top-1 classes and labels of every image of ``dataset`` through ``session``; logits of the first
-    ``keep_logits`` images."""
-    classes, labels, head = [], [], []
+    ``keep_logits`` images; with ``entropy``, every image's value of the model's ``entropy`` output (a cascade
+    model's)."""
+    outputs = (LOGITS, ENTROPY) if entropy else (LOGITS,)
+    classes, labels, head, entropies = [], [], [], []
     kept = 0
     for images, batch_labels in DataLoader(dataset, batch_size=EVAL_BATCH):
-        (logits,) = run_batches(session, [images.numpy()])
+        logits, *rest = run_batches(session, [images.numpy()], outputs)
         classes.append(logits.argmax(-1))
         labels.append(batch_labels.numpy())
+        entropies += rest
         if kept < keep_logits:
             head.append(logits[: keep_logits - kept])
             kept += len(head[-1])
         if progress is not None:
             progress.advance(task, len(images))
-    return Predictions(np.concatenate(classes), np.concatenate(labels), np.concatenate(head))
-
-
-def first_images(dataset: Dataset, limit: int):
-    """The images (no labels) of the first ``limit`` items of ``dataset``, in evaluation batches."""
-    loader = DataLoader(torch.utils.data.Subset(dataset, range(min(limit, len(dataset)))), batch_size=EVAL_BATCH)
-    return (images for images, _ in loader)
+    head_logits = np.concatenate(head) if head else np.empty((0, 0), np.float32)
+    return Predictions(np.concatenate(classes), np.concatenate(labels), head_logits,
+                       np.concatenate(entropies) if entropy else None)
 
 
 def torch_logits(model: nn.Module, dataset: Dataset, limit: int) -> np.ndarray:
     with torch.no_grad():
-        return np.concatenate([model(images).numpy() for images in first_images(dataset, limit)])
+        return np.concatenate([model(images).numpy() for images in first_images(dataset, limit, EVAL_BATCH)])
 
 
 def latency_images(dataset: Dataset, count: int) -> np.ndarray:
     """``count`` validation images (repeated if the set is smaller) to time the models on: a model with a token
     router (MoE) does data-dependent work, so it is timed on real inputs, not noise."""
-    images = np.concatenate([batch.numpy() for batch in first_images(dataset, count)])
+    images = np.concatenate([batch.numpy() for batch in first_images(dataset, count, EVAL_BATCH)])
     return np.resize(images, (count, *images.shape[1:]))
 
 
@@ -120,7 +121,7 @@ def run(ctx: RunContext) -> None:
     table["original"]["agreement"] = 1.0
     ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
                                 "gates": gates(table, config)}
-    shares = expert_shares(ctx.model, first_images(data, PARITY_IMAGES))
+    shares = expert_shares(ctx.model, first_images(data, PARITY_IMAGES, EVAL_BATCH))
     if shares is not None:
         ctx.report["validation"]["expert_shares"] = {"images": min(PARITY_IMAGES, len(data)), **shares}
 
