@@ -262,3 +262,18 @@ def test_shipped_recipe_by_file_name_from_an_empty_directory(tmp_path, monkeypat
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["model"]["name"] == "deit_small_patch16_224"
     assert [s["transform"] for s in report["steps"]] == ["shiftadd_attention", "shiftadd_moe"]
+
+
+@pytest.mark.slow
+def test_diverging_finetune_is_stopped_reported_and_the_gates_judge_the_restored_model(tmp_path):
+    """lr 10: the divergence guard stops the fine-tune and restores the pre-fine-tune weights; the report and the
+    terminal say so, and the exit code is the gates' verdict on the model that was kept."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["convert", "vit_fmnist", "--recipe", "svd", "--out", str(out),
+                                       *sets(*FAST, "finetune.steps=40", "finetune.lr=10", "finetune.warmup_steps=0",
+                                             "validate.images=256")])
+    report = json.loads((out / "report.json").read_text())
+    assert report["finetune"]["stopped"].startswith("diverged at step")
+    assert "fine-tune stopped early: diverged" in " ".join(result.output.split())
+    assert report["validation"]["models"]["converted"]["agreement"] > 0.9  # the diverged weights agree ~10 %
+    assert result.exit_code == (1 if report["failed_gates"] else 0)

@@ -250,6 +250,8 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
         cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
                       f"report.md{cascade}")
+    if report.finetune and report.finetune.stopped:
+        console.print(f"[bold yellow]fine-tune stopped early:[/] {report.finetune.stopped}")
     if report.failed_gates:
         console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
         sys.exit(1)

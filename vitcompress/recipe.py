@@ -43,11 +43,13 @@ class FinetuneConfig(_Strict):
     """Brief distillation fine-tune from the original model; the budget is optimizer steps, not epochs."""
 
     steps: int = Field(200, ge=0, le=1_000_000, description="optimizer steps; 0: no fine-tune (as finetune: null)")
-    lr: float = Field(5e-5, gt=0, le=1.0)
+    lr: float = Field(5e-5, gt=0, le=10.0)
     weight_decay: float = Field(0.05, ge=0)
     batch_size: int = Field(64, ge=1, le=4096)
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    max_loss_ratio: float = Field(10.0, gt=1, description="divergence guard: stop and restore the weights from "
+                                  "before the fine-tune when the smoothed loss exceeds this multiple of the first")
     freeze_embed: bool = Field(True, description="keep patch/cls/pos embeddings frozen")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = Field(

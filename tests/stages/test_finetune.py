@@ -129,3 +129,25 @@ def test_staged_finetune_applies_each_group_then_trains_it(reference_model):
     assert report["steps_done"] == 6 and report["steps_budget"] == 6 and report["stopped"] is None
     fresh = MoELinear.from_linear(reference_model.blocks[0].mlp.fc1, levels=7)
     assert not torch.allclose(student.blocks[0].mlp.fc1.router.bias, fresh.router.bias), "the router trained"
+
+
+def test_divergence_guard_restores_the_weights_from_before_the_run(reference_model):
+    """lr 10 under AdamW: the loss stays finite but explodes; the guard stops and restores the start weights."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    student = perturbed(reference_model)
+    weights = copy.deepcopy(student.state_dict())
+    ctx = make_context(reference_model, student, images, labels, steps=30, lr=10.0, warmup_steps=0)
+    finetune.run(ctx)
+    run = ctx.report["finetune"]
+    assert run["stopped"].startswith("diverged at step") and 0 < run["steps_done"] < 30
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(value, weights[key])
+
+
+def test_divergence_guard_ignores_a_noisy_but_sound_run():
+    guard = finetune.DivergenceGuard(max_loss_ratio=10.0)
+    norm = torch.tensor(1.0)
+    losses = [0.01, 0.5, 0.02, 0.9, 0.3] + [0.05] * 20  # spikes above 10 × first, but under the 0.1 floor's limit
+    assert all(guard.check(step, torch.tensor(loss), norm) is None for step, loss in enumerate(losses))
+    assert guard.check(99, torch.tensor(float("inf")), norm)[1] is False

@@ -2,8 +2,11 @@
 
 Loss = ``labels_ce``·CE(labels) (labelled data only) + ``logits_kl``·T²·KL(teacher_T ‖ student_T) + every
 module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then cosine decay over a budget of
-optimizer steps, gradient clipping, and a NaN guard: a step whose loss or gradient norm is not finite is not
-applied, training stops there and the last good weights are kept (the report says so). Training runs on
+optimizer steps, gradient clipping, and two guards against divergence, both reported (the gates then judge the
+model that is kept): a step whose loss or gradient norm is not finite is not applied, training stops there and
+the last good weights are kept; when the loss (smoothed, as an exponential moving average) grows past
+``max_loss_ratio`` × the first loss — what too high a learning rate does to AdamW, whose normalised steps keep the
+loss finite while the weights wander — training stops and the weights from before the run are restored. Training runs on
 ``config.device`` (a GPU when one is there, by default); the models are back on the CPU afterwards, for export.
 
 Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its
@@ -41,6 +44,34 @@ def _schedule(config: FinetuneConfig):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
     return factor
+
+
+class DivergenceGuard:
+    """Why training must stop (or None): a non-finite loss or gradient, or a smoothed loss ``max_loss_ratio``
+    times the first. The floor of 0.1 on the reference keeps a near-zero first loss (a student already equal to
+    its teacher) from turning batch noise into a divergence."""
+
+    SMOOTHING = 0.2
+
+    def __init__(self, max_loss_ratio: float) -> None:
+        self.max_loss_ratio = max_loss_ratio
+        self.first: float | None = None
+        self.smoothed = 0.0
+
+    def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[str, bool] | None:
+        """None while training is sound; else (why, whether to restore the weights from before the run)."""
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            return f"non-finite loss or gradient at step {step}: stopped, kept the weights of step {step - 1}", False
+        value = loss.item()
+        if self.first is None:
+            self.first = self.smoothed = value
+        self.smoothed += self.SMOOTHING * (value - self.smoothed)
+        limit = self.max_loss_ratio * max(self.first, 0.1)
+        if self.smoothed > limit:
+            return (f"diverged at step {step}: smoothed loss {self.smoothed:.3g} > {self.max_loss_ratio:g} × first "
+                    f"loss {self.first:.3g} (is the learning rate too high?): stopped, restored the weights from "
+                    "before the fine-tune"), True
+        return None
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:
@@ -103,6 +134,8 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
     for name, param in student.named_parameters():
         param.requires_grad_(not (config.freeze_embed and name.split(".")[0] in FROZEN_EMBEDDINGS))
     params = [p for p in student.parameters() if p.requires_grad]
+    before = {name: value.detach().clone() for name, value in student.state_dict().items()}
+    guard = DivergenceGuard(config.max_loss_ratio)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     loader = torch.utils.data.DataLoader(
@@ -129,8 +162,11 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            stopped = f"non-finite loss or gradient at step {step}: stopped, kept the weights of step {step - 1}"
+        verdict = guard.check(step, loss, grad_norm)
+        if verdict:
+            stopped, restore = verdict
+            if restore:
+                student.load_state_dict(before)
             break
         optimizer.step()
         scheduler.step()
