@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import shutil
 import sys
@@ -31,7 +32,7 @@ from pareto import plot
 from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
-from vitcompress.recipe import load_recipe, parse_recipe
+from vitcompress.recipe import load_recipe, parse_recipe, read_recipe_file
 from vitcompress.report import Report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,14 @@ LATENCY_VARIANTS = {
 
 
 BASELINE = "ort_int8"
+
+
+def recipe_sha256(recipe: Path) -> str:
+    """sha256 of a recipe's content as written (canonical JSON of its YAML, so comments and layout do not count):
+    a results file holding another recipe's digest is stale, and ``tests/test_shipped_gates.py`` says so."""
+    if recipe.stem == BASELINE:
+        return BASELINE
+    return hashlib.sha256(json.dumps(read_recipe_file(recipe), sort_keys=True).encode()).hexdigest()
 
 
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
@@ -96,6 +105,7 @@ def int8_rows(row: dict, int8: dict) -> list[dict]:
                    "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
     extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
              "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
+             "failed_gates": None, "gates": None,  # quantised by the bench, not by the recipe: no gates ran
              "vs_ort_int8": {b: timing[baseline][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}}
     return [row, extra]
 
@@ -109,6 +119,7 @@ def summarise(label: str, model: str, report: Report) -> dict:
            "mac_ideal_speedup": original.macs / converted.macs,
            "top1_original": original.top1, "top1": converted.top1, "agreement": converted.agreement,
            "max_abs_diff": converted.parity.max_abs_diff, "failed_gates": report.failed_gates,
+           "gates": [gate.model_dump() for gate in report.validation.gates],
            "finetune": report.finetune and report.finetune.model_dump(),
            "threads": report.validation.threads, "latency": {}}
     if report.validation.expert_shares is not None:
@@ -124,6 +135,20 @@ def summarise(label: str, model: str, report: Report) -> dict:
 
 
 
+def gate_cell(row: dict) -> str:
+    """✓ and how many gates passed, or ✗ and each failed gate's value against its limit; — where none ran (rows
+    measured before the bench kept each gate's value have only the names of the failed ones)."""
+    if "gates" not in row:
+        return "✓" if row["failed_gates"] == [] else "✗ " + ", ".join(row["failed_gates"])
+    gates = row["gates"]
+    if gates is None:
+        return "—"
+    failed = [g for g in gates if g["passed"] is False]
+    if not failed:
+        return f"✓ {sum(g['passed'] is True for g in gates)}/{len(gates)}"
+    return "✗ " + "; ".join(f"{g['gate']} {g['value']:.4g} vs {g['limit']:g}" for g in failed)
+
+
 def row_line(r: dict) -> str:
     b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
     versus = " / ".join(f"{r['vs_ort_int8'][b]:.2f}×" for b in ("b1", "b8")) if "vs_ort_int8" in r else "—"
@@ -132,7 +157,8 @@ def row_line(r: dict) -> str:
     return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
             f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
             f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
-            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} |")
+            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} "
+            f"| {gate_cell(r)} |")
 
 
 def markdown(results: dict[str, dict]) -> str:
@@ -147,10 +173,12 @@ def markdown(results: dict[str, dict]) -> str:
               "the original quantised with onnxruntime's `quantize_dynamic` (int8 weights, dynamic uint8 "
               "activations), b1 / b8, from a second interleaved run of original, original + int8, converted "
               "and converted + int8; a `+ ORT int8` row is the converted model quantised the same way "
-              "(its latency is from that run).", "",
+              "(its latency is from that run). *gates*: the recipe's own gates on that run (✓ passed/ran, "
+              "or ✗ with each failed gate's value vs its limit); deit_s rows have random weights, so only the "
+              "parity gate (`max_abs_diff`) runs there; `+ ORT int8` rows are the bench's, not gated.", "",
               "| model | variant | params | MACs | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
-              "| b8 p50 ms (orig → conv) | b8 speed-up | vs ORT int8 (b1 / b8) | top-1 orig → conv | agreement |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| b8 p50 ms (orig → conv) | b8 speed-up | vs ORT int8 (b1 / b8) | top-1 orig → conv | agreement | gates |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row_line(r) for res in results.values() for r in res["rows"]]
     return "\n".join(lines) + "\n"
 
@@ -202,6 +230,7 @@ def main() -> None:
                 rows.append(row)
             partial.write_text(json.dumps(rows, indent=2))  # what is measured so far survives an interruption
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
+                   "recipe_sha256": recipe_sha256(recipe),
                    "threads": sorted({r["threads"] for r in rows}), "rows": rows}
         (args.out / "results" / f"{recipe.stem}.json").write_text(json.dumps(results, indent=2))
         partial.unlink()
