@@ -36,11 +36,11 @@ from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, resolve_name
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import cascade, export, finetune, load, profile, report, transform, validate
+from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
-STAGES = (load, transform, finetune, export, validate, cascade, profile, report)
+STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
 IN_MEMORY_WEIGHTS = "in-memory module"
 
 Steps = Union[TransformConfig, Sequence[TransformConfig], Recipe, str, Path]

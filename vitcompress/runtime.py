@@ -32,6 +32,7 @@ META = "vitcompress."
 #: timm's interpolation names → Pillow resampling filters (timm.data.transforms._str_to_pil_interpolation).
 RESAMPLING = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 CROP_MODES = ("center", "squash")
+CPU = "CPUExecutionProvider"
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -49,21 +50,28 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: str | Path, threads: int = 1, options: ort.SessionOptions | None = None
-                 ) -> ort.InferenceSession:
-    """A CPU session of the ONNX file at ``path``; a missing or unloadable file is a :class:`ModelError`.
+def open_session(path: str | Path, threads: int = 1, options: ort.SessionOptions | None = None,
+                 provider: str = CPU) -> ort.InferenceSession:
+    """A session of the ONNX (or ORT-format) file at ``path``; a missing or unloadable file is a
+    :class:`ModelError`.
 
     Args:
         path: the ONNX file.
         threads: intra-op threads (ignored when ``options`` is given).
         options: session options to use instead of :func:`session_options` (e.g. with profiling on).
+        provider: the onnxruntime execution provider (one of ``onnxruntime.get_available_providers()``; the
+            CPU provider is added after it as the fallback for nodes it does not take).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"ONNX file {path} does not exist")
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ModelError(f"execution provider {provider!r} is not available in this onnxruntime "
+                         f"(available: {', '.join(available)})")
     try:
         return ort.InferenceSession(str(path), options or session_options(threads),
-                                    providers=["CPUExecutionProvider"])
+                                    providers=list(dict.fromkeys([provider, CPU])))
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, InvalidGraph, …)
         raise ModelError(f"{path} does not load in onnxruntime: {str(exc).strip().splitlines()[0]}") from None
 
