@@ -119,7 +119,8 @@ def corrupt(path: Path) -> None:
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "labels.txt").unlink(), "labels.txt is missing"),
-    (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:-10]), "checksum mismatch for model.onnx"),
+    (lambda d: (d / "model.onnx").write_bytes((d / "model.onnx").read_bytes()[:-10]),
+     "checksum mismatch for model.onnx"),
     (lambda d: (d / "SHA256SUMS").unlink(), "not a vitcompress bundle: no SHA256SUMS"),
     (lambda d: (corrupt(d / "model.onnx"), write_checksums(d)), "model.onnx does not load in onnxruntime"),
     (lambda d: ((d / "golden/golden.json").write_text("{"), write_checksums(d)), "not a valid golden spec"),

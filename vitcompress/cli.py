@@ -249,7 +249,8 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
             Console().print(table)
         cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
-                      f"report.md{cascade}")
+                      f"report.md{cascade}, and the deployment files (preprocess.json, labels.txt, golden/, "
+                      f"inference.json, predict.py, requirements.txt, SHA256SUMS: vitcompress verify {out_dir})")
     if report.failed_gates:
         console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
         sys.exit(1)

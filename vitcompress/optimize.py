@@ -61,11 +61,14 @@ def _ort_format(source: Path, work: Path) -> Path:
     staged.mkdir()
     shutil.copyfile(source, staged / source.name)
     tool_log = logging.getLogger("ort_format_model.utils")  # the converter logs its operator config at INFO
-    level, tool_log.level = tool_log.level, logging.WARNING
-    with contextlib.redirect_stdout(io.StringIO()):
-        convert_onnx_models_to_ort(staged / source.name, output_dir=work / "ort-out",
-                                   optimization_styles=[OptimizationStyle.Fixed])
-    tool_log.setLevel(level)
+    level = tool_log.level
+    tool_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_onnx_models_to_ort(staged / source.name, output_dir=work / "ort-out",
+                                       optimization_styles=[OptimizationStyle.Fixed])
+    finally:
+        tool_log.setLevel(level)
     return work / "ort-out" / f"{source.stem}.ort"
 
 

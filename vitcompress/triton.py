@@ -51,7 +51,8 @@ def model_config(onnx_path: Path, *, name: str, max_batch_size: int, instances: 
                                  "--max-batch-size 0 to serve it unbatched")
             shape = shape[1:]
         if not all(isinstance(d, int) for d in shape):
-            raise ModelError(f"{onnx_path.name}: {tensor.name!r} has a dynamic axis past the batch axis: {tensor.shape}")
+            raise ModelError(f"{onnx_path.name}: {tensor.name!r} has a dynamic axis past the batch axis: "
+                             f"{tensor.shape}")
         entry = add(name=tensor.name, data_type=getattr(mc, ONNX_TYPES.get(tensor.type, "TYPE_INVALID")))
         if shape:
             entry.dims.extend(shape)
