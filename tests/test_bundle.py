@@ -261,3 +261,35 @@ def test_deployment_modules_never_import_torch():
                          capture_output=True, text=True, check=True)
     imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
     assert "onnxruntime" in imported and "torch" not in imported and "timm" not in imported
+
+
+IMAGES = 1_000
+
+
+@pytest.mark.slow
+def test_onnxruntime_path_top1_equals_torch_on_the_reference_test_split(tmp_path):
+    """Raw Fashion-MNIST test images → the runtime's preprocessing → onnxruntime, against the pipeline's tensors →
+    torch, on the embedded reference model's first 1,000 test images (all 10,000: 250 s on 2 loaded cores, run
+    once on 2026-12-02 with IMAGES = 10_000: no image differed): the same top-1 for every image."""
+    import torch
+
+    from vitcompress.data import fmnist_dataset, load_fmnist_arrays
+    from vitcompress.export import export_onnx
+    from vitcompress.models import load_model
+    from vitcompress.runtime import preprocessing_metadata, run_batches
+
+    loaded = load_model("vit_fmnist")
+    path = export_onnx(loaded.model, tmp_path / "m.onnx",
+                       metadata=preprocessing_metadata(loaded.data_config, loaded.class_names))
+    session = open_session(path, threads=2)
+    preprocessing = Preprocessing.from_session(session)
+    raw = load_fmnist_arrays("test")[0][:IMAGES]
+    tensors = fmnist_dataset("test", limit=IMAGES).tensors[0]
+    ort_top1, torch_top1 = [], []
+    for start in range(0, len(raw), 500):
+        batch = np.stack([preprocessing(Image.fromarray(image[0])) for image in raw[start:start + 500].numpy()])
+        ort_top1.append(run_batches(session, [batch])[0].argmax(-1))
+        with torch.no_grad():
+            torch_top1.append(loaded.model(tensors[start:start + 500]).argmax(-1).numpy())
+    ort_top1, torch_top1 = np.concatenate(ort_top1), np.concatenate(torch_top1)
+    assert len(ort_top1) == IMAGES and (ort_top1 == torch_top1).all(), f"{(ort_top1 != torch_top1).sum()} differ"
