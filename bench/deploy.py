@@ -112,7 +112,8 @@ def main() -> None:
           f"average {result['load_average_1min']:.1f} at the end.\n")
     print("| what | value |\n|---|---|")
     print(f"| bundle size | {result['bundle_bytes'] * mb:.1f} MB (model.onnx {sizes['model.onnx'] * mb:.1f}, "
-          f"model.safetensors {sizes['model.safetensors'] * mb:.1f}, model.opt.onnx {sizes['model.opt.onnx'] * mb:.1f}, "
+          f"model.safetensors {sizes['model.safetensors'] * mb:.1f}, "
+          f"model.opt.onnx {sizes['model.opt.onnx'] * mb:.1f}, "
           f"model.ort {sizes['model.ort'] * mb:.1f}, golden/ "
           f"{sum(v for k, v in sizes.items() if k.startswith('golden/')) * mb:.2f}) |")
     print(f"| `vitcompress verify` | {result['verify_cli_s']:.2f} s as a command, {result['verify_checks_s']:.2f} s "

@@ -21,6 +21,7 @@ import vitcompress
 from tests.test_cli import one_error_line
 from vitcompress.bundle import read_checksums, verify, write_bundle, write_checksums
 from vitcompress.cli import main
+from vitcompress.context import DeployOptions
 from vitcompress.runtime import Preprocessing, open_session
 
 RECIPE = """
@@ -28,7 +29,7 @@ steps: []
 finetune: null
 validate: {images: 12, batch_sizes: [1, 4], latency_runs: 3, warmup_runs: 1, profile_runs: 0, min_agreement: null}
 """
-BUNDLE_FILES = {"model.onnx", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md",
+BUNDLE_FILES = {"model.onnx", "model.ort", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md",
                 "preprocess.json", "labels.txt", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS",
                 "golden/golden.json", "golden/inputs.npy", "golden/logits.npy",
                 *(f"golden/images/{i:03d}.jpg" for i in range(8))}
@@ -62,7 +63,8 @@ def bundle(tmp_path_factory, images) -> Path:
     recipe = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
     recipe.write_text(RECIPE)
     out = tmp_path_factory.mktemp("runs") / "bundle"
-    vitcompress.convert("test_vit", recipe, data=str(images), out_dir=out, random_init=True)
+    vitcompress.convert("test_vit", recipe, data=str(images), out_dir=out, random_init=True,
+                        deploy=DeployOptions(ort_format=True))
     return out
 
 
@@ -90,13 +92,14 @@ def test_convert_writes_a_complete_bundle(bundle, images):
     inference = json.loads((bundle / "inference.json").read_text())
     assert inference["intra_op_threads"] == 2 and inference["batch_sizes"] == [1, 4]
     assert inference["graph_optimization_level"] == "ORT_ENABLE_ALL" and inference["latency"]["b4"]["p50_ms"] > 0
+    assert [r["file"] for r in inference["offline_optimization"]] == ["model.ort"], "convert --ort-format"
     assert (bundle / "requirements.txt").read_text().split()[0].startswith("onnxruntime==")
 
 
 def test_verify_passes_on_the_bundle(bundle):
     result = invoke("verify", bundle)
     assert result.exit_code == 0, result.output
-    assert "golden model.onnx: max |Δ logits| 0.00e+00" in result.output
+    assert "golden model.onnx: max |Δ logits| 0.00e+00" in result.output and "ok   golden model.ort" in result.output
     assert "preprocessing: max difference" in result.output and "bundle verified" in result.output
 
 
@@ -236,6 +239,13 @@ def test_cascade_bundle_verifies_predicts_and_exports_two_triton_models(tiny_vit
     assert list(entropy.dims) == [1] and entropy.HasField("reshape") and list(low.input[0].dims) == [1, 28, 28]
     assert list(low.dynamic_batching.preferred_batch_size) == [8] and "entropy <= 0.5" in \
         (repo / "fm-low/cascade.md").read_text()
+
+
+def test_convert_refuses_a_machine_specific_level_before_any_work(tmp_path):
+    result = invoke("convert", "test_vit", "--recipe", "svd", "--random-init", "--out", tmp_path / "run",
+                    "--optimize-offline", "extended")
+    assert result.exit_code == 2 and one_error_line(result.output) and "--for-this-machine" in result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_export_optimized_adds_checked_files(copy):

@@ -225,7 +225,12 @@ def main(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="replace the output directory if it exists")
 @click.option("--random-init", is_flag=True, help="random weights, for latency-only work (stated in the report)")
 @click.option("--json", "as_json", is_flag=True, help="print report.json to stdout")
-def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json) -> None:
+@click.option("--optimize-offline", type=click.Choice(["basic", "extended", "all"]),
+              help="add model.opt.onnx, optimised by onnxruntime at LEVEL (beyond basic: --for-this-machine)")
+@click.option("--for-this-machine", is_flag=True, help="allow offline levels tied to this machine's CPU (recorded)")
+@click.option("--ort-format", is_flag=True, help="add model.ort, written by onnxruntime's ORT-format converter")
+def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json,
+            optimize_offline, for_this_machine, ort_format) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
     if model and checkpoint is None and not random_init:
         from vitcompress.models import check_pretrained_available
@@ -233,6 +238,7 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
         with user_errors():  # before the pipeline's imports: offline fails in seconds
             check_pretrained_available(model)
     from vitcompress.api import convert as run_convert
+    from vitcompress.context import DeployOptions
 
     columns = (TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -240,7 +246,8 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     with user_errors(), bars as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar)).report
+                             progress=RichProgress(bar),
+                             deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
     if as_json:
         click.echo(report.dump_json())
     else:

@@ -72,6 +72,15 @@ def _ort_format(source: Path, work: Path) -> Path:
     return work / "ort-out" / f"{source.stem}.ort"
 
 
+def check_options(level: str | None, for_this_machine: bool) -> None:
+    """A known level, and one beyond ``basic`` only ``for_this_machine`` (UsageError otherwise)."""
+    if level is not None and level not in GRAPH_LEVELS:
+        raise UsageError(f"--optimize-offline {level!r}: expected one of {', '.join(GRAPH_LEVELS)}")
+    if level not in (None, "basic") and not for_this_machine:
+        raise UsageError(f"--optimize-offline {level} fuses for this machine's CPU: the file may not run, or run "
+                         "slower, elsewhere; pass --for-this-machine on the serving host, or use basic")
+
+
 def optimize_offline(bundle: str | Path, level: str | None = "basic", *, for_this_machine: bool = False,
                      ort_format: bool = False) -> list[str]:
     """Write ``<model>.opt.onnx`` (``level``) and/or ``<model>.ort`` for each of the bundle's models.
@@ -81,13 +90,9 @@ def optimize_offline(bundle: str | Path, level: str | None = "basic", *, for_thi
     ModelError for a bundle that does not pass its checksums; nothing is added to the bundle then.
     """
     bundle = Path(bundle)
+    check_options(level, for_this_machine)
     if level is None and not ort_format:
         raise UsageError("nothing to do: give --optimize-offline LEVEL and/or --ort-format")
-    if level is not None and level not in GRAPH_LEVELS:
-        raise UsageError(f"--optimize-offline {level!r}: expected one of {', '.join(GRAPH_LEVELS)}")
-    if level not in (None, "basic") and not for_this_machine:
-        raise UsageError(f"--optimize-offline {level} fuses for this machine's CPU: the file may not run, or run "
-                         "slower, elsewhere; pass --for-this-machine on the serving host, or use basic")
     check_checksums(bundle)
     spec = golden_spec(bundle)
     inputs = np.load(bundle / GOLDEN / spec["inputs"]).astype(np.float32)

@@ -17,6 +17,7 @@ import numpy as np
 from vitcompress.bundle import GOLDEN_IMAGES, write_bundle
 from vitcompress.context import RunContext
 from vitcompress.data import ImageDirectory, first_images
+from vitcompress.optimize import optimize_offline
 from vitcompress.runtime import Preprocessing, open_session
 
 #: Source images larger than this (in all) are not copied into the bundle.
@@ -61,3 +62,9 @@ def run(ctx: RunContext) -> None:
     validate = ctx.recipe.validate_
     latency = ctx.report.get("validation", {}).get("models", {}).get("converted", {}).get("latency")
     write_bundle(ctx.work_dir, inputs, images, threads=validate.threads, latency=latency)
+    deploy = ctx.settings.deploy
+    if deploy.optimize_offline or deploy.ort_format:
+        ctx.progress.stage("optimize", f"offline: {deploy.optimize_offline or 'no'} model.opt.onnx, "
+                                       f"ORT format {'yes' if deploy.ort_format else 'no'}")
+        optimize_offline(ctx.work_dir, deploy.optimize_offline, for_this_machine=deploy.for_this_machine,
+                         ort_format=deploy.ort_format)
