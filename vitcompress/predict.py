@@ -34,7 +34,7 @@ class BundlePredictor:
         path = Path(path)
         self.cascade: Cascade | None = None
         if path.is_dir() and (path / CASCADE_FILE).is_file():
-            self.cascade = Cascade(path, threads)
+            self.cascade = Cascade(path, threads, provider)
             metadata, outputs = self.cascade.metadata, self.cascade.low.get_outputs()
         elif path.is_dir() or path.is_file():
             model = path / MODEL if path.is_dir() else path

@@ -327,8 +327,9 @@ class Cascade:
         result = cascade.predict(cascade.preprocessing.load(["shoe.png"]))   # result.logits, result.early
     """
 
-    def __init__(self, directory: str | Path, threads: int = 2) -> None:
-        """Open the cascade that ``vitcompress convert`` wrote to ``directory`` (cascade.json, low/high.onnx)."""
+    def __init__(self, directory: str | Path, threads: int = 2, provider: str = CPU) -> None:
+        """Open the cascade that ``vitcompress convert`` wrote to ``directory`` (cascade.json, low/high.onnx),
+        on the onnxruntime execution ``provider``."""
         directory = Path(directory)
         spec_path = directory / CASCADE_FILE
         if not spec_path.is_file():
@@ -341,8 +342,8 @@ class Cascade:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ModelError(f"{spec_path} is not a valid cascade file: {type(exc).__name__}: {exc}") from None
         self.spec = spec
-        self.low = open_session(paths["low"], threads)
-        self.high = open_session(paths["high"], threads)
+        self.low = open_session(paths["low"], threads, provider=provider)
+        self.high = open_session(paths["high"], threads, provider=provider)
         for name, session in (("low", self.low), ("high", self.high)):
             if {o.name for o in session.get_outputs()} != {LOGITS, ENTROPY}:
                 raise ModelError(f"{paths[name]} is not a cascade model: its outputs must be {LOGITS}, {ENTROPY}")
