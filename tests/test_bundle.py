@@ -103,6 +103,11 @@ def test_verify_passes_on_the_bundle(bundle):
     assert "preprocessing: max difference" in result.output and "bundle verified" in result.output
 
 
+def test_verify_with_an_unknown_provider_is_one_line(bundle):
+    result = invoke("verify", bundle, "--provider", "NoSuchExecutionProvider")
+    assert result.exit_code == 2 and one_error_line(result.output) and "CPUExecutionProvider" in result.output
+
+
 def test_verify_mismatch_exits_1_and_says_by_how_much(copy):
     logits = np.load(copy / "golden/logits.npy")
     logits[3, 7] += 0.25
@@ -164,6 +169,7 @@ def test_predict_verify_and_predict_py_run_without_torch(bundle, images, tmp_pat
     (["{bundle}", "{images}", "--top-k", "1001"], "--top-k"),
     (["{bundle}", "{images}", "--top-k", "0"], "--top-k"),
     (["{bundle}"], "at least one IMAGE"),
+    (["{bundle}", "{images}", "--provider", "NoSuchExecutionProvider"], "is not available"),
 ])
 def test_predict_bad_input_is_one_line(bundle, images, tmp_path, args, message):
     (tmp_path / "not_an_image.jpg").write_text("hello")

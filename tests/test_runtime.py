@@ -138,11 +138,13 @@ def test_predict_and_profile_run_with_torch_unimportable(tiny_vit_dir):
     predicted = run_without_torch("predict", "--cascade", str(directory), "--json", "0.png", "1.png", "2.png",
                                   cwd=directory)
     assert predicted.returncode == 0, predicted.stderr
-    rows = [json.loads(line) for line in predicted.stdout.splitlines()]
-    assert [r["path"] for r in rows] == ["0.png", "1.png", "2.png"]
-    assert all(r["model"] in ("low", "high") and len(r["labels"]) == 5 for r in rows)
-    again = run_without_torch("predict", str(directory), "0.png", "1.png", "2.png", "--json", cwd=directory)
-    assert again.stdout == predicted.stdout, "the BUNDLE form runs the same cascade"
+    legacy = json.loads(predicted.stdout)["predictions"]
+    assert [r["image"] for r in legacy] == ["0.png", "1.png", "2.png"]
+    bundle_form = run_without_torch("predict", str(directory), "0.png", "1.png", "2.png", "--json", cwd=directory)
+    rows = [json.loads(line) for line in bundle_form.stdout.splitlines()]
+    assert [r["path"] for r in rows] == ["0.png", "1.png", "2.png"] and all(len(r["labels"]) == 5 for r in rows)
+    assert [(r["model"], r["classes"][0]) for r in rows] == [(r["model"], r["class"]) for r in legacy], \
+        "the BUNDLE form runs the same cascade"
     profiled = run_without_torch("profile", str(directory), "--runs", "3", "--warmup", "1", "--json", cwd=directory)
     assert profiled.returncode == 0, profiled.stderr
     assert json.loads(profiled.stdout)["converted"]["node_ms"] > 0

@@ -368,7 +368,7 @@ def recipes() -> None:
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="ORT intra-op threads")
 @click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider")
 @click.option("--cascade", "cascade_dir", type=click.Path(path_type=Path), hidden=True,
-              help="(older form) a cascade bundle: then every argument is an image")
+              help="(older form) a cascade directory: every argument is an image; --json prints one document")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per image (JSON lines) to stdout")
 def predict(bundle, images, top_k, batch_size, threads, provider, cascade_dir, as_json) -> None:
     """Classify IMAGES (files or directories) with a convert output BUNDLE, onnxruntime only (no torch).
@@ -382,12 +382,17 @@ def predict(bundle, images, top_k, batch_size, threads, provider, cascade_dir, a
     if bundle is None or not images:
         raise click.UsageError("give a BUNDLE and at least one IMAGE or directory of images")
     with user_errors():
-        predictor = BundlePredictor(bundle, threads, provider)
+        predictor = BundlePredictor(bundle, threads, provider, cascade_only=cascade_dir is not None)
     if top_k > predictor.classes:
         raise click.BadParameter(f"{top_k} is out of range: the model has {predictor.classes} classes "
                                  f"(1–{predictor.classes})", param_hint="'--top-k'")
     with user_errors():
         rows = predictor.predict(images, batch_size=batch_size, top_k=top_k)
+    if as_json and cascade_dir is not None:  # the older form's JSON document, kept for its users
+        click.echo(json.dumps({"threshold": predictor.cascade.threshold, "predictions": [
+            {"image": r["path"], "class": r["classes"][0], "name": r["labels"][0], "probability": r["probabilities"][0],
+             "entropy": r["entropy"], "model": r["model"]} for r in rows]}, indent=2))
+        return
     if as_json:
         for row in rows:
             click.echo(json.dumps(row))

@@ -30,10 +30,11 @@ from vitcompress.runtime import (
 class BundlePredictor:
     """The model of a bundle (or one ONNX file), its preprocessing and its labels."""
 
-    def __init__(self, path: str | Path, threads: int = 2, provider: str = CPU) -> None:
+    def __init__(self, path: str | Path, threads: int = 2, provider: str = CPU, cascade_only: bool = False) -> None:
+        """Open the bundle (or ONNX file) at ``path``; ``cascade_only``: refuse a bundle without a cascade."""
         path = Path(path)
         self.cascade: Cascade | None = None
-        if path.is_dir() and (path / CASCADE_FILE).is_file():
+        if path.is_dir() and ((path / CASCADE_FILE).is_file() or cascade_only):
             self.cascade = Cascade(path, threads, provider)
             metadata, outputs = self.cascade.metadata, self.cascade.low.get_outputs()
         elif path.is_dir() or path.is_file():
@@ -74,7 +75,7 @@ class BundlePredictor:
             for i, (path, p) in enumerate(zip(chunk, probabilities)):
                 top = np.argsort(-p, kind="stable")[:top_k]
                 row = {"path": str(path), "labels": [self.labels[k] for k in top],
-                       "classes": [int(k) for k in top], "probabilities": [round(float(p[k]), 6) for k in top]}
+                       "classes": [int(k) for k in top], "probabilities": [float(p[k]) for k in top]}
                 if extra:
                     row["entropy"] = float(extra["entropy"][i])
                     row["model"] = "low" if extra["early"][i] else "high"
