@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
-from vitcompress.models import build_reference_architecture
+from vitcompress.export import export_onnx
+from vitcompress.layers.entropy import WithEntropy
+from vitcompress.models import REFERENCE_CFG, build_reference_architecture
+from vitcompress.runtime import CASCADE_FILE, preprocessing_metadata
 
 # Small budgets so a whole conversion runs in seconds on 2 CPU cores.
 FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "validate.latency_runs=3",
@@ -59,3 +66,21 @@ def tiny_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A small real ViT on 28×28 grey images exported three ways: plain, and as a cascade's low and high model."""
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
+    directory = tmp_path_factory.mktemp("tiny")
+    meta = preprocessing_metadata(REFERENCE_CFG, list(REFERENCE_CFG["label_names"]))
+    export_onnx(model, directory / "model.onnx", input_size=(1, 28, 28), metadata=meta)
+    for name in ("low", "high"):
+        export_onnx(WithEntropy(model), directory / f"{name}.onnx", input_size=(1, 28, 28), metadata=meta,
+                    output_names=("logits", "entropy"))
+    (directory / CASCADE_FILE).write_text(json.dumps({"low": "low.onnx", "high": "high.onnx", "threshold": 0.5}))
+    for i in range(3):
+        Image.fromarray((np.random.default_rng(i).random((40, 31)) * 255).astype(np.uint8)).save(directory / f"{i}.png")
+    return directory, model

@@ -11,6 +11,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.conftest import FAST
+from vitcompress.bundle import verify
 from vitcompress.cli import main
 from vitcompress.errors import RecipeError
 from vitcompress.export import export_onnx
@@ -170,3 +171,6 @@ def test_cascade_pipeline_end_to_end(tmp_path):
     assert len(rounds) == 6 and len(rounds[0]["cka"]) == 12
     cascade = Cascade(out)
     assert cascade.threshold == c["threshold"] and cascade.class_names[5] == "sandal"
+    verification = verify(out)  # the bundle: golden logits of all three models, Fashion-MNIST images as PNG
+    assert verification.ok, verification.as_dict()
+    assert {"golden low.onnx", "golden high.onnx", "preprocessing"} <= {check.name for check in verification.checks}

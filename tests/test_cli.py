@@ -48,7 +48,8 @@ def test_convert_tiny_vit_happy_path(tmp_path, svd_recipe):
                     *sets("calibration.images=16"))
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {
-        "model.onnx", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md"}
+        "model.onnx", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md", "preprocess.json",
+        "labels.txt", "golden", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS"}
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["weights"].startswith("random init")
     assert report["steps"][0]["transform"] == "svd_lowrank" and len(report["steps"][0]["modules"]) == 12

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from vitcompress import bundle_predict
+from vitcompress.bundle import preprocess_spec
 from vitcompress.cli import main
 from vitcompress.errors import DataError, ModelError
-from vitcompress.export import export_onnx
-from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 from vitcompress.runtime import (
     CASCADE_FILE,
@@ -57,6 +57,17 @@ def test_preprocessing_equals_timms_eval_transform_within_one_grey_level(config_
     assert grey_levels.max() <= 1.0, f"max difference {grey_levels.max():.3f} grey levels"
 
 
+@pytest.mark.parametrize("config_name", CONFIGS)
+def test_bundle_predict_py_preprocessing_equals_the_runtimes(config_name):
+    """predict.py's own copy (it imports nothing of vitcompress) gives the runtime's arrays bit for bit, from
+    the preprocess.json the bundle writes."""
+    runtime = Preprocessing.from_metadata(preprocessing_metadata(CONFIGS[config_name], None))
+    copy = bundle_predict.Preprocess(json.loads(json.dumps(preprocess_spec(runtime))))
+    for photo in PHOTOS.values():
+        image = Image.fromarray(photo)
+        np.testing.assert_array_equal(copy(image), runtime(image))
+
+
 def test_preprocessing_metadata_errors_are_model_errors():
     meta = preprocessing_metadata(REFERENCE_CFG, None)
     with pytest.raises(ModelError, match="preprocessing metadata"):
@@ -80,24 +91,6 @@ def test_timing_statistics():
     timing = Timing.of([float(v) for v in range(1, 11)])
     assert timing.p50_ms == 5.5 and timing.mean_ms == 5.5 and timing.runs == 10
     assert timing.p90_ms == pytest.approx(9.1) and timing.spread == pytest.approx((9.1 - 1.9) / 5.5)
-
-
-@pytest.fixture(scope="module")
-def tiny_vit_dir(tmp_path_factory):
-    """A small real ViT on 28×28 grey images exported three ways: plain, and as a cascade's low and high model."""
-    torch.manual_seed(0)
-    model = timm.models.vision_transformer.VisionTransformer(
-        img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
-    directory = tmp_path_factory.mktemp("tiny")
-    meta = preprocessing_metadata(REFERENCE_CFG, list(REFERENCE_CFG["label_names"]))
-    export_onnx(model, directory / "model.onnx", input_size=(1, 28, 28), metadata=meta)
-    for name in ("low", "high"):
-        export_onnx(WithEntropy(model), directory / f"{name}.onnx", input_size=(1, 28, 28), metadata=meta,
-                    output_names=("logits", "entropy"))
-    (directory / CASCADE_FILE).write_text(json.dumps({"low": "low.onnx", "high": "high.onnx", "threshold": 0.5}))
-    for i in range(3):
-        Image.fromarray((np.random.default_rng(i).random((40, 31)) * 255).astype(np.uint8)).save(directory / f"{i}.png")
-    return directory, model
 
 
 def test_measure_latency_interleaves_every_model_at_every_batch(tiny_vit_dir):
@@ -145,8 +138,13 @@ def test_predict_and_profile_run_with_torch_unimportable(tiny_vit_dir):
     predicted = run_without_torch("predict", "--cascade", str(directory), "--json", "0.png", "1.png", "2.png",
                                   cwd=directory)
     assert predicted.returncode == 0, predicted.stderr
-    rows = json.loads(predicted.stdout)["predictions"]
-    assert [r["image"] for r in rows] == ["0.png", "1.png", "2.png"]
+    legacy = json.loads(predicted.stdout)["predictions"]
+    assert [r["image"] for r in legacy] == ["0.png", "1.png", "2.png"]
+    bundle_form = run_without_torch("predict", str(directory), "0.png", "1.png", "2.png", "--json", cwd=directory)
+    rows = [json.loads(line) for line in bundle_form.stdout.splitlines()]
+    assert [r["path"] for r in rows] == ["0.png", "1.png", "2.png"] and all(len(r["labels"]) == 5 for r in rows)
+    assert [(r["model"], r["classes"][0]) for r in rows] == [(r["model"], r["class"]) for r in legacy], \
+        "the BUNDLE form runs the same cascade"
     profiled = run_without_torch("profile", str(directory), "--runs", "3", "--warmup", "1", "--json", cwd=directory)
     assert profiled.returncode == 0, profiled.stderr
     assert json.loads(profiled.stdout)["converted"]["node_ms"] > 0

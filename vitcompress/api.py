@@ -29,18 +29,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitcompress.context import ConvertSettings, DataBundle, LogProgress, Progress, RunContext
+from vitcompress.context import ConvertSettings, DataBundle, DeployOptions, LogProgress, Progress, RunContext
 from vitcompress.data import UNLABELLED
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, resolve_name
+from vitcompress.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import cascade, export, finetune, load, profile, report, transform, validate
+from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
-STAGES = (load, transform, finetune, export, validate, cascade, profile, report)
+STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
 IN_MEMORY_WEIGHTS = "in-memory module"
 
 Steps = Union[TransformConfig, Sequence[TransformConfig], Recipe, str, Path]
@@ -187,6 +188,7 @@ def convert(
     random_init: bool = False,
     labels: str | Path | None = None,
     progress: Progress | None = None,
+    deploy: DeployOptions | None = None,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
 
@@ -210,6 +212,8 @@ def convert(
         labels: a YAML or JSON file mapping the image directory's class folders to the model's class indices or
             names, for folders named otherwise (see :mod:`vitcompress.labels`).
         progress: receives stage and progress events (default: ``logging``).
+        deploy: offline-optimised files for the bundle (``model.opt.onnx``, ``model.ort``): see
+            :func:`vitcompress.optimize.optimize_offline`; checked before anything runs.
 
     Returns:
         A :class:`ConvertResult`: the converted module, the :class:`~vitcompress.report.Report`, the ONNX path
@@ -225,12 +229,15 @@ def convert(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
     original, settings = _model_settings(model, recipe, checkpoint, random_init)
     label_mapping = read_label_mapping(Path(labels)) if labels is not None else None
+    if deploy is not None:
+        check_options(deploy.optimize_offline, deploy.for_this_machine)
     bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
     temporary = out_dir is None
     if not temporary:
         _check_out_dir(Path(out_dir), force)
     out_dir = Path(tempfile.mkdtemp(prefix="vitcompress-")) if temporary else Path(out_dir)
     settings = dataclasses.replace(settings, out_dir=out_dir, data=data if isinstance(data, str) else None,
+                                   deploy=deploy or DeployOptions(),
                                    force=force, labels=label_mapping)
     try:
         return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress())

@@ -225,7 +225,12 @@ def main(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="replace the output directory if it exists")
 @click.option("--random-init", is_flag=True, help="random weights, for latency-only work (stated in the report)")
 @click.option("--json", "as_json", is_flag=True, help="print report.json to stdout")
-def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json) -> None:
+@click.option("--optimize-offline", type=click.Choice(["basic", "extended", "all"]),
+              help="add model.opt.onnx, optimised by onnxruntime at LEVEL (beyond basic: --for-this-machine)")
+@click.option("--for-this-machine", is_flag=True, help="allow offline levels tied to this machine's CPU (recorded)")
+@click.option("--ort-format", is_flag=True, help="add model.ort, written by onnxruntime's ORT-format converter")
+def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json,
+            optimize_offline, for_this_machine, ort_format) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
     if model and checkpoint is None and not random_init:
         from vitcompress.models import check_pretrained_available
@@ -233,6 +238,7 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
         with user_errors():  # before the pipeline's imports: offline fails in seconds
             check_pretrained_available(model)
     from vitcompress.api import convert as run_convert
+    from vitcompress.context import DeployOptions
 
     columns = (TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -240,7 +246,8 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     with user_errors(), bars as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar)).report
+                             progress=RichProgress(bar),
+                             deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
     if as_json:
         click.echo(report.dump_json())
     else:
@@ -249,7 +256,8 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
             Console().print(table)
         cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
-                      f"report.md{cascade}")
+                      f"report.md{cascade}, and the deployment files (preprocess.json, labels.txt, golden/, "
+                      f"inference.json, predict.py, requirements.txt, SHA256SUMS: vitcompress verify {out_dir})")
     if report.finetune and report.finetune.stopped:
         console.print(f"[bold yellow]fine-tune stopped early:[/] {report.finetune.stopped}")
     if report.failed_gates:
@@ -353,36 +361,132 @@ def recipes() -> None:
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--cascade", "cascade_dir", required=True, type=click.Path(path_type=Path),
-              help="a convert output directory with cascade.json, low.onnx, high.onnx")
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), metavar="K",
+              help="classes per image (at most the model's class count)")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), metavar="B",
+              help="images per onnxruntime run")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="ORT intra-op threads")
-@click.option("--json", "as_json", is_flag=True, help="print the predictions as JSON to stdout")
-def predict(images, cascade_dir, threads, as_json) -> None:
-    """Classify IMAGES (files or directories) with a low/high-effort cascade, onnxruntime only."""
-    from vitcompress.runtime import Cascade, image_files, softmax
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider")
+@click.option("--cascade", "cascade_dir", type=click.Path(path_type=Path), hidden=True,
+              help="(older form) a cascade directory: every argument is an image; --json prints one document")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per image (JSON lines) to stdout")
+def predict(bundle, images, top_k, batch_size, threads, provider, cascade_dir, as_json) -> None:
+    """Classify IMAGES (files or directories) with a convert output BUNDLE, onnxruntime only (no torch).
+
+    BUNDLE is a convert output directory (its cascade when it holds cascade.json) or one .onnx/.ort file.
+    Prints each image's top-k labels and probabilities as a table, or JSON lines with --json."""
+    from vitcompress.predict import BundlePredictor
+
+    if cascade_dir is not None:
+        bundle, images = cascade_dir, tuple(a for a in (bundle, *images) if a is not None)
+    if bundle is None or not images:
+        raise click.UsageError("give a BUNDLE and at least one IMAGE or directory of images")
+    with user_errors():
+        predictor = BundlePredictor(bundle, threads, provider, cascade_only=cascade_dir is not None)
+    if top_k > predictor.classes:
+        raise click.BadParameter(f"{top_k} is out of range: the model has {predictor.classes} classes "
+                                 f"(1–{predictor.classes})", param_hint="'--top-k'")
+    with user_errors():
+        rows = predictor.predict(images, batch_size=batch_size, top_k=top_k)
+    if as_json and cascade_dir is not None:  # the older form's JSON document, kept for its users
+        click.echo(json.dumps({"threshold": predictor.cascade.threshold, "predictions": [
+            {"image": r["path"], "class": r["classes"][0], "name": r["labels"][0], "probability": r["probabilities"][0],
+             "entropy": r["entropy"], "model": r["model"]} for r in rows]}, indent=2))
+        return
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    cascade = predictor.cascade is not None
+    title = f"{escape(str(bundle))}: top-{top_k}" + (
+        f" (cascade: exit at the low model when entropy ≤ {predictor.cascade.threshold:.4g})" if cascade else "")
+    table = Table(title=title)
+    for column in ("image", "top-1", "p", f"top-{top_k}" if top_k > 1 else None, "model" if cascade else None):
+        if column:
+            table.add_column(column, justify="right" if column == "p" else "left")
+    for r in rows:
+        cells = [escape(r["path"]), escape(r["labels"][0]), f"{r['probabilities'][0]:.3f}"]
+        if top_k > 1:
+            cells.append(escape(", ".join(f"{lab} {p:.3f}" for lab, p in zip(r["labels"][1:], r["probabilities"][1:]))))
+        if cascade:
+            cells.append(f"{r['model']} ({r['entropy']:.3f})")
+        table.add_row(*cells)
+    Console().print(table)
+    if cascade:
+        early = sum(r["model"] == "low" for r in rows)
+        console.print(f"{early}/{len(rows)} images exited at the low-effort model")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--provider", default="CPUExecutionProvider", show_default=True, help="onnxruntime execution provider")
+@click.option("--json", "as_json", is_flag=True, help="print the checks as JSON to stdout")
+def verify(bundle, provider, as_json) -> None:
+    """Check a convert output BUNDLE with onnxruntime alone: SHA256SUMS, the golden logits of every model, the
+    preprocessing of the stored source images. Exit 0 ok, 1 a mismatch (says by how much), 2 not a bundle or
+    corrupt."""
+    from vitcompress.bundle import verify as run_verify
 
     with user_errors():
-        cascade = Cascade(cascade_dir, threads)
-        files = image_files(list(images))
-        result = cascade.predict(cascade.preprocessing.load(files))
-    names = cascade.class_names
-    probs = softmax(result.logits)
-    rows = [{"image": str(f), "class": int(p.argmax()), "name": names[int(p.argmax())] if names else None,
-             "probability": float(p.max()), "entropy": float(h), "model": "low" if e else "high"}
-            for f, p, h, e in zip(files, probs, result.entropy, result.early)]
+        result = run_verify(bundle, provider)
     if as_json:
-        click.echo(json.dumps({"threshold": cascade.threshold, "predictions": rows}, indent=2))
-        return
-    table = Table(title=f"cascade {cascade_dir}: exit at low effort when entropy ≤ {cascade.threshold:.4g}")
-    for column in ("image", "class", "probability", "entropy", "model"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(escape(r["image"]), r["name"] or str(r["class"]), f"{r['probability']:.3f}",
-                      f"{r['entropy']:.4f}", r["model"])
-    Console().print(table)
-    early = int(result.early.sum())
-    console.print(f"{early}/{len(rows)} images exited at the low-effort model")
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        for check in result.checks:
+            mark = "[green]ok[/]  " if check.passed else "[bold red]FAIL[/]"
+            Console().print(f"{mark} {escape(check.name)}: {escape(check.detail)}", highlight=False)
+        verdict = "[green]bundle verified[/]" if result.ok else "[bold red]bundle does not match:[/] " + ", ".join(
+            c.name for c in result.checks if not c.passed)
+        console.print(f"{verdict} ({result.seconds:.2f} s, {provider})", highlight=False)
+    if not result.ok:
+        sys.exit(1)
+
+
+@main.group(cls=click.Group)
+def export() -> None:
+    """Deployment forms of a convert output bundle: a Triton model repository, offline-optimised models."""
+
+
+@export.command("triton")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--repo", required=True, type=click.Path(path_type=Path), help="the Triton model repository")
+@click.option("--name", help="model name  [default: the bundle directory's name]")
+@click.option("--version", default=1, show_default=True, type=click.IntRange(1), help="model version directory")
+@click.option("--max-batch-size", type=click.IntRange(0), metavar="B",
+              help="Triton's max_batch_size (0: no batching)  [default: largest measured batch, at least 8]")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64), help="instance_group count")
+@click.option("--kind", default="cpu", show_default=True, type=click.Choice(["cpu", "gpu"]))
+@click.option("--force", is_flag=True, help="replace the model's directory in the repository if it exists")
+def export_triton_command(bundle, repo, name, version, max_batch_size, instances, kind, force) -> None:
+    """Write BUNDLE as a Triton model repository entry: REPO/NAME/config.pbtxt, NAME/VERSION/model.onnx,
+    labels.txt (a cascade: NAME-low and NAME-high, with a routing note)."""
+    from vitcompress.triton import export_triton
+
+    with user_errors():
+        written = export_triton(bundle, repo, name=name, version=version, max_batch_size=max_batch_size,
+                                instances=instances, kind=kind, force=force)
+    for path in written:
+        console.print(f"wrote {escape(str(path))}/: config.pbtxt, {version}/model.onnx, labels.txt", highlight=False)
+
+
+@export.command("optimized")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--optimize-offline", "level", type=click.Choice(["basic", "extended", "all"]),
+              help="write model.opt.onnx with onnxruntime's graph optimisations at LEVEL (beyond basic: "
+                   "--for-this-machine)")
+@click.option("--for-this-machine", is_flag=True, help="allow levels tied to this machine's CPU (recorded)")
+@click.option("--ort-format", is_flag=True, help="write model.ort with onnxruntime's ORT-format converter")
+def export_optimized_command(bundle, level, for_this_machine, ort_format) -> None:
+    """Add offline-optimised models to BUNDLE for a faster start: each is checked against the golden logits,
+    recorded in inference.json and SHA256SUMS."""
+    from vitcompress.optimize import optimize_offline
+
+    with user_errors():
+        added = optimize_offline(bundle, level, for_this_machine=for_this_machine, ort_format=ort_format)
+    console.print(f"added to {escape(str(bundle))}/: {', '.join(added)} (each matches the golden logits)",
+                  highlight=False)
 
 
 if __name__ == "__main__":

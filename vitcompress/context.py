@@ -66,6 +66,15 @@ class DataBundle:
     classes: str | None = None
 
 
+@dataclass(frozen=True)
+class DeployOptions:
+    """Offline-optimised files to add to the bundle (:mod:`vitcompress.optimize`)."""
+
+    optimize_offline: str | None = None
+    for_this_machine: bool = False
+    ort_format: bool = False
+
+
 @dataclass
 class ConvertSettings:
     """What the user asked for, besides the recipe."""
@@ -78,6 +87,7 @@ class ConvertSettings:
     force: bool = False
     random_init: bool = False
     labels: dict[str, int | str] | None = None
+    deploy: DeployOptions = field(default_factory=DeployOptions)
 
 
 @dataclass

@@ -45,3 +45,7 @@ class GateError(VitCompressError):
     """A validation gate of the recipe (accuracy drop, agreement, parity) failed."""
 
     exit_code = 1
+
+
+class UsageError(VitCompressError):
+    """Options that cannot be used together, or a value out of range for the model at hand."""

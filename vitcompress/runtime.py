@@ -32,6 +32,7 @@ META = "vitcompress."
 #: timm's interpolation names → Pillow resampling filters (timm.data.transforms._str_to_pil_interpolation).
 RESAMPLING = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 CROP_MODES = ("center", "squash")
+CPU = "CPUExecutionProvider"
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -49,21 +50,28 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: str | Path, threads: int = 1, options: ort.SessionOptions | None = None
-                 ) -> ort.InferenceSession:
-    """A CPU session of the ONNX file at ``path``; a missing or unloadable file is a :class:`ModelError`.
+def open_session(path: str | Path, threads: int = 1, options: ort.SessionOptions | None = None,
+                 provider: str = CPU) -> ort.InferenceSession:
+    """A session of the ONNX (or ORT-format) file at ``path``; a missing or unloadable file is a
+    :class:`ModelError`.
 
     Args:
         path: the ONNX file.
         threads: intra-op threads (ignored when ``options`` is given).
         options: session options to use instead of :func:`session_options` (e.g. with profiling on).
+        provider: the onnxruntime execution provider (one of ``onnxruntime.get_available_providers()``; the
+            CPU provider is added after it as the fallback for nodes it does not take).
     """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"ONNX file {path} does not exist")
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise ModelError(f"execution provider {provider!r} is not available in this onnxruntime "
+                         f"(available: {', '.join(available)})")
     try:
         return ort.InferenceSession(str(path), options or session_options(threads),
-                                    providers=["CPUExecutionProvider"])
+                                    providers=list(dict.fromkeys([provider, CPU])))
     except Exception as exc:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, InvalidGraph, …)
         raise ModelError(f"{path} does not load in onnxruntime: {str(exc).strip().splitlines()[0]}") from None
 
@@ -319,8 +327,9 @@ class Cascade:
         result = cascade.predict(cascade.preprocessing.load(["shoe.png"]))   # result.logits, result.early
     """
 
-    def __init__(self, directory: str | Path, threads: int = 2) -> None:
-        """Open the cascade that ``vitcompress convert`` wrote to ``directory`` (cascade.json, low/high.onnx)."""
+    def __init__(self, directory: str | Path, threads: int = 2, provider: str = CPU) -> None:
+        """Open the cascade that ``vitcompress convert`` wrote to ``directory`` (cascade.json, low/high.onnx),
+        on the onnxruntime execution ``provider``."""
         directory = Path(directory)
         spec_path = directory / CASCADE_FILE
         if not spec_path.is_file():
@@ -333,8 +342,8 @@ class Cascade:
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise ModelError(f"{spec_path} is not a valid cascade file: {type(exc).__name__}: {exc}") from None
         self.spec = spec
-        self.low = open_session(paths["low"], threads)
-        self.high = open_session(paths["high"], threads)
+        self.low = open_session(paths["low"], threads, provider=provider)
+        self.high = open_session(paths["high"], threads, provider=provider)
         for name, session in (("low", self.low), ("high", self.high)):
             if {o.name for o in session.get_outputs()} != {LOGITS, ENTROPY}:
                 raise ModelError(f"{paths[name]} is not a cascade model: its outputs must be {LOGITS}, {ENTROPY}")
