@@ -94,3 +94,14 @@ def test_no_import_cycle():
     for name in MODULES:
         if name not in state:
             visit(name, [name])
+
+
+def test_only_the_cli_imports_batch_and_batch_runs_the_pipeline_in_subprocesses():
+    """batch sits beside api: cli → batch; batch never imports api, cli, planner or the stages (it runs
+    ``python -m vitcompress convert`` per job), and nothing below the CLI imports it."""
+    users = {m for m, imports in GRAPH.items() if any(in_layer(i, "batch") for i in imports) and not in_layer(m, "batch")}
+    assert users <= {"vitcompress.cli"}, sorted(users)
+    for name in (m for m in MODULES if in_layer(m, "batch")):
+        forbidden = {m for m in GRAPH[name] if in_layer(m, "stages") or m in {"vitcompress.cli", "vitcompress.api",
+                                                                               "vitcompress.planner"}}
+        assert not forbidden, f"{name} imports {sorted(forbidden)}"

@@ -28,7 +28,7 @@ KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxrunti
 #: Recipe fields that only set gate thresholds (re-evaluated from report.json, never a reason to convert).
 GATE_FIELDS = ("max_abs_diff", "max_top1_drop", "min_agreement")
 #: Recipe fields that only change latency measurement: part of the latency key.
-TIMING_FIELDS = ("threads", "batch_sizes", "latency_runs", "warmup_runs", "profile_runs")
+TIMING_FIELDS = ("batch_sizes", "latency_runs", "warmup_runs", "profile_runs")
 CHUNK = 1 << 20
 
 
@@ -81,6 +81,8 @@ def available_cores() -> int:
 
 
 def machine_fingerprint(threads: int) -> dict[str, Any]:
+    """What latency depends on besides the models: CPU model, usable cores, onnxruntime's intra-op threads (the
+    recipe's ``validate.threads``) and its version."""
     return {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
             "onnxruntime": package_versions()["onnxruntime"]}
 
@@ -134,11 +136,13 @@ def _device(job: Job) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def job_components(job: Job, threads: int) -> dict[str, Any]:
-    """Everything the two keys hash, by name (kept in cache_key.json to explain a miss)."""
+def job_components(job: Job) -> dict[str, Any]:
+    """Everything the two keys hash, by name (kept in cache_key.json to explain a miss). The batch's thread
+    budget for torch is not in it: it changes how fast a job converts, not what it measures."""
     recipe = job.recipe.model_dump(mode="json", by_alias=True)
     validate = recipe["validate"]
     timing = {k: validate.pop(k) for k in TIMING_FIELDS}
+    ort_threads = validate.pop("threads")
     for gate in GATE_FIELDS:
         validate.pop(gate)
     return {
@@ -147,7 +151,7 @@ def job_components(job: Job, threads: int) -> dict[str, Any]:
             "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
             "device": _device(job), "versions": package_versions(),
         },
-        "latency": {"timing": timing, "machine": machine_fingerprint(threads)},
+        "latency": {"timing": timing, "machine": machine_fingerprint(ort_threads)},
     }
 
 

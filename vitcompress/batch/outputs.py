@@ -63,7 +63,7 @@ def summary(batch: BatchResult) -> str:
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in batch.counts.items() if n)
     lines = [f"### vitcompress batch: {counts} — exit code {batch.exit_code}", "",
              f"{len(batch.jobs)} jobs{f', shard {batch.shard}' if batch.shard else ''}, {batch.parallel_jobs} in "
-             f"parallel × {batch.machine.get('threads')} threads on {batch.machine.get('cpu')} "
+             f"parallel × {batch.machine.get('threads_per_job')} threads on {batch.machine.get('cpu')} "
              f"({batch.machine.get('cores')} cores), {batch.wall_s:.0f} s", "",
              "| job | status | s | speed-up b1 | top-1 drop | agreement | failed gates |",
              "|---|---|---:|---:|---:|---:|---|"]

@@ -126,7 +126,9 @@ def run_batch(loaded: LoadedManifest, options: Options, events: Events | None = 
             if future.done() and not future.cancelled() and future.exception() is None:
                 results[job.name] = future.result()
     order = {job.name: i for i, job in enumerate(loaded.jobs)}
-    batch = BatchResult(manifest=str(loaded.path), date=date, machine=machine_fingerprint(threads),
+    machine = {**machine_fingerprint(threads), "threads_per_job": threads}
+    machine.pop("threads")
+    batch = BatchResult(manifest=str(loaded.path), date=date, machine=machine,
                         versions=package_versions(), parallel_jobs=options.parallel,
                         shard=f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
                         cadence=options.cadence, wall_s=round(time.monotonic() - started, 2), fail_on=options.fail_on,
@@ -152,7 +154,7 @@ def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, ev
     job_dir = options.out / "jobs" / job.name
     job_dir.mkdir(parents=True, exist_ok=True)
     key_file, bundle, log_file = job_dir / "cache_key.json", job_dir / "bundle", job_dir / "job.log"
-    components = job_components(job, threads)
+    components = job_components(job)
     key, latency_key = keys_of(components)
     record = read_key_file(key_file)
     have_bundle = (bundle / "report.json").is_file()
