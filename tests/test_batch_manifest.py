@@ -36,7 +36,8 @@ BAD = {
     "version missing": ("jobs: [{name: a, recipe: r.yaml}]\n", "m.yaml: version: Field required"),
     "bad name": ("version: 1\njobs: [{name: -a, model: test_vit, recipe: r.yaml}]\n", "m.yaml: jobs.0.name"),
     "duplicate ignoring case": ("version: 1\njobs:\n  - {name: A, model: test_vit, recipe: r.yaml}\n"
-                                "  - {name: a, model: test_vit, recipe: r.yaml}\n", "m.yaml: jobs.1.name: job name 'a'"),
+                                "  - {name: a, model: test_vit, recipe: r.yaml}\n",
+                                "m.yaml: jobs.1.name: job name 'a'"),
     "matrix name clash": ("version: 1\nmatrix: {models: [test_vit], recipes: [r.yaml]}\n"
                           "jobs: [{name: test_vit-r, model: test_vit, recipe: r.yaml}]\n", "jobs.0.name"),
     "missing recipe": ("version: 1\njobs: [{name: a, model: test_vit, recipe: nope.yaml}]\n",

@@ -114,11 +114,19 @@ def test_junit_reads_back_with_the_right_counts(first):
     assert "| gate | ❌ gate failed |" in summary and "<details><summary>crash" in summary
 
 
-def test_cache_gates_and_fail_on(first, env):
+def test_cache_gates_and_fail_on(first, env, monkeypatch):
     folder = env
     before = (folder / "out/jobs/gate/bundle/report.json").stat().st_mtime_ns
     result, parsed = batch(folder, manifest("ok", "gate"))
     assert result.exit_code == 1 and statuses(parsed) == {"ok": ("cached", True), "gate": ("gate_failed", True)}
+    step_summary = folder / "step_summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
+    result = CliRunner().invoke(main, ["batch", str(folder / "m.yaml"), "--out", str(folder / "out")])
+    assert result.exit_code == 1 and result.stdout.startswith("::error title=vitcompress batch gate (gate_failed)::"
+                                                              "speed-up b1 "), result.stdout
+    assert "| gate | ❌ gate failed |" in step_summary.read_text()
+    monkeypatch.delenv("GITHUB_ACTIONS")
     assert batch(folder, manifest("ok", "gate"), "--fail-on", "error")[0].exit_code == 0
     result, parsed = batch(folder, manifest("ok", "gate", gate=0.01))  # a changed gate re-converts nothing
     assert result.exit_code == 0 and statuses(parsed) == {"ok": ("cached", True), "gate": ("cached", True)}

@@ -513,7 +513,8 @@ def batch_run(manifest, out_dir, parallel, resume, rerun_failed, shard, cadence,
             from vitcompress.batch.outputs import write_outputs
 
             write_outputs(stopped.result, out_dir)
-            code, what = (143, "terminated (SIGTERM)") if isinstance(stopped.cause, Terminated) else (130, "interrupted")
+            terminated = isinstance(stopped.cause, Terminated)
+            code, what = (143, "terminated (SIGTERM)") if terminated else (130, "interrupted")
             _error_line(f"{what}: running jobs were killed; {len(stopped.result.jobs)} finished jobs are in "
                         f"{out_dir}/batch.json; run the same command again to resume")
             sys.exit(code)

@@ -80,7 +80,8 @@ def thread_budget(parallel: int) -> int:
     return cores // parallel
 
 
-def select(jobs: list[Job], shard: Optional[tuple[int, int]], cadence: Optional[str]) -> tuple[list[Job], list[JobResult]]:
+def select(jobs: list[Job], shard: Optional[tuple[int, int]],
+           cadence: Optional[str]) -> tuple[list[Job], list[JobResult]]:
     """(jobs to run, skipped results): the shard's share (every N-th job in name order, from the K-th) and, with
     a cadence, only the jobs that name it (or name none)."""
     if shard is not None:
@@ -104,6 +105,8 @@ def run_batch(loaded: LoadedManifest, options: Options, events: Events | None = 
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     jobs, skipped = select(loaded.jobs, options.shard, options.cadence)
     jobs = [_capped(job, threads) for job in jobs]
+    for result in skipped:
+        _finish(events, result)
     options.out.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     results: dict[str, JobResult] = {}
