@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "vitcompress"
 #: Modules any layer may use: they import nothing of vitcompress but each other.
 LEAVES = {"vitcompress.errors", "vitcompress.runtime", "vitcompress.hooks", "vitcompress.cka", "vitcompress.bundle",
-          "vitcompress.bundle_predict"}
+          "vitcompress.bundle_predict", "vitcompress.timing_lock"}
 
 
 def module_name(path: Path) -> str:
@@ -95,3 +95,15 @@ def test_no_import_cycle():
     for name in MODULES:
         if name not in state:
             visit(name, [name])
+
+
+def test_only_the_cli_imports_batch_and_batch_runs_the_pipeline_in_subprocesses():
+    """batch sits beside api: cli → batch; batch never imports api, cli, planner or the stages (it runs
+    ``python -m vitcompress convert`` per job), and nothing below the CLI imports it."""
+    users = {m for m, imports in GRAPH.items()
+             if any(in_layer(i, "batch") for i in imports) and not in_layer(m, "batch")}
+    assert users <= {"vitcompress.cli"}, sorted(users)
+    for name in (m for m in MODULES if in_layer(m, "batch")):
+        forbidden = {m for m in GRAPH[name] if in_layer(m, "stages") or m in {"vitcompress.cli", "vitcompress.api",
+                                                                               "vitcompress.planner"}}
+        assert not forbidden, f"{name} imports {sorted(forbidden)}"

@@ -1,4 +1,4 @@
-"""``python -m vitcompress``: the command line."""
+"""``python -m vitcompress``: the command line, as the ``vitcompress`` console script (used by batch jobs)."""
 
 from vitcompress.cli import main
 

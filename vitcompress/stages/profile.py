@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vitcompress.context import RunContext
 from vitcompress.profile import profile_models
+from vitcompress.timing_lock import latency_lock
 
 
 def run(ctx: RunContext) -> None:
@@ -17,6 +18,7 @@ def run(ctx: RunContext) -> None:
         return
     batch = config.batch_sizes[0]
     ctx.progress.stage("profile", f"onnxruntime profiler, batch {batch}, {config.profile_runs} runs per model")
-    ctx.report["profile"] = profile_models(
-        {"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, {"converted": ctx.report["steps"]},
-        batch_size=batch, runs=config.profile_runs, warmup_runs=config.warmup_runs, threads=config.threads)
+    with latency_lock("profile"):
+        ctx.report["profile"] = profile_models(
+            {"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, {"converted": ctx.report["steps"]},
+            batch_size=batch, runs=config.profile_runs, warmup_runs=config.warmup_runs, threads=config.threads)

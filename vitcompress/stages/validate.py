@@ -22,6 +22,7 @@ from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.recipe import ValidateConfig
 from vitcompress.runtime import ENTROPY, LOGITS, measure_latency, open_session, run_batches
 from vitcompress.stages.measure import count_macs, count_params
+from vitcompress.timing_lock import latency_lock
 
 EVAL_BATCH = 128
 PARITY_IMAGES = 256
@@ -76,9 +77,11 @@ def latency_images(dataset: Dataset, count: int) -> np.ndarray:
 def latency(paths: dict[str, Path], config: ValidateConfig, images: np.ndarray | None = None,
             runs: int | None = None) -> dict[str, dict]:
     """:func:`vitcompress.runtime.measure_latency` with the recipe's threads, batch sizes, runs and warm-up
-    (``runs`` overrides the recipe's ``latency_runs``)."""
-    return measure_latency(paths, batch_sizes=config.batch_sizes, threads=config.threads,
-                           runs=runs or config.latency_runs, warmup=config.warmup_runs, images=images)
+    (``runs`` overrides the recipe's ``latency_runs``), holding the machine's latency lock under ``vitcompress
+    batch`` (:mod:`vitcompress.timing_lock`) so that parallel jobs never time their models at once."""
+    with latency_lock("latency " + ", ".join(paths)):
+        return measure_latency(paths, batch_sizes=config.batch_sizes, threads=config.threads,
+                               runs=runs or config.latency_runs, warmup=config.warmup_runs, images=images)
 
 
 def top1(classes: np.ndarray, labels: np.ndarray) -> float | None:

@@ -1,0 +1,205 @@
+"""Content keys of batch jobs: when a finished bundle may stand for a job, and why it may not.
+
+The conversion key is the sha256 of what decides the converted model and its accuracy numbers: the resolved
+recipe (after overrides) without its gate thresholds and timing settings, the model name, the weights (the
+checkpoint file's sha256, the embedded weights' sha256, the timm pretrained tag, or random init), a data
+fingerprint, the fine-tune seed, the device kind and the versions of vitcompress, torch, timm, onnx, onnxscript
+and onnxruntime. No paths, job names, gates or timestamps: moving a checkout, renaming a job or changing a
+threshold keeps the key. Latency is keyed on top by the timing settings and a machine fingerprint (CPU model,
+cores, threads, onnxruntime version).
+
+``cache_key.json`` in each job folder keeps the components of the bundle on disk and of the last check, so a
+miss names what changed ("recipe changed", "timm 1.0.30 → 1.0.31", "machine changed: …").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from vitcompress.batch.manifest import Job
+
+KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxruntime")
+#: Recipe fields that only set gate thresholds (re-evaluated from report.json, never a reason to convert).
+GATE_FIELDS = ("max_abs_diff", "max_top1_drop", "min_agreement")
+#: Recipe fields that only change latency measurement: part of the latency key.
+TIMING_FIELDS = ("batch_sizes", "latency_runs", "warmup_runs", "profile_runs")
+CHUNK = 1 << 20
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@cache
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@cache
+def package_versions() -> dict[str, str]:
+    found = {}
+    for package in KEY_PACKAGES:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def available_cores() -> int:
+    """CPU cores this process may use (its affinity mask, e.g. a CI container's share), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def machine_fingerprint(threads: int) -> dict[str, Any]:
+    """What latency depends on besides the models: CPU model, usable cores, onnxruntime's intra-op threads (the
+    recipe's ``validate.threads``) and its version."""
+    return {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
+            "onnxruntime": package_versions()["onnxruntime"]}
+
+
+def _weights(job: Job) -> str:
+    if job.random_init:
+        return "random init"
+    if job.checkpoint is not None:
+        return f"checkpoint sha256:{sha256_file(job.checkpoint)}"
+    from vitcompress.models import REFERENCE_MODEL, reference_weights_path, resolve_name
+
+    resolved = resolve_name(job.model)
+    if resolved == REFERENCE_MODEL:
+        return f"embedded sha256:{sha256_file(reference_weights_path())}"
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(resolved)
+    return f"timm pretrained {resolved}.{getattr(cfg, 'tag', None) or 'default'}"
+
+
+def data_fingerprint(job: Job) -> str:
+    """The data's identity: a name for built-in data (Fashion-MNIST: the sha256 of its files), for an image
+    directory the sha256 of every file's relative path, size and modification time (not the images' bytes:
+    reading a large dataset on every batch would cost more than the conversions it saves)."""
+    from vitcompress.models import REFERENCE_MODEL, resolve_name
+
+    data = job.data
+    if data is None:
+        data = "synthetic" if job.random_init or resolve_name(job.model) != REFERENCE_MODEL else "fmnist"
+    if data == "synthetic":
+        return "synthetic"
+    if data == "fmnist":
+        from vitcompress.data import fmnist_dir
+
+        files = sorted(p for p in fmnist_dir().glob("*-ubyte*") if p.is_file())
+        return "fmnist " + sha256_text(canonical([(p.name, sha256_file(p)) for p in files]))
+    root = Path(data)
+    entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in root.rglob("*") if p.is_file())
+    return f"directory ({len(entries)} files) " + sha256_text(canonical(entries))
+
+
+def _device(job: Job) -> str:
+    finetune = job.recipe.finetune
+    if finetune is None:
+        return "cpu"
+    if finetune.device != "auto":
+        return finetune.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def job_components(job: Job) -> dict[str, Any]:
+    """Everything the two keys hash, by name (kept in cache_key.json to explain a miss). The batch's thread
+    budget for torch is not in it: it changes how fast a job converts, not what it measures."""
+    recipe = job.recipe.model_dump(mode="json", by_alias=True)
+    validate = recipe["validate"]
+    timing = {k: validate.pop(k) for k in TIMING_FIELDS}
+    ort_threads = validate.pop("threads")
+    for gate in GATE_FIELDS:
+        validate.pop(gate)
+    return {
+        "conversion": {
+            "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
+            "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
+            "device": _device(job), "versions": package_versions(),
+        },
+        "latency": {"timing": timing, "machine": machine_fingerprint(ort_threads)},
+    }
+
+
+def keys_of(components: dict[str, Any]) -> tuple[str, str]:
+    """(conversion key, latency key) of :func:`job_components`' result."""
+    conversion = sha256_text(canonical(components["conversion"]))
+    return conversion, sha256_text(conversion + canonical(components["latency"]))
+
+
+LABELS = {"recipe": "recipe changed", "model": "model changed", "weights": "weights changed",
+          "data": "data changed", "seed": "seed changed", "device": "device changed"}
+
+
+def miss_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why a bundle made with ``old`` components does not stand for ``new`` ones ([] = a hit)."""
+    if old is None:
+        return ["no finished bundle (first run, or the last run failed or was interrupted)"]
+    reasons = []
+    before, after = old["conversion"], new["conversion"]
+    for key, label in LABELS.items():
+        if before.get(key) != after.get(key):
+            detail = f": {before.get(key)} → {after.get(key)}" if key in ("model", "seed", "device") else ""
+            reasons.append(label + detail)
+    for package, value in after["versions"].items():
+        if before.get("versions", {}).get(package) != value:
+            reasons.append(f"{package} {before.get('versions', {}).get(package, '?')} → {value}")
+    if reasons:
+        return reasons
+    for part in ("timing", "machine"):
+        was, now = old["latency"][part], new["latency"][part]
+        changed = [f"{k} {was.get(k)} → {now.get(k)}" for k in now if was.get(k) != now.get(k)]
+        if changed:
+            reasons.append(f"{'latency settings' if part == 'timing' else 'machine'} changed ({', '.join(changed)}): "
+                           "latency is re-measured by converting again (a bundle keeps no original ONNX to time "
+                           "against)")
+    return reasons
+
+
+def read_key_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON atomically (a temporary sibling renamed over it): a killed batch never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    tmp.replace(path)
