@@ -124,7 +124,7 @@ class Recipe(_Strict):
         return self.cascade.low if self.cascade is not None else self.steps
 
 
-def _format_error(source: str, prefix: str, exc: ValidationError, model: type[BaseModel]) -> str:
+def format_validation_error(source: str, prefix: str, exc: ValidationError, model: type[BaseModel]) -> str:
     err = exc.errors()[0]
     loc = [prefix] if prefix else []
     loc += [str(p) for p in err["loc"]]
@@ -172,7 +172,7 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     try:
         recipe = Recipe.model_validate({**data, "steps": steps})
     except ValidationError as exc:
-        raise RecipeError(_format_error(source, "", exc, Recipe)) from None
+        raise RecipeError(format_validation_error(source, "", exc, Recipe)) from None
     _check_stages(recipe, source)
     return recipe
 
@@ -219,7 +219,7 @@ def _parse_steps(raw_steps: Any, source: str, where: str) -> list[TransformConfi
         try:
             steps.append(transform.config.model_validate(step))
         except ValidationError as exc:
-            raise RecipeError(_format_error(source, f"{where}.{i}", exc, transform.config)) from None
+            raise RecipeError(format_validation_error(source, f"{where}.{i}", exc, transform.config)) from None
     return steps
 
 

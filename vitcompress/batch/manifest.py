@@ -23,7 +23,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vitcompress.errors import RecipeError, VitCompressError
-from vitcompress.recipe import Recipe, _format_error, load_recipe, read_recipe_file, resolve_recipe
+from vitcompress.recipe import Recipe, format_validation_error, load_recipe, read_recipe_file, resolve_recipe
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: Data sources that are not directories.
@@ -130,7 +130,7 @@ def load_manifest(path: Path, extra_overrides: list[str] | None = None, smoke: b
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(_format_error(str(path), "", exc, Manifest)) from None
+        raise ManifestError(format_validation_error(str(path), "", exc, Manifest)) from None
     specs: list[tuple[str, JobSpec]] = []
     if manifest.matrix is not None:
         m = manifest.matrix
