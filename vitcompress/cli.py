@@ -363,8 +363,8 @@ def recipes() -> None:
 @main.command()
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(1), metavar="K",
-              help="classes per image (at most the model's class count)")
+@click.option("--top-k", type=click.IntRange(1), metavar="K",
+              help="classes per image, at most the model's class count [default: 5, or all when fewer]")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 4096), metavar="B",
               help="images per onnxruntime run")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(1, 256), help="ORT intra-op threads")
@@ -385,6 +385,7 @@ def predict(bundle, images, top_k, batch_size, threads, provider, cascade_dir, a
         raise click.UsageError("give a BUNDLE and at least one IMAGE or directory of images")
     with user_errors():
         predictor = BundlePredictor(bundle, threads, provider, cascade_only=cascade_dir is not None)
+    top_k = min(5, predictor.classes) if top_k is None else top_k
     if top_k > predictor.classes:
         raise click.BadParameter(f"{top_k} is out of range: the model has {predictor.classes} classes "
                                  f"(1–{predictor.classes})", param_hint="'--top-k'")

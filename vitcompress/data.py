@@ -89,7 +89,8 @@ def fmnist_dataset(split: str, limit: int | None = None) -> TensorDataset:
 
 
 class ImageDirectory(Dataset):
-    """Images under a directory, preprocessed with a timm eval transform.
+    """Images under a directory, preprocessed by the runtime's :class:`~vitcompress.runtime.Preprocessing` (timm's
+    eval transform, tested equal to it): calibration, fine-tune and validation see the pixels a deployed bundle sees.
 
     ``DIR/<class>/<img>`` gives labelled data, each folder labelled by ``class_index`` (folder name → the
     model's class index, from :meth:`vitcompress.labels.ClassSpace.map_folders`); images directly under ``DIR``
@@ -121,7 +122,7 @@ class ImageDirectory(Dataset):
         path, label = self.items[index]
         try:
             with Image.open(path) as img:
-                return self.transform(img.convert(self.mode)), label
+                return torch.as_tensor(self.transform(img.convert(self.mode))), label
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DataError(f"image {path} cannot be read: {type(exc).__name__}: {exc}") from None
 

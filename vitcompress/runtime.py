@@ -225,6 +225,11 @@ class Preprocessing:
         return config
 
     @classmethod
+    def from_data_config(cls, data_config: Mapping) -> "Preprocessing":
+        """From timm's data config (``resolve_data_config``): what the exported metadata will say."""
+        return cls.from_metadata(preprocessing_metadata(data_config, None))
+
+    @classmethod
     def from_session(cls, session: ort.InferenceSession) -> "Preprocessing":
         return cls.from_metadata(session.get_modelmeta().custom_metadata_map)
 

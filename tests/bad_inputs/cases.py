@@ -235,7 +235,7 @@ CASES = [
     Case("unknown-option", ["convert", "test_vit", "--recipe", "{ok}", "--fast"], "No such option"),
     Case("unknown-command", ["compress", "test_vit"], "No such command"),
     Case("missing-recipe-option", ["convert", "test_vit"], "Missing option '--recipe'"),
-    Case("predict-without-images", ["predict", "--cascade", "{cascade}"], "Missing argument"),
+    Case("predict-without-images", ["predict", "--cascade", "{cascade}"], "at least one IMAGE"),
     Case("recipe-10-mb", ["convert", "test_vit", "--random-init", "--recipe", "{tmp}/big.yaml"],
          "a recipe is a small YAML file",
          write("big.yaml", b"# padding\n" * 1_100_000)),

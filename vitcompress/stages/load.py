@@ -16,6 +16,7 @@ from vitcompress.data import FMNIST_CLASSES, ImageDirectory, class_folders, firs
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
 from vitcompress.models import REFERENCE_MODEL, LoadedModel, load_model
+from vitcompress.runtime import Preprocessing
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
 
@@ -50,12 +51,10 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
-    from timm.data import create_transform
-
     train_root, val_root = split_roots(root)
     folders = sorted(set(class_folders(train_root)) | set(class_folders(val_root)))
     class_index = classes.map_folders(folders, labels, where=f"--data {spec}") if folders else None
-    transform = create_transform(**data_config, is_training=False)
+    transform = Preprocessing.from_data_config(data_config)  # the deployed bundle's own preprocessing
     train = ImageDirectory(train_root, transform, in_chans=input_size[0], class_index=class_index)
     val = ImageDirectory(val_root, transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
     matched = (f"{len(folders)} class folders → the model's classes by "
