@@ -7,7 +7,7 @@ same with it), adds ``model.opt.onnx`` (basic) and ``model.ort``, then measures:
 of ``vitcompress verify`` (a fresh process, as a user runs it, and the checks alone), ``vitcompress predict``'s
 images/s (decode + preprocess + onnxruntime) at batch 1 and 32 on Fashion-MNIST test images saved as PNG, and
 the start-up time (session creation + first run) of model.onnx, model.opt.onnx and model.ort, interleaved.
-Writes bench/results/deploy.json and prints the markdown table README quotes.
+Writes bench/deploy.json and prints the markdown table README quotes.
 """
 
 from __future__ import annotations
@@ -105,8 +105,7 @@ def main() -> None:
         "predict_images_per_s": throughput,
         "startup_ms": {name: statistics.median(ms) for name, ms in startup.items()},
     }
-    (ROOT / "bench/results").mkdir(exist_ok=True)
-    (ROOT / "bench/results/deploy.json").write_text(json.dumps(result, indent=2) + "\n")
+    (ROOT / "bench/deploy.json").write_text(json.dumps(result, indent=2) + "\n")
     mb = 1 / 1e6
     print(f"Measured {result['date']} on {result['cpu']}, onnxruntime {args.threads} intra-op threads, load "
           f"average {result['load_average_1min']:.1f} at the end.\n")

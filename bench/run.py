@@ -183,6 +183,22 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gates_table(results: dict[str, dict]) -> str:
+    """Per shipped recipe and model, its as-shipped run's gates: each one's value against its limit."""
+    lines = ["| recipe | model | measured | gates (value vs limit) | result |", "|---|---|---|---|---|"]
+    for recipe, res in results.items():
+        for row in (r for r in res["rows"] if r["variant"] == recipe):
+            if "gates" in row:
+                cells = ", ".join(f"{g['gate']} {g['value']:.4g} {'≤' if g['gate'].startswith('max') else '≥'} "
+                                  f"{g['limit']:g}" for g in row["gates"] if g["value"] is not None)
+            else:  # measured before rows kept their gates: the values, and which gates failed
+                cells = f"max_abs_diff {row['max_abs_diff']:.4g}" + (
+                    f", top-1 drop {row['top1_original'] - row['top1']:.4g}, agreement {row['agreement']:.4g}"
+                    if row["top1"] is not None else "")
+            lines.append(f"| {recipe} | {row['model']} | {res['date']}, {res['machine']} | {cells} | {gate_cell(row)} |")
+    return "\n".join(lines) + "\n"
+
+
 def rebuild_tables(out: Path) -> str:
     """Rebuild ``results.json`` (all recipes), ``results.md``, ``pareto.png`` and README's table from every
     ``results/<recipe>.json``; returns the table."""
@@ -193,6 +209,7 @@ def rebuild_tables(out: Path) -> str:
     image = "\n![accuracy vs latency on vit_fmnist]({})\n" if plot(results, out / "pareto.png") else ""
     (out / "results.md").write_text(table + image.format("pareto.png"))
     replace_readme_block("bench", table + image.format("bench/pareto.png"))
+    replace_readme_block("gates", gates_table(results))
     return table
 
 
