@@ -221,6 +221,9 @@ def main() -> None:
     parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and README's table")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the latency runs (random weights), not the reference model's accuracy runs")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="only each model's as-shipped run (the rows the gates are checked on) and its int8 "
+                             "comparison, not the no-fine-tune and extra variants")
     args = parser.parse_args()
     recipes = [ROOT / "recipes" / f"{BASELINE}.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))]
     if args.recipes:
@@ -232,7 +235,7 @@ def main() -> None:
     for recipe in [] if args.tables_only else recipes:
         rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
         for model, label, overrides, kwargs in runs_of(recipe):
-            if args.latency_only and kwargs != LATENCY_ONLY:
+            if args.latency_only and kwargs != LATENCY_ONLY or args.shipped_only and model in measured:
                 continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
