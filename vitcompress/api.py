@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vitcompress import distributed
 from vitcompress.context import ConvertSettings, DataBundle, DeployOptions, LogProgress, Progress, RunContext
 from vitcompress.data import UNLABELLED
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
@@ -37,11 +38,13 @@ from vitcompress.models import LoadedModel, resolve_name
 from vitcompress.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
+from vitcompress.stages import bundle, cascade, checkpoint, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
 STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
+#: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
+TRAINING_STAGES = (load, transform, finetune)
 IN_MEMORY_WEIGHTS = "in-memory module"
 
 Steps = Union[TransformConfig, Sequence[TransformConfig], Recipe, str, Path]
@@ -168,10 +171,11 @@ def _images(batches: Iterable[Any], step: str) -> Iterable[torch.Tensor]:
 
 @dataclass
 class ConvertResult:
-    """What :func:`convert` made: the converted module, its report, and where the files are."""
+    """What :func:`convert` made: the converted module, its report, and where the files are. On the ranks of a
+    torchrun job other than 0, which only train, ``report`` is None and nothing was written."""
 
     model: nn.Module = field(repr=False)
-    report: Report = field(repr=False)
+    report: Report | None = field(repr=False)
     onnx_path: Path
     out_dir: Path
 
@@ -189,6 +193,7 @@ def convert(
     labels: str | Path | None = None,
     progress: Progress | None = None,
     deploy: DeployOptions | None = None,
+    resume: bool = False,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
 
@@ -214,6 +219,12 @@ def convert(
         progress: receives stage and progress events (default: ``logging``).
         deploy: offline-optimised files for the bundle (``model.opt.onnx``, ``model.ort``): see
             :func:`vitcompress.optimize.optimize_offline`; checked before anything runs.
+        resume: continue an interrupted conversion into the same ``out_dir`` from its last fine-tune checkpoint
+            (``finetune.checkpoint_every``); the resolved recipe, model, weights, data and process count must be
+            those of the interrupted run.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process loads, transforms and fine-tunes (DDP); rank 0 alone
+    exports, validates and writes; the others return a result whose ``report`` is None.
 
     Returns:
         A :class:`ConvertResult`: the converted module, the :class:`~vitcompress.report.Report`, the ONNX path
@@ -232,19 +243,55 @@ def convert(
     if deploy is not None:
         check_options(deploy.optimize_offline, deploy.for_this_machine)
     bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
+    place = distributed.from_env(cuda=_trains_on_cuda(recipe))
+    check_world_size(recipe, place.world_size)
     temporary = out_dir is None
-    if not temporary:
+    if not temporary and place.is_main:
         _check_out_dir(Path(out_dir), force)
+    if temporary and resume:
+        raise OutputError("--resume continues a conversion into its output directory: name it (out_dir)")
     out_dir = Path(tempfile.mkdtemp(prefix="vitcompress-")) if temporary else Path(out_dir)
     settings = dataclasses.replace(settings, out_dir=out_dir, data=data if isinstance(data, str) else None,
                                    deploy=deploy or DeployOptions(),
-                                   force=force, labels=label_mapping)
+                                   force=force, labels=label_mapping, resume=resume)
     try:
-        return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress())
+        place = distributed.setup(cuda=_trains_on_cuda(recipe))
+        return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress(), place,
+                           checkpointed=not temporary)
     except BaseException:
         if temporary:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
+    finally:
+        distributed.teardown()
+
+
+def preflight(model: str | None, recipe: str | Path, *, world_size: int, out_dir: str | Path,
+              overrides: list[str] | None = None, force: bool = False, resume: bool = False,
+              weights: str | Path | None = None, random_init: bool = False, data: str | None = None) -> None:
+    """The checks :func:`convert` makes before any work, for a launcher about to start ``world_size`` processes
+    of it (``convert --nproc``): a bad recipe, a batch that does not divide, an unusable output directory or a
+    resume of another run fail here, once, before any process starts."""
+    loaded = load_recipe(recipe, overrides)
+    _, settings = _model_settings(model, loaded, weights, random_init)
+    check_world_size(loaded, world_size)
+    _check_out_dir(Path(out_dir), force)
+    if resume:
+        identity = checkpoint.run_identity(dump_recipe(loaded), settings.model, settings.checkpoint, random_init,
+                                           data, world_size)
+        checkpoint.check_resumable(checkpoint.directory_for(Path(out_dir)), identity)
+
+
+def _trains_on_cuda(recipe: Recipe) -> bool:
+    """Whether the fine-tune will run on CUDA (then a torchrun job uses nccl, else gloo)."""
+    return recipe.finetune is not None and recipe.finetune.device != "cpu" and torch.cuda.is_available()
+
+
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """``finetune.batch_size`` is the global batch: it must divide evenly among ``world_size`` processes."""
+    if recipe.finetune is not None and recipe.finetune.batch_size % world_size:
+        raise RecipeError(f"finetune.batch_size {recipe.finetune.batch_size} is the global batch and does not "
+                          f"divide among {world_size} processes: use a multiple of {world_size}")
 
 
 def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: str | Path | None,
@@ -341,27 +388,42 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
-                data: DataBundle | None, progress: Progress) -> ConvertResult:
-    """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished."""
+                data: DataBundle | None, progress: Progress, place: distributed.Dist = distributed.Dist(),
+                checkpointed: bool = True) -> ConvertResult:
+    """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished.
+
+    In a torchrun job, ranks other than 0 run only the training stages, in a scratch directory, and write
+    nothing; every rank checks after the transform and after the fine-tune that it holds rank 0's model."""
     out_dir = settings.out_dir
-    created = _make_parents(out_dir)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    work_dir.chmod(0o755)
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
-    ctx = RunContext(settings=settings, recipe=recipe, work_dir=work_dir, scratch_dir=scratch_dir,
-                     progress=progress, original=original, data=data)
+    checkpoints = checkpoint.directory_for(out_dir) if checkpointed else None
+    ctx = RunContext(settings=settings, recipe=recipe, work_dir=scratch_dir, scratch_dir=scratch_dir,
+                     progress=progress, original=original, data=data, dist=place, checkpoint_dir=checkpoints)
+    if not place.is_main:
+        try:
+            _train(ctx)
+        finally:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
+        return ConvertResult(model=ctx.model, report=None, onnx_path=out_dir / "model.onnx", out_dir=out_dir)
+    created = _make_parents(out_dir)
+    ctx.work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    ctx.work_dir.chmod(0o755)
     ctx.report.update(recipe=recipe_source, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       machine=machine_description(),
                       versions={"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
                                 "timm": _version("timm"), "onnx": _version("onnx")})
+    identity = checkpoint.run_identity(dump_recipe(recipe), settings.model, settings.checkpoint,
+                                       settings.random_init, settings.data, place.world_size)
+    enabled = recipe.finetune is not None and recipe.finetune.checkpoint_every is not None
     try:
-        with output_lock(out_dir):
-            (work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
-            for stage in STAGES:
+        with output_lock(out_dir), checkpoint.lifetime(checkpoints, identity, settings.resume, enabled):
+            (ctx.work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
+            _train(ctx)
+            for stage in STAGES[len(TRAINING_STAGES):]:
                 stage.run(ctx)
-            _replace(out_dir, work_dir)
+            _replace(out_dir, ctx.work_dir)
     except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
         for directory in created:  # the parents this run made, deepest first, if still empty
             with contextlib.suppress(OSError):
                 directory.rmdir()
@@ -370,6 +432,15 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
                          onnx_path=out_dir / "model.onnx", out_dir=out_dir)
+
+
+def _train(ctx: RunContext) -> None:
+    """The stages every rank runs: load, transform, fine-tune; in a torchrun job, each followed by the check
+    that all ranks hold the same model (a rank that diverged would silently train something else)."""
+    for stage in TRAINING_STAGES:
+        stage.run(ctx)
+        if stage is not load:
+            distributed.check_identical(ctx.model, ctx.dist, f"after the {stage.__name__.rpartition('.')[2]} stage")
 
 
 def _make_parents(out_dir: Path) -> list[Path]:

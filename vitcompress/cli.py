@@ -101,21 +101,36 @@ def user_errors():
     try:
         yield
     except VitCompressError as exc:
-        _error_line(str(exc))
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _error_line("interrupted (Ctrl-C); nothing was written")
-        sys.exit(130)
+        _fail("interrupted (Ctrl-C); nothing was written", 130, quiet_in_worker=True)
     except Terminated:
-        _error_line("terminated (SIGTERM); nothing was written")
-        sys.exit(143)
+        _fail("terminated (SIGTERM); nothing was written", 143, quiet_in_worker=True)
     except Exception as exc:
+        from vitcompress.launch import is_collective_failure
+
         detail = (str(exc).strip().splitlines() or [""])[0]
-        _error_line(f"internal error: {type(exc).__name__}: {detail} (full traceback in {_crash_log(exc)}; "
-                    "please report it)")
-        sys.exit(CRASH_EXIT_CODE)
+        _fail(f"internal error: {type(exc).__name__}: {detail} (full traceback in {_crash_log(exc)}; "
+              "please report it)", CRASH_EXIT_CODE, secondary=is_collective_failure(exc))
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _fail(message: str, code: int, secondary: bool = False, quiet_in_worker: bool = False) -> None:
+    """Print the error line and exit with ``code``. In a torchrun worker the line names the rank and goes to
+    torchrun's error file too; under ``convert --nproc`` the launcher prints it (once, for the rank that failed
+    first), and a worker stopped by a signal (torchrun stops them all when one fails) prints nothing."""
+    from vitcompress.launch import LAUNCHED_ENV, in_worker, record_failure, worker_rank
+
+    if in_worker():
+        if quiet_in_worker:
+            sys.exit(code)
+        message = f"rank {worker_rank()}: {message}"
+        record_failure(message, secondary)
+        if os.environ.get(LAUNCHED_ENV):
+            sys.exit(code)
+    _error_line(message)
+    sys.exit(code)
 
 
 def _report_table(report: Report) -> Table:
@@ -191,10 +206,12 @@ class OneLineErrors(click.Group):
     """A click group whose usage errors (unknown option, bad number, missing argument) are one ``error:`` line
     and exit code 2, like every other bad input, instead of click's three-line usage block."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        # the command line as given, for `convert --nproc` to start the same command in every process
+        kwargs["obj"] = {"argv": list(args) if args is not None else sys.argv[1:]}
         try:
-            code = super().main(*args, **kwargs)
+            code = super().main(args, *rest, **kwargs)
         except click.ClickException as exc:
             context = getattr(exc, "ctx", None)
             _error_line(exc.format_message() + (f" (see '{context.command_path} --help')" if context else ""))
@@ -229,9 +246,19 @@ def main(verbose: bool) -> None:
               help="add model.opt.onnx, optimised by onnxruntime at LEVEL (beyond basic: --for-this-machine)")
 @click.option("--for-this-machine", is_flag=True, help="allow offline levels tied to this machine's CPU (recorded)")
 @click.option("--ort-format", is_flag=True, help="add model.ort, written by onnxruntime's ORT-format converter")
+@click.option("--nproc", type=click.IntRange(1, 1024), default=1, show_default=True, metavar="N",
+              help="fine-tune in N processes (DDP) on this machine, started by torchrun's launcher")
+@click.option("--resume", is_flag=True, help="continue an interrupted conversion into --out from its last "
+              "fine-tune checkpoint (finetune.checkpoint_every)")
 def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json,
-            optimize_offline, for_this_machine, ort_format) -> None:
-    """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it."""
+            optimize_offline, for_this_machine, ort_format, nproc, resume) -> None:
+    """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it.
+
+    Under torchrun (`torchrun --nproc-per-node N -m vitcompress convert ...`) every process fine-tunes its share
+    of the global batch; rank 0 exports, validates and writes. `--nproc N` starts torchrun for you."""
+    if nproc > 1:
+        _launch(nproc, model=model, recipe=recipe_path, out_dir=out_dir, overrides=list(overrides), force=force,
+                resume=resume, weights=checkpoint, random_init=random_init, data=data)
     if model and checkpoint is None and not random_init:
         from vitcompress.models import check_pretrained_available
 
@@ -246,8 +273,10 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     with user_errors(), bars as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar),
+                             progress=RichProgress(bar), resume=resume,
                              deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
+    if report is None:
+        return  # a torchrun rank other than 0: it trained; rank 0 writes and reports
     if as_json:
         click.echo(report.dump_json())
     else:
@@ -263,6 +292,38 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     if report.failed_gates:
         console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
         sys.exit(1)
+
+
+def _launch(nproc: int, **options: Any) -> None:
+    """``convert --nproc N``: check the command once, then run it (without ``--nproc``) in N processes through
+    torch.distributed.run; exits with the run's code, printing the error line of the rank that failed first."""
+    from vitcompress.errors import UsageError
+    from vitcompress.launch import in_worker, launch
+
+    with user_errors():
+        if in_worker():
+            raise UsageError("--nproc starts torchrun itself: under torchrun, leave --nproc out")
+        from vitcompress.api import preflight
+
+        preflight(options.pop("model"), options.pop("recipe"), world_size=nproc, **options)
+    argv = click.get_current_context().obj["argv"]
+    code, line = launch(nproc, _without_nproc(argv))
+    if line:
+        _error_line(line)
+    sys.exit(code)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` / ``--nproc=N``."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            out.append(token)
+    return out
 
 
 @main.command()

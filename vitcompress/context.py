@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 from torch import nn
 from torch.utils.data import Dataset
 
+from vitcompress.distributed import Dist
 from vitcompress.models import LoadedModel
 from vitcompress.recipe import Recipe
 
@@ -88,6 +89,7 @@ class ConvertSettings:
     random_init: bool = False
     labels: dict[str, int | str] | None = None
     deploy: DeployOptions = field(default_factory=DeployOptions)
+    resume: bool = False
 
 
 @dataclass
@@ -103,6 +105,10 @@ class RunContext:
     model: nn.Module | None = None
     data: DataBundle | None = None
     report: dict[str, Any] = field(default_factory=dict)
+    #: this process's place in a torchrun job (one process by default)
+    dist: Dist = field(default_factory=Dist)
+    #: where the fine-tune saves checkpoints (rank 0) and a resume reads them; None: no checkpoints
+    checkpoint_dir: Path | None = None
 
     @property
     def onnx_path(self) -> Path:

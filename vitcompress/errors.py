@@ -49,3 +49,7 @@ class GateError(VitCompressError):
 
 class UsageError(VitCompressError):
     """Options that cannot be used together, or a value out of range for the model at hand."""
+
+
+class ResumeError(VitCompressError):
+    """``--resume`` cannot continue: no checkpoint, or one of a different recipe, model, data or process count."""

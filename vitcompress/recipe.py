@@ -32,11 +32,14 @@ class CalibrationConfig(_Strict):
 
 
 class DistillConfig(_Strict):
-    """Loss weights of the fine-tune: KL to the teacher's logits, CE on labels when the data has them."""
+    """Loss weights of the fine-tune: KL to the teacher's logits, CE on labels when the data has them, MSE to the
+    teacher's final tokens."""
 
     logits_kl: float = Field(1.0, ge=0)
     labels_ce: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
+    tokens_mse: float = Field(0.0, ge=0, description="MSE between the student's and the teacher's final token "
+                              "features (before the head), as DeiT / ShiftAddViT feature distillation; 0: off")
 
 
 class FinetuneConfig(_Strict):
@@ -45,7 +48,8 @@ class FinetuneConfig(_Strict):
     steps: int = Field(200, ge=0, le=1_000_000, description="optimizer steps; 0: no fine-tune (as finetune: null)")
     lr: float = Field(5e-5, gt=0, le=10.0)
     weight_decay: float = Field(0.05, ge=0)
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(64, ge=1, le=4096, description="global batch: each of N torchrun processes takes "
+                            "batch_size / N (which must divide evenly)")
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     max_loss_ratio: float = Field(10.0, gt=1, description="divergence guard: stop and restore the weights from "
@@ -55,6 +59,13 @@ class FinetuneConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: auto = cuda when torch sees a GPU, else cpu (the model returns to cpu)"
     )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype of the forward passes (fp16 adds a gradient scaler); weights stay fp32")
+    workers: Optional[int] = Field(None, ge=0, le=256, description="DataLoader worker processes per rank (0: load "
+                                   "in the training process); default: the cores the training threads leave free")
+    checkpoint_every: Optional[int] = Field(
+        None, ge=1, description="save a checkpoint every this many steps (and on SIGTERM) beside the output, for "
+                                "`convert --resume`; default: none")
     distill: DistillConfig = Field(default_factory=DistillConfig)
     stages: Optional[list[list[str]]] = Field(
         None, description="staged fine-tune: apply these groups of the steps' transforms one after the other, "

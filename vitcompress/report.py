@@ -62,6 +62,14 @@ class FinetuneRun(_Section):
     images_per_second: float
     stopped: Optional[str]
     device: str
+    world_size: int = Field(1, description="training processes (torchrun); images_per_second is their sum")
+    per_rank_batch: Optional[int] = Field(None, description="images per process per step (the global batch / "
+                                          "world_size)")
+    backend: Optional[str] = Field(None, description="torch.distributed backend (gloo, nccl); None: one process")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    workers: Optional[int] = Field(None, description="DataLoader worker processes per rank")
+    skipped_images: int = Field(0, description="unreadable training images left out of their batch (warned)")
+    resumed_from_step: Optional[int] = Field(None, description="the checkpoint step a --resume continued from")
 
 
 class FinetuneStageRun(FinetuneRun):

@@ -39,7 +39,7 @@ def high_effort_model(ctx: RunContext):
     model = copy.deepcopy(ctx.original.model)
     steps = apply_steps(ctx, model, config.high)
     sub = dataclasses.replace(ctx, model=model, report={})
-    finetune.run(sub)
+    finetune.run(sub, checkpoints=False)
     return model, {"steps": steps, "finetune": sub.report["finetune"]}
 
 

@@ -11,21 +11,41 @@ loss finite while the weights wander — training stops and the weights from bef
 
 Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its
 group of recipe steps, then trains ``steps`` optimizer steps; the report sums the stages and lists each.
+
+Under ``torchrun`` the same loop runs in every process with DistributedDataParallel: each rank takes
+``batch_size / world_size`` images of the global batch (:mod:`vitcompress.stages.train_data`), the gradients
+are averaged, and the loss the guard judges is averaged over the ranks, so every rank takes the same decisions.
+``precision`` bf16/fp16 runs the forward passes under autocast (fp16 with a gradient scaler). With
+``checkpoint_every``, rank 0 saves a checkpoint (:mod:`vitcompress.stages.checkpoint`) every so many steps and
+when SIGTERM arrives; a resumed conversion continues from it exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from vitcompress import distributed
 from vitcompress.context import RunContext
-from vitcompress.errors import RecipeError
+from vitcompress.errors import DataError, RecipeError, ResumeError
 from vitcompress.recipe import FinetuneConfig, staged_steps
+from vitcompress.stages import checkpoint
+from vitcompress.stages.train_data import train_batches
 from vitcompress.stages.transform import apply_steps
+
+log = logging.getLogger("vitcompress")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
 
@@ -80,8 +100,12 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(losses).sum() if losses else None
 
 
-def distill_loss(student_logits, teacher_logits, labels, config: FinetuneConfig) -> torch.Tensor:
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 config: FinetuneConfig, student_tokens: torch.Tensor | None = None,
+                 teacher_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits_kl``·T²·KL + ``labels_ce``·CE (labelled images) + ``tokens_mse``·MSE(final tokens), in fp32."""
     d = config.distill
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     t = d.temperature
     loss = d.logits_kl * t * t * F.kl_div(
         F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1), log_target=True,
@@ -90,7 +114,23 @@ def distill_loss(student_logits, teacher_logits, labels, config: FinetuneConfig)
     has_label = labels >= 0
     if d.labels_ce > 0 and has_label.any():
         loss = loss + d.labels_ce * F.cross_entropy(student_logits[has_label], labels[has_label])
+    if d.tokens_mse > 0 and student_tokens is not None and teacher_tokens is not None:
+        loss = loss + d.tokens_mse * F.mse_loss(student_tokens.float(), teacher_tokens.float())
     return loss
+
+
+class TokensAndLogits(nn.Module):
+    """A timm ViT seen as ``(final tokens, logits)``: ``forward_features`` (the tokens before the head, for
+    ``tokens_mse``) then ``forward_head``, what its ``forward`` does in one call. One module, so that
+    DistributedDataParallel sees every forward."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.vit.forward_features(images)
+        return tokens, self.vit.forward_head(tokens)
 
 
 def training_device(requested: str) -> torch.device:
@@ -101,35 +141,119 @@ def training_device(requested: str) -> torch.device:
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
 
 
-def run(ctx: RunContext) -> None:
+
+
+def run(ctx: RunContext, checkpoints: bool = True) -> None:
+    """Fine-tune ``ctx.model`` (stage by stage with ``finetune.stages``); ``checkpoints=False`` for a second
+    model of the same conversion (the cascade's high-effort one), which is not checkpointed."""
     config = ctx.recipe.finetune
     if config is None:
         ctx.report["finetune"] = None
         return
+    saver = Checkpoints(ctx, config) if checkpoints else None
+    resume = saver.resume_state() if saver else None
     stages = staged_steps(ctx.recipe)
     if not stages:
-        ctx.report["finetune"] = train(ctx, config)
+        ctx.report["finetune"] = train(ctx, config, saver=saver, resume=resume)
         return
     results: list[dict] = []
     for number, indices in enumerate(stages):
         ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
         if results and results[-1]["stopped"]:
             continue  # a stopped stage ends training, but the recipe's transforms are all still applied
-        results.append({"transforms": config.stages[number], **train(ctx, config, f"stage {number + 1}/{len(stages)}")})
+        if resume is not None and number < resume.stage:
+            results.append(resume.progress["done"][number])  # finished before the interruption
+            continue
+        results.append({"transforms": config.stages[number], **train(
+            ctx, config, f"stage {number + 1}/{len(stages)}", stage=number, done=results, saver=saver,
+            resume=resume if resume is not None and resume.stage == number else None)})
     seconds = sum(r["seconds"] for r in results)
     steps_done = sum(r["steps_done"] for r in results)
+    last = results[-1]
     ctx.report["finetune"] = {
         "steps_done": steps_done, "steps_budget": config.steps * len(stages),
-        "first_loss": results[0]["first_loss"], "last_loss": results[-1]["last_loss"], "seconds": seconds,
-        "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": results[-1]["stopped"],
-        "device": results[-1]["device"], "stages": results,
+        "first_loss": results[0]["first_loss"], "last_loss": last["last_loss"], "seconds": seconds,
+        "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": last["stopped"],
+        **{key: last[key] for key in ("device", "world_size", "per_rank_batch", "backend", "precision", "workers")},
+        "skipped_images": sum(r["skipped_images"] for r in results),
+        "resumed_from_step": resume.step if resume is not None else None, "stages": results,
     }
 
 
-def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
+class Checkpoints:
+    """Where and when this fine-tune saves checkpoints (rank 0), and the state a resume continues from."""
+
+    def __init__(self, ctx: RunContext, config: FinetuneConfig) -> None:
+        self.ctx = ctx
+        self.every = config.checkpoint_every
+        self.directory = ctx.checkpoint_dir
+
+    @property
+    def enabled(self) -> bool:
+        return self.every is not None and self.directory is not None
+
+    def due(self, steps_done: int, budget: int) -> bool:
+        return self.enabled and steps_done % self.every == 0 and steps_done < budget
+
+    def resume_state(self) -> checkpoint.TrainState | None:
+        """The checkpoint to continue from (read by rank 0, sent to every rank); None without ``--resume``."""
+        if not (self.ctx.settings.resume and self.directory is not None):
+            return None
+        place = self.ctx.dist
+        state = [checkpoint.load(self.directory) if place.is_main else None]
+        if place.enabled:
+            torch_dist.broadcast_object_list(state, src=0)
+        if state[0] is None:
+            raise ResumeError(f"--resume: no checkpoint in {self.directory}: run without --resume")
+        return state[0]
+
+    def save(self, state: checkpoint.TrainState) -> None:
+        """Rank 0 writes ``state``; every rank waits for it, so none exits while the checkpoint is half-written."""
+        place = self.ctx.dist
+        if place.is_main:
+            path = checkpoint.save(self.directory, state)
+            log.info("checkpoint: %s", path)
+        if place.enabled:
+            torch_dist.barrier()
+
+
+class HeldSigterm:
+    """While training with checkpoints, SIGTERM only sets a flag: the loop saves a checkpoint at the end of the
+    step, then :meth:`redeliver` hands the signal to the handler that was there before (the CLI's, which cleans
+    up and exits 143), or exits with 143 when there was none."""
+
+    def __init__(self) -> None:
+        self.flag = threading.Event()
+        self.previous = None
+
+    def is_set(self) -> bool:
+        return self.flag.is_set()
+
+    def redeliver(self) -> None:
+        if callable(self.previous):
+            self.previous(signal.SIGTERM, None)
+        raise SystemExit(128 + signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def held(self, enabled: bool) -> Iterator["HeldSigterm"]:
+        usable = enabled and threading.current_thread() is threading.main_thread()
+        self.previous = signal.getsignal(signal.SIGTERM) if usable else None
+        if not usable or self.previous is signal.SIG_IGN:
+            yield self
+            return
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.flag.set())
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: int = 0, done: list[dict] | None = None,
+          saver: Checkpoints | None = None, resume: checkpoint.TrainState | None = None) -> dict:
     """Distil ``ctx.model`` from the original for ``config.steps`` optimizer steps; returns the run's summary."""
+    place = ctx.dist
     student, teacher = ctx.model, ctx.original.model
-    device = training_device(config.device)
+    device = distributed.device_for(place) or training_device(config.device)
     torch.manual_seed(config.seed)
     for name, param in student.named_parameters():
         param.requires_grad_(not (config.freeze_embed and name.split(".")[0] in FROZEN_EMBEDDINGS))
@@ -138,49 +262,108 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "") -> dict:
     guard = DivergenceGuard(config.max_loss_ratio)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    loader = torch.utils.data.DataLoader(
-        ctx.data.train, batch_size=min(config.batch_size, len(ctx.data.train)), shuffle=True, drop_last=True,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
-    batches = _cycle(loader)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    batches = train_batches(ctx.data.train, config.batch_size, place, config.seed, config.workers,
+                            pin_memory=device.type == "cuda")
+    progress = {"losses": [], "seen": 0, "seconds": 0.0, "skipped": 0}
+    if resume is not None:
+        before = _resume_into(student, optimizer, scheduler, scaler, guard, resume)
+        progress = dict(resume.progress["run"])
+    start = resume.step if resume is not None else 0
+    where = f"{place.world_size} processes ({place.backend}), {batches.per_rank_batch} images each, " \
+        if place.enabled else ""
     ctx.progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
-                                   f"lr {config.lr:g}, on {device}")
+                                   f"{where}lr {config.lr:g}, {config.precision}, on {device}"
+                                   + (f", resumed at step {start}" if resume is not None else ""))
     student.to(device)
     teacher.to(device)
+    net = TokensAndLogits(student)
+    # routed layers (those with an aux_loss, e.g. MoE) may leave an expert without tokens, hence without gradient
+    routed = any(hasattr(module, "aux_loss") for module in student.modules())
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
+                                    find_unused_parameters=routed) if place.enabled else net
+    teacher_net = TokensAndLogits(teacher)
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32")
     ctx.progress.start("finetune", config.steps)
+    if start:
+        ctx.progress.advance("finetune", start)
     student.train()
-    losses, stopped, t0, seen = [], None, time.perf_counter(), 0
-    for step in range(config.steps):
-        images, labels = next(batches)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.no_grad():
-            teacher_logits = teacher(images)
-        loss = distill_loss(student(images), teacher_logits, labels, config)
-        extra = aux_loss(student)
-        if extra is not None:
-            loss = loss + extra
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        verdict = guard.check(step, loss, grad_norm)
-        if verdict:
-            stopped, restore = verdict
-            if restore:
-                student.load_state_dict(before)
-            break
-        optimizer.step()
-        scheduler.step()
-        seen += len(images)
-        losses.append(loss.item())
-        ctx.progress.advance("finetune", loss=losses[-1], img_s=seen / (time.perf_counter() - t0))
+    losses, stopped = progress["losses"], None
+    t0 = time.perf_counter() - progress["seconds"]
+    stream = batches.from_step(start)
+    with HeldSigterm().held(saver is not None and saver.enabled) as terminating:
+        for step in range(start, config.steps):
+            images, labels, dropped = next(stream)
+            for reason in dropped:
+                log.warning("fine-tune: skipped an unreadable image: %s", reason)
+            progress["skipped"] += len(dropped)
+            if images is None:
+                raise DataError(f"fine-tune step {step}: no image of the batch could be read ({dropped[0]})")
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast:
+                with torch.no_grad():
+                    teacher_tokens, teacher_logits = teacher_net(images)
+                student_tokens, student_logits = model(images)
+            loss = distill_loss(student_logits, teacher_logits, labels, config, student_tokens, teacher_tokens)
+            extra = aux_loss(student)
+            if extra is not None:
+                loss = loss + extra.float()
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            shared = distributed.mean(torch.stack([loss.detach().float().cpu(), torch.tensor(float(len(images))),
+                                                   torch.tensor(float(terminating.is_set()))]).to(device), place)
+            # fp16: an overflowing gradient is the scaler's business (it skips the step and lowers the scale)
+            verdict = guard.check(step, shared[0], torch.zeros(()) if scaler.is_enabled() else grad_norm)
+            if verdict:
+                stopped, restore = verdict
+                if restore:
+                    student.load_state_dict(before)
+                break
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            progress["seen"] += round(shared[1].item() * place.world_size)
+            losses.append(shared[0].item())
+            ctx.progress.advance("finetune", loss=losses[-1], img_s=progress["seen"] / (time.perf_counter() - t0))
+            sigterm = shared[2].item() > 0
+            if saver is not None and (saver.due(step + 1, config.steps) or (sigterm and saver.enabled)):
+                progress["seconds"] = time.perf_counter() - t0
+                saver.save(checkpoint.TrainState(
+                    stage=stage, step=step + 1, student=student.state_dict(), before=before,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                    rng=checkpoint.rng_states(),
+                    progress={"run": {**progress, "guard": [guard.first, guard.smoothed]}, "done": done or []}))
+            if sigterm:
+                terminating.redeliver()
     ctx.progress.finish("finetune")
     student.cpu()
     teacher.cpu()
     student.eval()
     student.requires_grad_(False)
+    seconds = time.perf_counter() - t0
     return {
         "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "seconds": time.perf_counter() - t0,
-        "images_per_second": seen / max(time.perf_counter() - t0, 1e-9), "stopped": stopped,
-        "device": str(device),
+        "last_loss": losses[-1] if losses else None, "seconds": seconds,
+        "images_per_second": progress["seen"] / max(seconds, 1e-9), "stopped": stopped, "device": str(device),
+        "world_size": place.world_size, "per_rank_batch": batches.per_rank_batch, "backend": place.backend,
+        "precision": config.precision, "workers": batches.workers, "skipped_images": progress["skipped"],
+        "resumed_from_step": resume.step if resume is not None else None,
     }
+
+
+def _resume_into(student: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                 guard: DivergenceGuard, state: checkpoint.TrainState) -> dict[str, torch.Tensor]:
+    """Load a checkpoint's weights and training state; returns its weights from before the run."""
+    try:
+        student.load_state_dict(state.student)
+    except RuntimeError as exc:
+        raise ResumeError(f"--resume: the checkpoint's weights do not fit the converted model "
+                          f"({str(exc).splitlines()[0]}): start over without --resume") from None
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    scaler.load_state_dict(state.scaler)
+    checkpoint.restore_rng(state.rng)
+    guard.first, guard.smoothed = state.progress["run"]["guard"]
+    return state.before

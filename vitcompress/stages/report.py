@@ -65,7 +65,11 @@ def markdown(report: Report) -> str:
     if report.finetune:
         ft = report.finetune
         lines.append(f"- fine-tune: {ft.steps_done}/{ft.steps_budget} steps, loss {ft.first_loss:.4f} → "
-                     f"{ft.last_loss:.4f}, {ft.images_per_second:.0f} img/s"
+                     f"{ft.last_loss:.4f}, {ft.images_per_second:.0f} img/s, {ft.precision}"
+                     + (f", {ft.world_size} processes ({ft.backend}) × {ft.per_rank_batch} images"
+                        if ft.world_size > 1 else "")
+                     + (f", {ft.skipped_images} unreadable images skipped" if ft.skipped_images else "")
+                     + (f", resumed at step {ft.resumed_from_step}" if ft.resumed_from_step is not None else "")
                      + (f" — {ft.stopped}" if ft.stopped else ""))
     for step in report.steps:
         lines.append(f"- step {step.step} `{step.transform}`: {len(step.modules)} modules, params "

@@ -1,0 +1,63 @@
+"""DDP fine-tuning under torchrun: the same student from 2 gloo processes as from 1, and `convert --nproc`.
+
+The workers are real torchrun jobs (``python -m torch.distributed.run``) on the CPU with gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from tests.conftest import FAST
+from vitcompress.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def worker_env() -> dict[str, str]:
+    """The test's environment, with this checkout first on the path (the workers import vitcompress and tests)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                           str(nproc), *map(str, args)], env=worker_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_two_gloo_processes_train_the_same_student_as_one(tmp_path):
+    """4 steps, global batch 16: 2 processes × 8 images (DistributedSampler, averaged gradients) end with the
+    weights of 1 process × 16 images, to fp32 tolerance; the weights moved far more than that tolerance."""
+    two = torchrun(2, WORKER, tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, WORKER, tmp_path / "one"], env=worker_env(), cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    report = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    assert (report["world_size"], report["per_rank_batch"], report["backend"], report["steps_done"]) == (2, 8, "gloo", 4)
+    assert json.loads((tmp_path / "one" / "finetune.json").read_text())["world_size"] == 1
+    a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "two" / "student.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
+    from tests.distributed.ddp_worker import tiny_vit
+
+    start = tiny_vit().state_dict()
+    moved = max((a[k] - start[k]).abs().max().item() for k in a if k.startswith("blocks"))
+    assert moved > 1e-3
+
+
+def test_nproc_with_a_batch_that_does_not_divide_starts_nothing(tmp_path):
+    result = CliRunner().invoke(main, ["convert", "vit_fmnist", "--recipe", "svd", "--out", str(tmp_path / "out"),
+                                       "--nproc", "2", "--set", "finetune.batch_size=7"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "finetune.batch_size 7 is the global batch and does not divide among 2" in lines[0]
+    assert not any(tmp_path.iterdir())
