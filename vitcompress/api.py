@@ -400,6 +400,7 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
     ctx = RunContext(settings=settings, recipe=recipe, work_dir=scratch_dir, scratch_dir=scratch_dir,
                      progress=progress, original=original, data=data, dist=place, checkpoint_dir=checkpoints)
     if not place.is_main:
+        ctx.progress = LogProgress()  # rank 0 shows the progress; the others log it (at INFO)
         try:
             _train(ctx)
         finally:

@@ -47,15 +47,17 @@ def is_collective_failure(exc: BaseException) -> bool:
                                                                              "NCCL", "Connection reset"))
 
 
-def launch(nproc: int, argv: Sequence[str]) -> tuple[int, str | None]:
-    """Run ``python -m vitcompress ARGV`` in ``nproc`` processes; returns (exit code, the error line to print)."""
+def launch(nproc: int, argv: Sequence[str], program: Sequence[str] = ("--module", "vitcompress")) -> tuple[int, str | None]:
+    """Run ``python -m vitcompress ARGV`` (or another ``program``: a script) in ``nproc`` processes; returns
+    (exit code, the error line to print). The processes share the cores: ``OMP_NUM_THREADS`` = cores / nproc
+    unless set."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     logging.getLogger("torch.distributed").setLevel(logging.ERROR)
     os.environ[LAUNCHED_ENV] = "1"
-    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "--module", "vitcompress",
-                                         *argv])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), *program, *argv])
     try:
         run(args)
     except ChildFailedError as exc:

@@ -61,3 +61,25 @@ def test_nproc_with_a_batch_that_does_not_divide_starts_nothing(tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "finetune.batch_size 7 is the global batch and does not divide among 2" in lines[0]
     assert not any(tmp_path.iterdir())
+
+
+FAST_VALIDATE = ["validate.images=16", "validate.batch_sizes=[1]", "validate.latency_runs=3",
+                 "validate.warmup_runs=1", "validate.profile_runs=0"]
+
+
+def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
+    """torchrun's launcher (as `convert --nproc 2` starts it) on a command whose rank 1 raises in the fine-tune:
+    every rank ends, the launcher reports rank 1's error once, the workers print none, no bundle."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vit_fmnist\nsteps: []\nfinetune: {steps: 3, batch_size: 8}\n")
+    args = ["convert", "vit_fmnist", "--recipe", str(recipe), "--out", str(tmp_path / "out"),
+            *[f"--set={s}" for s in FAST_VALIDATE]]
+    code = ("import json, sys; from vitcompress.launch import launch; "
+            f"print(json.dumps(launch(2, {args!r}, program=[{str(Path(__file__).with_name('failing_rank.py'))!r}])))")
+    result = subprocess.run([sys.executable, "-c", code], env=worker_env(), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    exit_code, line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert exit_code == 70, result.stderr[-3000:]
+    assert line.startswith("rank 1: internal error: ValueError: injected failure on this rank"), line
+    assert "error:" not in result.stderr, "the workers print no error line of their own under the launcher"
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
