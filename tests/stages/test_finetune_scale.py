@@ -112,3 +112,26 @@ def test_resume_refuses_another_recipe(tmp_path):
     changed = {**identity, "recipe": "finetune:\n  lr: 0.01\n", "world_size": 2}
     with pytest.raises(ResumeError, match=r"recipe changed: 'lr: 0.001' → 'lr: 0.01'; world_size was 1, now 2"):
         checkpoint.check_resumable(tmp_path, changed)
+
+
+def test_sigterm_saves_a_checkpoint_at_the_end_of_the_step_then_exits_143(tmp_path, reference_model):
+    import os
+    import signal
+
+    student = perturbed(reference_model)
+    calls = []
+
+    def terminate_on_third_forward(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    student.blocks[0].register_forward_hook(terminate_on_third_forward)
+    images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    ctx = make_context(reference_model, student, images, labels, steps=50, checkpoint_every=40, workers=0)
+    ctx.checkpoint_dir = tmp_path
+    with pytest.raises(SystemExit) as stopped:
+        finetune.run(ctx)
+    assert stopped.value.code == 143
+    assert checkpoint.load(tmp_path).step == 3, "saved at the end of the step SIGTERM arrived in"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
