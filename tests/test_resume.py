@@ -29,7 +29,8 @@ validate: {images: 16, batch_sizes: [1], latency_runs: 3, warmup_runs: 1, profil
 def test_killed_conversion_resumes_to_the_uninterrupted_weights(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
-    whole = CliRunner().invoke(main, ["convert", "--recipe", str(recipe), "--data", "synthetic", "--out", str(tmp_path / "whole")])
+    whole = CliRunner().invoke(main, ["convert", "--recipe", str(recipe), "--data", "synthetic", "--out",
+                                      str(tmp_path / "whole")])
     assert whole.exit_code == 0, whole.output
     args = ["convert", "--recipe", str(recipe), "--data", "synthetic", "--out", str(tmp_path / "out")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -51,6 +52,7 @@ def test_killed_conversion_resumes_to_the_uninterrupted_weights(tmp_path):
     assert resumed.exit_code == 0, resumed.output
     report = Report.load(tmp_path / "out")
     assert 0 < report.finetune.resumed_from_step < 12 and report.finetune.steps_done == 12
-    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    a = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert not latest.parent.exists(), "the checkpoints go once the bundle is in place"

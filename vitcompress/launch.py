@@ -47,7 +47,8 @@ def is_collective_failure(exc: BaseException) -> bool:
                                                                              "NCCL", "Connection reset"))
 
 
-def launch(nproc: int, argv: Sequence[str], program: Sequence[str] = ("--module", "vitcompress")) -> tuple[int, str | None]:
+def launch(nproc: int, argv: Sequence[str],
+           program: Sequence[str] = ("--module", "vitcompress")) -> tuple[int, str | None]:
     """Run ``python -m vitcompress ARGV`` (or another ``program``: a script) in ``nproc`` processes; returns
     (exit code, the error line to print). The processes share the cores: ``OMP_NUM_THREADS`` = cores / nproc
     unless set."""

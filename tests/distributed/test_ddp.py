@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from tests.conftest import FAST
 from vitcompress.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,9 +41,11 @@ def test_two_gloo_processes_train_the_same_student_as_one(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
     report = json.loads((tmp_path / "two" / "finetune.json").read_text())
-    assert (report["world_size"], report["per_rank_batch"], report["backend"], report["steps_done"]) == (2, 8, "gloo", 4)
+    assert (report["world_size"], report["per_rank_batch"], report["backend"]) == (2, 8, "gloo")
+    assert report["steps_done"] == 4
     assert json.loads((tmp_path / "one" / "finetune.json").read_text())["world_size"] == 1
-    a, b = load_file(str(tmp_path / "one" / "student.safetensors")), load_file(str(tmp_path / "two" / "student.safetensors"))
+    a = load_file(str(tmp_path / "one" / "student.safetensors"))
+    b = load_file(str(tmp_path / "two" / "student.safetensors"))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
     from tests.distributed.ddp_worker import tiny_vit
@@ -67,6 +68,7 @@ FAST_VALIDATE = ["validate.images=16", "validate.batch_sizes=[1]", "validate.lat
                  "validate.warmup_runs=1", "validate.profile_runs=0"]
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
     """torchrun's launcher (as `convert --nproc 2` starts it) on a command whose rank 1 raises in the fine-tune:
     every rank ends, the launcher reports rank 1's error once, the workers print none, no bundle."""

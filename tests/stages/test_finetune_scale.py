@@ -3,13 +3,10 @@ token distillation, checkpoints that a resumed run continues from exactly."""
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from tests.stages.test_finetune import make_context, perturbed
 from vitcompress.data import ImageDirectory

@@ -100,7 +100,8 @@ def load(directory: Path) -> TrainState | None:
     try:
         tensors = torch.load(source / "state.pt", weights_only=True)
         meta = json.loads((source / "state.json").read_text())
-        return TrainState(stage=meta["stage"], step=meta["step"], student=load_file(str(source / "student.safetensors")),
+        return TrainState(stage=meta["stage"], step=meta["step"],
+                          student=load_file(str(source / "student.safetensors")),
                           before=load_file(str(source / "before.safetensors")), optimizer=tensors["optimizer"],
                           scheduler=tensors["scheduler"], scaler=tensors["scaler"], rng=tensors["rng"],
                           progress=meta["progress"])

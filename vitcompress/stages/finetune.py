@@ -283,7 +283,8 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
     model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                     find_unused_parameters=routed) if place.enabled else net
     teacher_net = TokensAndLogits(teacher)
-    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(config.precision), enabled=config.precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(config.precision),
+                              enabled=config.precision != "fp32")
     ctx.progress.start("finetune", config.steps)
     if start:
         ctx.progress.advance("finetune", start)
