@@ -1,6 +1,6 @@
 """Fine-tune throughput of the reference model (vit_fmnist) through `vitcompress convert`: 1 process fp32,
 1 process bf16 (autocast), 2 processes × 1 thread (DDP over gloo, `--nproc 2`). Writes one JSON line per
-configuration to bench/results/finetune_throughput.jsonl with the date, the CPU, the threads and the load.
+configuration to bench/finetune_throughput.jsonl with the date, the CPU, the threads and the load.
 
     python bench/finetune_throughput.py [--steps 40] [--batch 64]
 """
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
-    out = ROOT / "bench" / "results" / "finetune_throughput.jsonl"
+    out = ROOT / "bench" / "finetune_throughput.jsonl"
     with out.open("a") as file:
         for name, nproc, precision in CONFIGS:
             row = measure(name, nproc, precision, args.steps, args.batch)
