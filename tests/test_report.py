@@ -102,3 +102,12 @@ def test_no_top1_row_without_labels():
     for model in sections["validation"]["models"].values():
         model["top1"] = None
     assert not any(row[0].startswith("top-1 (%)") for row in side_by_side_rows(build(sections)))
+
+
+def test_markdown_of_a_finetune_stopped_before_its_first_step():
+    """A non-finite loss at step 0: no loss to show, the reason instead (this crashed report.md once)."""
+    sections = copy.deepcopy(stage_sections())
+    sections["finetune"].update(steps_done=0, first_loss=None, last_loss=None,
+                                stopped="non-finite loss or gradient at step 0: stopped, kept the weights from before the fine-tune")
+    text = markdown(build(sections))
+    assert "fine-tune: 0/3 steps, 12 img/s" in text and "non-finite loss or gradient at step 0" in text

@@ -81,7 +81,8 @@ class DivergenceGuard:
     def check(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[str, bool] | None:
         """None while training is sound; else (why, whether to restore the weights from before the run)."""
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            return f"non-finite loss or gradient at step {step}: stopped, kept the weights of step {step - 1}", False
+            kept = f"the weights of step {step - 1}" if step else "the weights from before the fine-tune"
+            return f"non-finite loss or gradient at step {step}: stopped, kept {kept}", False
         value = loss.item()
         if self.first is None:
             self.first = self.smoothed = value

@@ -64,8 +64,9 @@ def markdown(report: Report) -> str:
              f"- date: {report.date}", ""]
     if report.finetune:
         ft = report.finetune
-        lines.append(f"- fine-tune: {ft.steps_done}/{ft.steps_budget} steps, loss {ft.first_loss:.4f} → "
-                     f"{ft.last_loss:.4f}, {ft.images_per_second:.0f} img/s, {ft.precision}"
+        losses = f"loss {ft.first_loss:.4f} → {ft.last_loss:.4f}, " if ft.first_loss is not None else ""
+        lines.append(f"- fine-tune: {ft.steps_done}/{ft.steps_budget} steps, {losses}"
+                     f"{ft.images_per_second:.0f} img/s, {ft.precision}"
                      + (f", {ft.world_size} processes ({ft.backend}) × {ft.per_rank_batch} images"
                         if ft.world_size > 1 else "")
                      + (f", {ft.skipped_images} unreadable images skipped" if ft.skipped_images else "")
