@@ -250,15 +250,22 @@ def main(verbose: bool) -> None:
               help="fine-tune in N processes (DDP) on this machine, started by torchrun's launcher")
 @click.option("--resume", is_flag=True, help="continue an interrupted conversion into --out from its last "
               "fine-tune checkpoint (finetune.checkpoint_every)")
+@click.option("--model-arg", "model_arg_items", multiple=True, metavar="NAME=VALUE",
+              help="timm.create_model argument that changes the architecture, e.g. depth=2 (with --random-init)")
 def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json,
-            optimize_offline, for_this_machine, ort_format, nproc, resume) -> None:
+            optimize_offline, for_this_machine, ort_format, nproc, resume, model_arg_items) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it.
 
     Under torchrun (`torchrun --nproc-per-node N -m vitcompress convert ...`) every process fine-tunes its share
     of the global batch; rank 0 exports, validates and writes. `--nproc N` starts torchrun for you."""
+    from vitcompress.models import check_model_args, parse_model_args
+
+    with user_errors():
+        model_args = parse_model_args(model_arg_items)
+        check_model_args(model_args, checkpoint, random_init)
     if nproc > 1:
         _launch(nproc, model=model, recipe=recipe_path, out_dir=out_dir, overrides=list(overrides), force=force,
-                resume=resume, weights=checkpoint, random_init=random_init, data=data)
+                resume=resume, weights=checkpoint, random_init=random_init, data=data, model_args=model_args)
     if model and checkpoint is None and not random_init:
         from vitcompress.models import check_pretrained_available
 
@@ -273,7 +280,7 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     with user_errors(), bars as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar), resume=resume,
+                             progress=RichProgress(bar), resume=resume, model_args=model_args,
                              deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
     if report is None:
         return  # a torchrun rank other than 0: it trained; rank 0 writes and reports

@@ -30,6 +30,9 @@ class ModelInfo(_Section):
     input_size: list[int]
     source: Literal["argument", "recipe"] = Field(
         description="argument: the model (name or module) given to convert; recipe: the recipe's `model:`")
+    model_args: Optional[dict[str, Any]] = Field(
+        None, description="timm.create_model arguments that changed the architecture (random init only), e.g. "
+                          "{depth: 2}: a shallow copy (batch --smoke)")
 
 
 class DataInfo(_Section):

@@ -145,12 +145,15 @@ def job_components(job: Job) -> dict[str, Any]:
     ort_threads = validate.pop("threads")
     for gate in GATE_FIELDS:
         validate.pop(gate)
+    conversion = {
+        "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
+        "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
+        "device": _device(job), "versions": package_versions(),
+    }
+    if job.model_args:  # only when given: the keys of full-size jobs stay what they were
+        conversion["model_args"] = job.model_args
     return {
-        "conversion": {
-            "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
-            "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
-            "device": _device(job), "versions": package_versions(),
-        },
+        "conversion": conversion,
         "latency": {"timing": timing, "machine": machine_fingerprint(ort_threads)},
     }
 
@@ -162,7 +165,8 @@ def keys_of(components: dict[str, Any]) -> tuple[str, str]:
 
 
 LABELS = {"recipe": "recipe changed", "model": "model changed", "weights": "weights changed",
-          "data": "data changed", "seed": "seed changed", "device": "device changed"}
+          "data": "data changed", "seed": "seed changed", "device": "device changed",
+          "model_args": "model arguments changed"}
 
 
 def miss_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
@@ -173,7 +177,8 @@ def miss_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
     before, after = old["conversion"], new["conversion"]
     for key, label in LABELS.items():
         if before.get(key) != after.get(key):
-            detail = f": {before.get(key)} → {after.get(key)}" if key in ("model", "seed", "device") else ""
+            detail = (f": {before.get(key)} → {after.get(key)}" if key in ("model", "seed", "device", "model_args")
+                      else "")
             reasons.append(label + detail)
     for package, value in after["versions"].items():
         if before.get("versions", {}).get(package) != value:

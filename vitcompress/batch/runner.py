@@ -212,6 +212,8 @@ def command(job: Job, bundle: Path) -> list[str]:
         cmd += ["--data", job.data]
     if job.random_init:
         cmd.append("--random-init")
+    for name, value in job.model_args.items():
+        cmd += ["--model-arg", f"{name}={json.dumps(value)}"]
     return cmd
 
 
