@@ -38,7 +38,8 @@ from vitcompress.models import LoadedModel, check_model_args, resolve_name
 from vitcompress.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import bundle, cascade, checkpoint, export, finetune, load, profile, report, transform, validate
+from vitcompress.stages import (bundle, cascade, checkpoint, export, finetune, load, profile, remeasure, report,
+                                transform, validate)
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
@@ -284,6 +285,38 @@ def preflight(model: str | None, recipe: str | Path, *, world_size: int, out_dir
         identity = checkpoint.run_identity(dump_recipe(loaded), settings.model, settings.checkpoint, random_init,
                                            data, world_size, settings.model_args)
         checkpoint.check_resumable(checkpoint.directory_for(Path(out_dir)), identity)
+
+
+def remeasure_latency(bundle_dir: str | Path, model: str | None, recipe: str | Path, *,
+                      overrides: list[str] | None = None, checkpoint: str | Path | None = None,
+                      data: str | None = None, random_init: bool = False, model_args: dict[str, Any] | None = None,
+                      labels: str | Path | None = None, reason: str = "latency re-measured",
+                      progress: Progress | None = None) -> Report:
+    """Time a finished bundle's ``model.onnx`` again on this machine against its original, re-created from the
+    same model, weights and architecture arguments, and rewrite the bundle's latency fields (report.json,
+    report.md, inference.json, SHA256SUMS); the converted model is not touched. See
+    :mod:`vitcompress.stages.remeasure`. The arguments are those of the :func:`convert` that made the bundle
+    (the recipe's timing settings and ``validate.threads`` may differ: they are what is measured now).
+
+    Raises:
+        OutputError: ``bundle_dir`` is not a finished bundle; UsageError: a cascade bundle, or another model's.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not is_bundle(bundle_dir) or not (bundle_dir / "model.onnx").is_file():
+        raise OutputError(f"{bundle_dir} is not a finished vitcompress bundle (report.json and model.onnx)")
+    loaded = load_recipe(recipe, overrides)
+    _, settings = _model_settings(model, loaded, checkpoint, random_init, model_args)
+    settings = dataclasses.replace(settings, out_dir=bundle_dir, data=data,
+                                   labels=read_label_mapping(Path(labels)) if labels is not None else None)
+    scratch = Path(tempfile.mkdtemp(prefix="vitcompress-"))
+    ctx = RunContext(settings=settings, recipe=loaded, work_dir=bundle_dir, scratch_dir=scratch,
+                     progress=progress or LogProgress())
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    try:
+        with output_lock(bundle_dir):
+            return remeasure.run(ctx, machine_description(), date, reason)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _trains_on_cuda(recipe: Recipe) -> bool:

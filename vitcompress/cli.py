@@ -699,6 +699,33 @@ def batch_run(manifest, out_dir, parallel, resume, rerun_failed, shard, cadence,
     sys.exit(result.exit_code)
 
 
+@batch.command("remeasure", hidden=True)
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("model")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help=RECIPE_HELP)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="the weights the bundle was converted from")
+@click.option("--data", help="the data the bundle was converted with (its images are timed)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe value")
+@click.option("--random-init", is_flag=True, help="the bundle was converted from random weights")
+@click.option("--model-arg", "model_arg_items", multiple=True, metavar="NAME=VALUE", help="as convert's")
+@click.option("--reason", default="latency re-measured", help="why, for the report")
+@click.option("--json", "as_json", is_flag=True, help="print the rewritten report.json to stdout")
+def batch_remeasure(bundle_dir, model, recipe_path, checkpoint, data, overrides, random_init, model_arg_items, reason,
+                    as_json) -> None:
+    """Time BUNDLE_DIR's model.onnx again on this machine against its original MODEL and rewrite the bundle's
+    latency fields; the converted model is not touched. The batch runs this, as a job, when only the machine or
+    the timing settings changed since the bundle was converted."""
+    from vitcompress.api import remeasure_latency
+    from vitcompress.models import parse_model_args
+
+    with user_errors():
+        report = remeasure_latency(bundle_dir, model, recipe_path, overrides=list(overrides), checkpoint=checkpoint,
+                                   data=data, random_init=random_init, model_args=parse_model_args(model_arg_items),
+                                   reason=reason, progress=RichProgress(None))
+    if as_json:
+        click.echo(report.dump_json())
+
+
 @batch.command("merge")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="where the merged files go")

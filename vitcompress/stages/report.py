@@ -64,7 +64,10 @@ def markdown(report: Report) -> str:
              f"- recipe: {report.recipe}",
              f"- data: {report.data.name} ({report.validation.images} validation images)",
              f"- onnxruntime CPU, {report.validation.threads} intra-op threads; machine: {report.machine}",
-             f"- date: {report.date}", ""]
+             f"- date: {report.date}",
+             *([f"- latency re-measured {report.remeasured.date} ({report.remeasured.reason}); converted "
+                f"{report.remeasured.converted_date} on {report.remeasured.converted_on}"]
+               if report.remeasured else []), ""]
     if report.finetune:
         ft = report.finetune
         losses = f"loss {ft.first_loss:.4f} → {ft.last_loss:.4f}, " if ft.first_loss is not None else ""
