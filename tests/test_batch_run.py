@@ -217,7 +217,8 @@ def test_machine_change_remeasures_latency_without_converting_again(first, env, 
     result, parsed = batch(folder, manifest("ok"), out="moved")
     assert result.exit_code == 0 and statuses(parsed) == {"ok": ("cached", False)}, result.output
     (job,) = parsed.jobs
-    assert job.cache.remeasured and job.cache.reasons == ["machine changed (test None → another): latency re-measured"]
+    reason = "machine changed (test None → another): latency re-measured"
+    assert job.cache.remeasured and job.cache.reasons == [reason]
     assert job.log == "jobs/ok/remeasure.log" and " batch remeasure " in (folder / "moved" / job.log).read_text()
     assert (bundle / "model.onnx").read_bytes() == onnx and (folder / "moved/jobs/ok/job.log").read_text() == log
     after = json.loads((bundle / "report.json").read_text())
