@@ -202,3 +202,45 @@ def test_two_shards_merged_equal_the_unsharded_job_set_and_baseline_regressions_
     (regression,) = compared.jobs[0].failed_gates
     assert regression.source == "baseline" and regression.gate == "speedup"
     assert statuses(compared)["gate"] == ("cached", True)
+
+
+def test_machine_change_remeasures_latency_without_converting_again(first, env, monkeypatch):
+    """Only the machine fingerprint changed (the test-only VITCOMPRESS_TEST_MACHINE): the job is re-measured in
+    its own process, not converted — model.onnx keeps its bytes (a random-init conversion would not) — and the
+    bundle's latency, report and checksums are rewritten so that verify passes."""
+    folder = env
+    shutil.copytree(folder / "out/jobs/ok", folder / "moved/jobs/ok")
+    bundle = folder / "moved/jobs/ok/bundle"
+    onnx, log = (bundle / "model.onnx").read_bytes(), (folder / "moved/jobs/ok/job.log").read_text()
+    before = json.loads((bundle / "report.json").read_text())
+    monkeypatch.setenv("VITCOMPRESS_TEST_MACHINE", "another")
+    result, parsed = batch(folder, manifest("ok"), out="moved")
+    assert result.exit_code == 0 and statuses(parsed) == {"ok": ("cached", False)}, result.output
+    (job,) = parsed.jobs
+    reason = "machine changed (test None → another): latency re-measured"
+    assert job.cache.remeasured and job.cache.reasons == [reason]
+    assert job.log == "jobs/ok/remeasure.log" and " batch remeasure " in (folder / "moved" / job.log).read_text()
+    assert (bundle / "model.onnx").read_bytes() == onnx and (folder / "moved/jobs/ok/job.log").read_text() == log
+    after = json.loads((bundle / "report.json").read_text())
+    assert after["remeasured"]["reason"] == job.cache.reasons[0] and before["remeasured"] is None
+    latency = [r["validation"]["models"]["converted"]["latency"] for r in (before, after)]
+    assert latency[0] != latency[1] and latency[1] == json.loads((bundle / "inference.json").read_text())["latency"]
+    changed = {k for k in after if after[k] != before[k]}
+    assert {"validation", "remeasured"} <= changed <= {"validation", "remeasured", "machine"}
+    assert after["validation"]["gates"] == before["validation"]["gates"] and after["steps"] == before["steps"]
+    assert CliRunner().invoke(main, ["verify", str(bundle)]).exit_code == 0
+    record = json.loads((folder / "moved/jobs/ok/cache_key.json").read_text())
+    assert record["remeasured"] and record["bundle"] == record["components"]
+    assert statuses(batch(folder, manifest("ok"), out="moved")[1]) == {"ok": ("cached", True)}
+
+
+@pytest.mark.slow
+def test_smoke_converts_a_shallow_copy_and_records_it(first, env):
+    """--smoke: the job converts test_vit at depth 2 (its recipe names no block), and the report says so."""
+    folder = env
+    result, parsed = batch(folder, manifest("ok"), "--smoke", out="smoke")
+    assert result.exit_code == 0 and statuses(parsed) == {"ok": ("passed", False)}, result.output
+    report = json.loads((folder / "smoke" / parsed.jobs[0].bundle / "report.json").read_text())
+    assert report["model"]["model_args"] == {"depth": 2} and "depth=2" in report["model"]["weights"]
+    assert report["steps"][0]["modules"] == [f"blocks.{i}.mlp.fc{j}" for i in range(2) for j in (1, 2)]
+    assert "--model-arg depth=2" in (folder / "smoke" / parsed.jobs[0].log).read_text()

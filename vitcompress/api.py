@@ -34,11 +34,12 @@ from vitcompress.context import ConvertSettings, DataBundle, DeployOptions, LogP
 from vitcompress.data import UNLABELLED
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
-from vitcompress.models import LoadedModel, resolve_name
+from vitcompress.models import LoadedModel, check_model_args, resolve_name
 from vitcompress.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import bundle, cascade, checkpoint, export, finetune, load, profile, report, transform, validate
+from vitcompress.stages import (bundle, cascade, checkpoint, export, finetune, load, profile, remeasure, report,
+                                transform, validate)
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
 
@@ -194,6 +195,7 @@ def convert(
     progress: Progress | None = None,
     deploy: DeployOptions | None = None,
     resume: bool = False,
+    model_args: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
 
@@ -222,6 +224,8 @@ def convert(
         resume: continue an interrupted conversion into the same ``out_dir`` from its last fine-tune checkpoint
             (``finetune.checkpoint_every``); the resolved recipe, model, weights, data and process count must be
             those of the interrupted run.
+        model_args: ``timm.create_model`` keyword arguments that change the architecture, e.g. ``{"depth": 2}``
+            for a shallow copy (exports and parity in seconds); only with ``random_init`` (no weights fit it).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process loads, transforms and fine-tunes (DDP); rank 0 alone
     exports, validates and writes; the others return a result whose ``report`` is None.
@@ -238,7 +242,7 @@ def convert(
         raise RecipeError("overrides apply to a recipe file: change the Recipe object (model_copy) instead")
     recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
-    original, settings = _model_settings(model, recipe, checkpoint, random_init)
+    original, settings = _model_settings(model, recipe, checkpoint, random_init, model_args)
     label_mapping = read_label_mapping(Path(labels)) if labels is not None else None
     if deploy is not None:
         check_options(deploy.optimize_offline, deploy.for_this_machine)
@@ -268,18 +272,51 @@ def convert(
 
 def preflight(model: str | None, recipe: str | Path, *, world_size: int, out_dir: str | Path,
               overrides: list[str] | None = None, force: bool = False, resume: bool = False,
-              weights: str | Path | None = None, random_init: bool = False, data: str | None = None) -> None:
+              weights: str | Path | None = None, random_init: bool = False, data: str | None = None,
+              model_args: dict[str, Any] | None = None) -> None:
     """The checks :func:`convert` makes before any work, for a launcher about to start ``world_size`` processes
     of it (``convert --nproc``): a bad recipe, a batch that does not divide, an unusable output directory or a
     resume of another run fail here, once, before any process starts."""
     loaded = load_recipe(recipe, overrides)
-    _, settings = _model_settings(model, loaded, weights, random_init)
+    _, settings = _model_settings(model, loaded, weights, random_init, model_args)
     check_world_size(loaded, world_size)
     _check_out_dir(Path(out_dir), force)
     if resume:
         identity = checkpoint.run_identity(dump_recipe(loaded), settings.model, settings.checkpoint, random_init,
-                                           data, world_size)
+                                           data, world_size, settings.model_args)
         checkpoint.check_resumable(checkpoint.directory_for(Path(out_dir)), identity)
+
+
+def remeasure_latency(bundle_dir: str | Path, model: str | None, recipe: str | Path, *,
+                      overrides: list[str] | None = None, checkpoint: str | Path | None = None,
+                      data: str | None = None, random_init: bool = False, model_args: dict[str, Any] | None = None,
+                      labels: str | Path | None = None, reason: str = "latency re-measured",
+                      progress: Progress | None = None) -> Report:
+    """Time a finished bundle's ``model.onnx`` again on this machine against its original, re-created from the
+    same model, weights and architecture arguments, and rewrite the bundle's latency fields (report.json,
+    report.md, inference.json, SHA256SUMS); the converted model is not touched. See
+    :mod:`vitcompress.stages.remeasure`. The arguments are those of the :func:`convert` that made the bundle
+    (the recipe's timing settings and ``validate.threads`` may differ: they are what is measured now).
+
+    Raises:
+        OutputError: ``bundle_dir`` is not a finished bundle; UsageError: a cascade bundle, or another model's.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not is_bundle(bundle_dir) or not (bundle_dir / "model.onnx").is_file():
+        raise OutputError(f"{bundle_dir} is not a finished vitcompress bundle (report.json and model.onnx)")
+    loaded = load_recipe(recipe, overrides)
+    _, settings = _model_settings(model, loaded, checkpoint, random_init, model_args)
+    settings = dataclasses.replace(settings, out_dir=bundle_dir, data=data,
+                                   labels=read_label_mapping(Path(labels)) if labels is not None else None)
+    scratch = Path(tempfile.mkdtemp(prefix="vitcompress-"))
+    ctx = RunContext(settings=settings, recipe=loaded, work_dir=bundle_dir, scratch_dir=scratch,
+                     progress=progress or LogProgress())
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    try:
+        with output_lock(bundle_dir):
+            return remeasure.run(ctx, machine_description(), date, reason)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _trains_on_cuda(recipe: Recipe) -> bool:
@@ -295,11 +332,12 @@ def check_world_size(recipe: Recipe, world_size: int) -> None:
 
 
 def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: str | Path | None,
-                    random_init: bool) -> tuple[LoadedModel | None, ConvertSettings]:
+                    random_init: bool, model_args: dict[str, Any] | None = None,
+                    ) -> tuple[LoadedModel | None, ConvertSettings]:
     """The in-memory original (None for a name, which the load stage loads) and the settings naming it."""
     if isinstance(model, nn.Module):
-        if checkpoint is not None or random_init:
-            raise ModelError("checkpoint and random_init go with a model name, not an in-memory module")
+        if checkpoint is not None or random_init or model_args:
+            raise ModelError("checkpoint, random_init and model_args go with a model name, not an in-memory module")
         original = _loaded_module(model)
         return original, ConvertSettings(model=original.name, out_dir=Path())
     if model is not None and not isinstance(model, str):
@@ -308,8 +346,10 @@ def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: s
     if name is None:
         raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
     resolve_name(name)
+    check_model_args(model_args, Path(checkpoint) if checkpoint else None, random_init)
     return None, ConvertSettings(model=name, out_dir=Path(), checkpoint=Path(checkpoint) if checkpoint else None,
-                                 random_init=random_init, model_source="argument" if model else "recipe")
+                                 random_init=random_init, model_source="argument" if model else "recipe",
+                                 model_args=dict(model_args or {}))
 
 
 def _loaded_module(model: nn.Module) -> LoadedModel:
@@ -414,7 +454,7 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
                       versions={"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
                                 "timm": _version("timm"), "onnx": _version("onnx")})
     identity = checkpoint.run_identity(dump_recipe(recipe), settings.model, settings.checkpoint,
-                                       settings.random_init, settings.data, place.world_size)
+                                       settings.random_init, settings.data, place.world_size, settings.model_args)
     enabled = recipe.finetune is not None and recipe.finetune.checkpoint_every is not None
     try:
         with output_lock(out_dir), checkpoint.lifetime(checkpoints, identity, settings.resume, enabled):

@@ -129,13 +129,25 @@ def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str
         "about": "inputs: real validation images preprocessed as for the validation; outputs: each model's logits "
                  "on them in onnxruntime; images: the files the inputs came from (same order)"})
     _write_json(directory / INFERENCE, {
-        "provider": CPU, "intra_op_threads": threads, "inter_op_threads": 1, "allow_spinning": False,
-        "graph_optimization_level": "ORT_ENABLE_ALL", "onnxruntime": ort.__version__,
-        "batch_sizes": sorted(int(b[1:]) for b in (latency or {})), "latency": dict(latency or {}),
-        "offline_optimization": []})
+        "provider": CPU, "inter_op_threads": 1, "allow_spinning": False, "graph_optimization_level": "ORT_ENABLE_ALL",
+        **inference_timing(threads, latency), "offline_optimization": []})
     (directory / PREDICT).write_text(Path(__file__).with_name("bundle_predict.py").read_text())
     (directory / REQUIREMENTS).write_text(_pins())
     write_checksums(directory)
+
+
+def inference_timing(threads: int, latency: Mapping[str, dict] | None) -> dict:
+    """The part of ``inference.json`` that a latency measurement decides (threads, ORT version, timings)."""
+    return {"intra_op_threads": threads, "onnxruntime": ort.__version__,
+            "batch_sizes": sorted(int(b[1:]) for b in (latency or {})), "latency": dict(latency or {})}
+
+
+def update_inference_timing(directory: Path, threads: int, latency: Mapping[str, dict]) -> None:
+    """Replace the timing part of a bundle's ``inference.json`` (latency measured again; the rest kept).
+    ``SHA256SUMS`` is then stale: call :func:`write_checksums` after the bundle's last change."""
+    path = directory / INFERENCE
+    spec = json.loads(path.read_text())
+    _write_json(path, {**spec, **inference_timing(threads, latency)})
 
 
 def _write_json(path: Path, value: object) -> None:

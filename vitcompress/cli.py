@@ -250,15 +250,22 @@ def main(verbose: bool) -> None:
               help="fine-tune in N processes (DDP) on this machine, started by torchrun's launcher")
 @click.option("--resume", is_flag=True, help="continue an interrupted conversion into --out from its last "
               "fine-tune checkpoint (finetune.checkpoint_every)")
+@click.option("--model-arg", "model_arg_items", multiple=True, metavar="NAME=VALUE",
+              help="timm.create_model argument that changes the architecture, e.g. depth=2 (with --random-init)")
 def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, force, random_init, as_json,
-            optimize_offline, for_this_machine, ort_format, nproc, resume) -> None:
+            optimize_offline, for_this_machine, ort_format, nproc, resume, model_arg_items) -> None:
     """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it.
 
     Under torchrun (`torchrun --nproc-per-node N -m vitcompress convert ...`) every process fine-tunes its share
     of the global batch; rank 0 exports, validates and writes. `--nproc N` starts torchrun for you."""
+    from vitcompress.models import check_model_args, parse_model_args
+
+    with user_errors():
+        model_args = parse_model_args(model_arg_items)
+        check_model_args(model_args, checkpoint, random_init)
     if nproc > 1:
         _launch(nproc, model=model, recipe=recipe_path, out_dir=out_dir, overrides=list(overrides), force=force,
-                resume=resume, weights=checkpoint, random_init=random_init, data=data)
+                resume=resume, weights=checkpoint, random_init=random_init, data=data, model_args=model_args)
     if model and checkpoint is None and not random_init:
         from vitcompress.models import check_pretrained_available
 
@@ -273,7 +280,7 @@ def convert(model, recipe_path, checkpoint, data, labels, out_dir, overrides, fo
     with user_errors(), bars as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar), resume=resume,
+                             progress=RichProgress(bar), resume=resume, model_args=model_args,
                              deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
     if report is None:
         return  # a torchrun rank other than 0: it trained; rank 0 writes and reports
@@ -690,6 +697,33 @@ def batch_run(manifest, out_dir, parallel, resume, rerun_failed, shard, cadence,
             apply_baseline(result, previous, loaded.manifest.baseline, str(baseline))
     _batch_outputs(result, out_dir, as_json)
     sys.exit(result.exit_code)
+
+
+@batch.command("remeasure", hidden=True)
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.argument("model")
+@click.option("--recipe", "recipe_path", required=True, type=click.Path(path_type=Path), help=RECIPE_HELP)
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="the weights the bundle was converted from")
+@click.option("--data", help="the data the bundle was converted with (its images are timed)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe value")
+@click.option("--random-init", is_flag=True, help="the bundle was converted from random weights")
+@click.option("--model-arg", "model_arg_items", multiple=True, metavar="NAME=VALUE", help="as convert's")
+@click.option("--reason", default="latency re-measured", help="why, for the report")
+@click.option("--json", "as_json", is_flag=True, help="print the rewritten report.json to stdout")
+def batch_remeasure(bundle_dir, model, recipe_path, checkpoint, data, overrides, random_init, model_arg_items, reason,
+                    as_json) -> None:
+    """Time BUNDLE_DIR's model.onnx again on this machine against its original MODEL and rewrite the bundle's
+    latency fields; the converted model is not touched. The batch runs this, as a job, when only the machine or
+    the timing settings changed since the bundle was converted."""
+    from vitcompress.api import remeasure_latency
+    from vitcompress.models import parse_model_args
+
+    with user_errors():
+        report = remeasure_latency(bundle_dir, model, recipe_path, overrides=list(overrides), checkpoint=checkpoint,
+                                   data=data, random_init=random_init, model_args=parse_model_args(model_arg_items),
+                                   reason=reason, progress=RichProgress(None))
+    if as_json:
+        click.echo(report.dump_json())
 
 
 @batch.command("merge")

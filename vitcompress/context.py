@@ -87,6 +87,8 @@ class ConvertSettings:
     data: str | None = None
     force: bool = False
     random_init: bool = False
+    #: ``timm.create_model`` arguments that change the architecture (random init only), e.g. ``{"depth": 2}``
+    model_args: dict[str, Any] = field(default_factory=dict)
     labels: dict[str, int | str] | None = None
     deploy: DeployOptions = field(default_factory=DeployOptions)
     resume: bool = False

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,14 +74,14 @@ def resolve_name(name: str) -> str:
     return resolved
 
 
-def build_reference_architecture() -> nn.Module:
-    """The ``vit_fmnist`` architecture (design.md §5): DeiT-Tiny blocks on 28×28 single-channel images."""
+def build_reference_architecture(**model_args: Any) -> nn.Module:
+    """The ``vit_fmnist`` architecture (design.md §5): DeiT-Tiny blocks on 28×28 single-channel images;
+    ``model_args`` replace its VisionTransformer arguments (e.g. ``depth=2``, as ``--model-arg``)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(
-        img_size=28, patch_size=4, in_chans=1, num_classes=len(FMNIST_CLASSES),
-        embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0,
-    )
+    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=len(FMNIST_CLASSES),
+                embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
+    model = VisionTransformer(**{**args, **model_args})
     model.pretrained_cfg = dict(REFERENCE_CFG)
     return model
 
@@ -88,6 +89,52 @@ def build_reference_architecture() -> nn.Module:
 def reference_weights_path() -> Path:
     """Path of the fp16 weights shipped inside the package."""
     return Path(str(resources.files("vitcompress") / "weights" / REFERENCE_WEIGHTS))
+
+
+def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` items (``--model-arg depth=2``; values parsed as YAML) as keyword arguments for
+    ``timm.create_model``."""
+    import yaml
+
+    args: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ModelError(f"--model-arg {item!r}: expected NAME=VALUE, e.g. depth=2")
+        try:
+            args[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise ModelError(f"--model-arg {item!r}: value is not valid YAML") from None
+    return args
+
+
+def check_model_args(model_args: Mapping[str, Any] | None, checkpoint: Path | None, random_init: bool) -> None:
+    """Architecture arguments build a model that no checkpoint or pretrained weights fit: random init only."""
+    if model_args and (checkpoint is not None or not random_init):
+        weights = "--checkpoint" if checkpoint is not None else "pretrained weights"
+        raise ModelError(f"--model-arg {', '.join(model_args)} changes the architecture, which {weights} do not "
+                         "fit: use it with --random-init (e.g. a shallow copy for a smoke test)")
+
+
+def model_args_text(model_args: Mapping[str, Any]) -> str:
+    """``depth=2, embed_dim=64``: model arguments as the report and messages show them."""
+    return ", ".join(f"{k}={v!r}" for k, v in model_args.items())
+
+
+def _create(resolved: str, model_args: Mapping[str, Any], **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` (or the reference architecture) without weights, with ``model_args``; arguments the
+    architecture does not take are a ModelError."""
+    import timm
+
+    try:
+        if resolved == REFERENCE_MODEL:
+            return build_reference_architecture(**model_args)
+        return timm.create_model(resolved, pretrained=False, **kwargs, **model_args)
+    except (TypeError, ValueError, AssertionError) as exc:
+        if not model_args:
+            raise
+        raise ModelError(f"--model-arg {model_args_text(model_args)} does not build {resolved}: "
+                         f"{type(exc).__name__}: {exc}") from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -149,16 +196,22 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def load_model(name: str, checkpoint: Path | None = None, random_init: bool = False) -> LoadedModel:
-    """Build ``name`` and load its weights; see the module docstring for where weights come from."""
+def load_model(name: str, checkpoint: Path | None = None, random_init: bool = False,
+               model_args: Mapping[str, Any] | None = None) -> LoadedModel:
+    """Build ``name`` and load its weights; see the module docstring for where weights come from.
+
+    ``model_args`` (random init only) are passed to ``timm.create_model``, e.g. ``depth=2`` for a shallow copy
+    of the architecture that exports and validates in seconds."""
     import timm
 
     if checkpoint is not None and random_init:
         raise ModelError("--checkpoint and --random-init exclude each other")
+    check_model_args(model_args, checkpoint, random_init)
+    model_args = dict(model_args or {})
     resolved = resolve_name(name)
     state = read_state_dict(checkpoint) if checkpoint is not None else None
     if resolved == REFERENCE_MODEL:
-        model = build_reference_architecture()
+        model = _create(resolved, model_args)
         if state is None and not random_init:
             path = reference_weights_path()
             if not path.is_file():
@@ -173,11 +226,13 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
             model = _download_pretrained(resolved)
             weights = f"timm pretrained ({resolved})"
         else:
-            model = timm.create_model(resolved, pretrained=False, **kwargs)
+            model = _create(resolved, model_args, **kwargs)
     if checkpoint is not None:
         weights = f"checkpoint {checkpoint}"
     if random_init:
         weights = "random init (latency only: accuracy numbers are meaningless)"
+        if model_args:
+            weights += f"; architecture changed: {model_args_text(model_args)}"
     if state is not None:
         load_weights(model, state, str(checkpoint or weights))
     model.eval()

@@ -30,6 +30,9 @@ class ModelInfo(_Section):
     input_size: list[int]
     source: Literal["argument", "recipe"] = Field(
         description="argument: the model (name or module) given to convert; recipe: the recipe's `model:`")
+    model_args: Optional[dict[str, Any]] = Field(
+        None, description="timm.create_model arguments that changed the architecture (random init only), e.g. "
+                          "{depth: 2}: a shallow copy (batch --smoke)")
 
 
 class DataInfo(_Section):
@@ -179,6 +182,15 @@ class Cascade(_Section):
     sweep: list[OperatingPoint]
 
 
+class Remeasured(_Section):
+    """Latency measured again on another machine without converting again (``vitcompress batch``)."""
+
+    date: str
+    reason: str = Field(description="what changed, e.g. 'machine changed (threads 1 → 2)'")
+    converted_on: str = Field(description="the machine the conversion (and the earlier timings) ran on")
+    converted_date: str
+
+
 class Report(_Section):
     """Everything one ``convert`` measured; ``report.json`` is :meth:`dump_json` of it."""
 
@@ -195,6 +207,8 @@ class Report(_Section):
     validation: Validation
     cascade: Optional[Cascade] = None
     profile: Optional[dict[str, Any]] = Field(None, description="per-block onnxruntime profile (vitcompress.profile)")
+    remeasured: Optional[Remeasured] = Field(None, description="set when the latency fields (and machine) are "
+                                             "from a later re-measurement of the same converted model")
     failed_gates: list[str]
 
     def dump_json(self) -> str:

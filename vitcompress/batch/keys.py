@@ -6,7 +6,11 @@ checkpoint file's sha256, the embedded weights' sha256, the timm pretrained tag,
 fingerprint, the fine-tune seed, the device kind and the versions of vitcompress, torch, timm, onnx, onnxscript
 and onnxruntime. No paths, job names, gates or timestamps: moving a checkout, renaming a job or changing a
 threshold keeps the key. Latency is keyed on top by the timing settings and a machine fingerprint (CPU model,
-cores, threads, onnxruntime version).
+cores, threads, onnxruntime version): when only those changed, the batch re-measures the bundle's latency
+(``vitcompress batch remeasure``) instead of converting again.
+
+``VITCOMPRESS_TEST_MACHINE`` (tests only) is added to the machine fingerprint as ``test``: a test changes it to
+play "the same bundle on another machine" without another machine.
 
 ``cache_key.json`` in each job folder keeps the components of the bundle on disk and of the last check, so a
 miss names what changed ("recipe changed", "timm 1.0.30 → 1.0.31", "machine changed: …").
@@ -30,6 +34,8 @@ GATE_FIELDS = ("max_abs_diff", "max_top1_drop", "min_agreement")
 #: Recipe fields that only change latency measurement: part of the latency key.
 TIMING_FIELDS = ("batch_sizes", "latency_runs", "warmup_runs", "profile_runs")
 CHUNK = 1 << 20
+#: Test-only: a value added to the machine fingerprint (see the module docstring). Never set it in CI.
+TEST_MACHINE_ENV = "VITCOMPRESS_TEST_MACHINE"
 
 
 def sha256_text(text: str) -> str:
@@ -83,8 +89,11 @@ def available_cores() -> int:
 def machine_fingerprint(threads: int) -> dict[str, Any]:
     """What latency depends on besides the models: CPU model, usable cores, onnxruntime's intra-op threads (the
     recipe's ``validate.threads``) and its version."""
-    return {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
-            "onnxruntime": package_versions()["onnxruntime"]}
+    found = {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
+             "onnxruntime": package_versions()["onnxruntime"]}
+    if os.environ.get(TEST_MACHINE_ENV):
+        found["test"] = os.environ[TEST_MACHINE_ENV]
+    return found
 
 
 def _weights(job: Job) -> str:
@@ -145,12 +154,15 @@ def job_components(job: Job) -> dict[str, Any]:
     ort_threads = validate.pop("threads")
     for gate in GATE_FIELDS:
         validate.pop(gate)
+    conversion = {
+        "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
+        "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
+        "device": _device(job), "versions": package_versions(),
+    }
+    if job.model_args:  # only when given: the keys of full-size jobs stay what they were
+        conversion["model_args"] = job.model_args
     return {
-        "conversion": {
-            "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
-            "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
-            "device": _device(job), "versions": package_versions(),
-        },
+        "conversion": conversion,
         "latency": {"timing": timing, "machine": machine_fingerprint(ort_threads)},
     }
 
@@ -162,31 +174,38 @@ def keys_of(components: dict[str, Any]) -> tuple[str, str]:
 
 
 LABELS = {"recipe": "recipe changed", "model": "model changed", "weights": "weights changed",
-          "data": "data changed", "seed": "seed changed", "device": "device changed"}
+          "data": "data changed", "seed": "seed changed", "device": "device changed",
+          "model_args": "model arguments changed"}
 
 
 def miss_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """Why a bundle made with ``old`` components does not stand for ``new`` ones ([] = a hit)."""
+    """Why a bundle made with ``old`` components is not the conversion ``new`` ones ask for ([] = its converted
+    model may stand; its latency may still need measuring again: :func:`latency_reasons`)."""
     if old is None:
         return ["no finished bundle (first run, or the last run failed or was interrupted)"]
     reasons = []
     before, after = old["conversion"], new["conversion"]
     for key, label in LABELS.items():
         if before.get(key) != after.get(key):
-            detail = f": {before.get(key)} → {after.get(key)}" if key in ("model", "seed", "device") else ""
+            detail = (f": {before.get(key)} → {after.get(key)}" if key in ("model", "seed", "device", "model_args")
+                      else "")
             reasons.append(label + detail)
     for package, value in after["versions"].items():
         if before.get("versions", {}).get(package) != value:
             reasons.append(f"{package} {before.get('versions', {}).get(package, '?')} → {value}")
-    if reasons:
-        return reasons
+    return reasons
+
+
+def latency_reasons(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed in the latency components (machine fingerprint, timing settings) of a bundle whose
+    conversion still stands, e.g. ``machine changed (threads 1 → 2)`` ([] = its timings stand too)."""
+    reasons = []
     for part in ("timing", "machine"):
         was, now = old["latency"][part], new["latency"][part]
         changed = [f"{k} {was.get(k)} → {now.get(k)}" for k in now if was.get(k) != now.get(k)]
         if changed:
-            reasons.append(f"{'latency settings' if part == 'timing' else 'machine'} changed ({', '.join(changed)}): "
-                           "latency is re-measured by converting again (a bundle keeps no original ONNX to time "
-                           "against)")
+            label = "latency settings" if part == "timing" else "machine"
+            reasons.append(f"{label} changed ({', '.join(changed)})")
     return reasons
 
 

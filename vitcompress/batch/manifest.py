@@ -16,9 +16,10 @@ Relative paths are relative to the manifest's folder (a recipe may also be a shi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -104,7 +105,8 @@ class Job:
     timeout: float
     gates: Gates
     cadence: Optional[list[str]]
-    extra: dict = field(default_factory=dict)
+    #: ``convert --model-arg``s: under ``--smoke`` the shallow copy's ``depth`` (:func:`smoke_model_args`)
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -119,7 +121,8 @@ DEFAULT_TIMEOUT_S = 3600.0
 
 def load_manifest(path: Path, extra_overrides: list[str] | None = None, smoke: bool = False) -> LoadedManifest:
     """Read, validate and expand a manifest; ``extra_overrides`` go after every job's own ``set``; ``smoke``
-    makes every job a random-init, synthetic-data export and parity check (no fine-tune, one batch size)."""
+    makes every job a random-init, synthetic-data export and parity check (no fine-tune, one batch size) of a
+    shallow copy of its architecture (:func:`smoke_model_args`)."""
     try:
         data = read_recipe_file(path)
     except RecipeError as exc:
@@ -163,6 +166,56 @@ def _check_names(path: Path, specs: list[tuple[str, JobSpec]]) -> None:
             raise ManifestError(f"{path}: {where}.name: job name {spec.name!r} is already used by {seen[folded]} "
                                 "(names must be unique, ignoring case: each names its output folder)")
         seen[folded] = where
+
+
+#: Blocks a ``--smoke`` job keeps at least (one block would leave no "other blocks" for selectors to miss).
+SMOKE_MIN_DEPTH = 2
+#: A block index in a selector: ``blocks.11.attn``, or ``blocks\.11\.attn`` in a ``re:`` selector.
+BLOCK_INDEX = re.compile(r"blocks\\?\.(\d+)")
+
+
+def blocks_named(node: Any) -> int:
+    """The fewest blocks a recipe (its dump) needs: one more than the highest block index its selectors or an
+    ``attention_skip`` step's ``blocks`` name, and at least a CKA skip's ``count`` (it picks that many)."""
+    if isinstance(node, str):
+        return max((int(i) + 1 for i in BLOCK_INDEX.findall(node)), default=0)
+    if isinstance(node, list):
+        return max((blocks_named(item) for item in node), default=0)
+    if not isinstance(node, dict):
+        return 0
+    need = max((blocks_named(value) for value in node.values()), default=0)
+    if node.get("transform") == "attention_skip":
+        need = max(need, *(b + 1 for b in node.get("blocks") or ()), node.get("count") or 0)
+    return need
+
+
+def full_depth(model: str) -> Optional[int]:
+    """The number of transformer blocks of ``model`` (built on the meta device: no memory, no weights), or
+    None for an architecture without a ``blocks`` list or a ``depth`` argument."""
+    import timm
+    import torch
+
+    from vitcompress.models import REFERENCE_MODEL, build_reference_architecture, resolve_name
+
+    resolved = resolve_name(model)
+    with torch.device("meta"):
+        built = build_reference_architecture() if resolved == REFERENCE_MODEL else timm.create_model(resolved)
+    blocks = getattr(built, "blocks", None)
+    return len(blocks) if blocks is not None and "depth" in _create_arguments(built) else None
+
+
+def _create_arguments(model: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(type(model).__init__).parameters)
+
+
+def smoke_model_args(model: str, recipe: Recipe) -> dict[str, Any]:
+    """``{"depth": d}`` for a ``--smoke`` job: d = max(:data:`SMOKE_MIN_DEPTH`, the blocks the resolved recipe
+    names), so every selector still matches; {} when that is not shallower than the model itself."""
+    depth = max(SMOKE_MIN_DEPTH, blocks_named(recipe.model_dump(mode="json", by_alias=True)))
+    full = full_depth(model)
+    return {"depth": depth} if full is not None and depth < full else {}
 
 
 SMOKE_OVERRIDES = ["finetune=null", "validate.images=16", "validate.batch_sizes=[1]", "validate.latency_runs=3",
@@ -209,7 +262,8 @@ def _resolve(path: Path, where: str, defaults: _JobSettings, matrix: dict, spec:
     _check_batch_gates(path, where, gates, recipe)
     return Job(name=spec.name, where=where, model=model, recipe_path=recipe_path, recipe=recipe,
                overrides=overrides, checkpoint=checkpoint, data=data, random_init=random_init,
-               timeout=float(pick("timeout") or DEFAULT_TIMEOUT_S), gates=gates, cadence=pick("cadence"))
+               timeout=float(pick("timeout") or DEFAULT_TIMEOUT_S), gates=gates, cadence=pick("cadence"),
+               model_args=smoke_model_args(model, recipe) if smoke else {})
 
 
 def _recipe_file(base: Path, spec: str, where: str) -> Path:

@@ -31,6 +31,8 @@ class CacheInfo(_Strict):
     key: Optional[str] = Field(None, description="conversion key (sha256)")
     latency_key: Optional[str] = None
     reasons: list[str] = Field(default_factory=list, description="why the job missed the cache ([] on a hit)")
+    remeasured: bool = Field(False, description="the conversion was a hit, but the machine or the timing settings "
+                             "changed: the bundle's latency was measured again (reasons say what changed)")
 
 
 class JobResult(_Strict):

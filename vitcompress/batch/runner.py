@@ -8,7 +8,9 @@ jobs are serialised by :mod:`vitcompress.timing_lock`.
 
 Caching: a job whose content key (:mod:`vitcompress.batch.keys`) matches its finished bundle is not run; its
 gates are evaluated again from the bundle's ``report.json``. An interrupted batch therefore resumes where it
-stopped: finished jobs are hits, the rest run.
+stopped: finished jobs are hits, the rest run. A job whose conversion key matches but whose latency key does not
+(another machine, other timing settings) is re-measured, not converted: ``vitcompress batch remeasure`` runs as
+its process (same isolation, timeout and latency lock) and rewrites the bundle's latency fields.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from vitcompress.batch.gates import evaluate, metrics
-from vitcompress.batch.keys import (available_cores, job_components, keys_of, machine_fingerprint, miss_reasons,
-                                    package_versions, read_key_file, write_json)
+from vitcompress.batch.keys import (available_cores, job_components, keys_of, latency_reasons, machine_fingerprint,
+                                    miss_reasons, package_versions, read_key_file, write_json)
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
 from vitcompress.report import Report
@@ -153,30 +155,48 @@ def _capped(job: Job, threads: int) -> Job:
     return replace(job, overrides=overrides, recipe=load_recipe(job.recipe_path, overrides))
 
 
-def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, events: Events | None) -> JobResult:
-    job_dir = options.out / "jobs" / job.name
-    job_dir.mkdir(parents=True, exist_ok=True)
-    key_file, bundle, log_file = job_dir / "cache_key.json", job_dir / "bundle", job_dir / "job.log"
-    components = job_components(job)
-    key, latency_key = keys_of(components)
-    record = read_key_file(key_file)
-    have_bundle = (bundle / "report.json").is_file()
-    reasons = miss_reasons(record.get("bundle") if have_bundle else None, components)
+def plan(job: Job, record: dict, have_bundle: bool, options: Options) -> tuple[list[str], list[str]]:
+    """(why convert, why re-measure): at most one is non-empty; both empty is a cache hit. Only the machine or
+    the timing settings changed → re-measure, unless the job is a cascade (its latency comes from its
+    conversion's own measurements: converted again)."""
+    old = record.get("bundle") if have_bundle else None
+    components = record["components"]
+    reasons = miss_reasons(old, components)
     if not reasons and not options.resume:
         reasons = ["--no-resume: every job runs again"]
     if not reasons and options.rerun_failed and record.get("last_status") == "gate_failed":
         reasons = ["--rerun-failed: its gates failed last time"]
-    record.update(key=key, latency_key=latency_key, components=components, hit=not reasons, reasons=reasons,
+    latency = [] if reasons else latency_reasons(old, components)
+    if latency and job.recipe.cascade is not None:
+        return [f"{r}: a cascade's latency is measured inside its conversion, so it converts again"
+                for r in latency], []
+    return reasons, latency
+
+
+def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, events: Events | None) -> JobResult:
+    job_dir = options.out / "jobs" / job.name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    key_file, bundle = job_dir / "cache_key.json", job_dir / "bundle"
+    components = job_components(job)
+    key, latency_key = keys_of(components)
+    record = read_key_file(key_file)
+    record["components"] = components
+    reasons, remeasure = plan(job, record, (bundle / "report.json").is_file(), options)
+    shown = reasons or [f"{r}: latency re-measured" for r in remeasure]
+    record.update(key=key, latency_key=latency_key, hit=not shown, reasons=shown, remeasured=bool(remeasure),
                   checked=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
     write_json(key_file, record)
+    log_file = job_dir / ("remeasure.log" if remeasure else "job.log")
     rel = {"bundle": str(bundle.relative_to(options.out)), "log": str(log_file.relative_to(options.out))}
     base = dict(name=job.name, model=job.model, recipe=str(job.recipe_path), threads=threads, log=rel["log"],
-                cache=CacheInfo(hit=not reasons, key=key, latency_key=latency_key, reasons=reasons))
+                cache=CacheInfo(hit=not shown, key=key, latency_key=latency_key, reasons=shown,
+                                remeasured=bool(remeasure)))
     if events is not None:
         events.started(job.name)
     start = time.monotonic()
-    if reasons:
-        outcome = _convert(job, threads, bundle, log_file, options.lock_path, stop)
+    if reasons or remeasure:
+        cmd = command(job, bundle) if reasons else remeasure_command(job, bundle, "; ".join(shown))
+        outcome = _run_process(cmd, job, threads, bundle, log_file, options.lock_path, stop)
         if "error" in outcome:
             result = JobResult(**base, duration_s=round(time.monotonic() - start, 2), **outcome)
             _finish(events, result)
@@ -185,7 +205,7 @@ def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, ev
     report = Report.load(bundle)
     gates = evaluate(job, report)
     failed = any(g.passed is False for g in gates)
-    status = "gate_failed" if failed else ("cached" if not reasons else "passed")
+    status = "gate_failed" if failed else ("passed" if reasons else "cached")
     record["last_status"] = "gate_failed" if failed else "passed"
     write_json(key_file, record)
     result = JobResult(**base, status=status, bundle=rel["bundle"], metrics=metrics(report), gates=gates,
@@ -202,8 +222,19 @@ def _finish(events: Events | None, result: JobResult) -> None:
 
 def command(job: Job, bundle: Path) -> list[str]:
     """The convert command line of a job."""
-    cmd = [sys.executable, "-m", "vitcompress", "convert", job.model, "--recipe", str(job.recipe_path),
-           "--out", str(bundle), "--force", "--json"]
+    return [sys.executable, "-m", "vitcompress", "convert", job.model, "--out", str(bundle), "--force",
+            *_job_options(job)]
+
+
+def remeasure_command(job: Job, bundle: Path, reason: str) -> list[str]:
+    """The command line that times a job's finished bundle again (hidden ``vitcompress batch remeasure``)."""
+    return [sys.executable, "-m", "vitcompress", "batch", "remeasure", str(bundle), job.model, "--reason", reason,
+            *_job_options(job)]
+
+
+def _job_options(job: Job) -> list[str]:
+    """The options that name a job's recipe, overrides, weights, data and architecture (convert's spelling)."""
+    cmd = ["--recipe", str(job.recipe_path), "--json"]
     for item in job.overrides:
         cmd += ["--set", item]
     if job.checkpoint is not None:
@@ -212,17 +243,19 @@ def command(job: Job, bundle: Path) -> list[str]:
         cmd += ["--data", job.data]
     if job.random_init:
         cmd.append("--random-init")
+    for name, value in job.model_args.items():
+        cmd += ["--model-arg", f"{name}={json.dumps(value)}"]
     return cmd
 
 
-def _convert(job: Job, threads: int, bundle: Path, log_file: Path, lock: Path, stop: threading.Event) -> dict:
-    """Run the job's conversion: ``{exit_code}`` when it wrote a report, else the fields of an error or timeout
-    result (status, exit_code, error, log_tail)."""
+def _run_process(cmd: list[str], job: Job, threads: int, bundle: Path, log_file: Path, lock: Path,
+                 stop: threading.Event) -> dict:
+    """Run the job's conversion (or re-measurement) ``cmd``: ``{exit_code}`` when it left a report, else the
+    fields of an error or timeout result (status, exit_code, error, log_tail)."""
     waits = log_file.with_name("latency_lock.jsonl")
     waits.unlink(missing_ok=True)
     env = {**os.environ, **{name: str(threads) for name in THREAD_ENV}, WAITS_ENV: str(waits)}
     env.setdefault(LOCK_ENV, str(lock))
-    cmd = command(job, bundle)
     with open(log_file, "w", encoding="utf-8") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()

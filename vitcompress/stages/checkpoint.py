@@ -161,10 +161,12 @@ def _file_identity(path: Path | None) -> str | None:
 
 
 def run_identity(recipe_yaml: str, model: str, weights: Path | None, random_init: bool, data: str | None,
-                 world_size: int) -> dict[str, Any]:
-    """What must not change between an interrupted conversion and its ``--resume``."""
-    return {"recipe": recipe_yaml, "model": model, "weights": _file_identity(weights), "random_init": random_init,
-            "data": str(Path(data).resolve()) if data and Path(data).is_dir() else data, "world_size": world_size}
+                 world_size: int, model_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What must not change between an interrupted conversion and its ``--resume`` (``model_args`` only when
+    given, so that checkpoints written before they existed still resume)."""
+    identity = {"recipe": recipe_yaml, "model": model, "weights": _file_identity(weights), "random_init": random_init,
+                "data": str(Path(data).resolve()) if data and Path(data).is_dir() else data, "world_size": world_size}
+    return {**identity, "model_args": model_args} if model_args else identity
 
 
 @contextmanager

@@ -25,18 +25,28 @@ def run_metadata(ctx: RunContext) -> dict[str, str]:
     return metadata
 
 
+def export_model(ctx: RunContext, model: nn.Module, path: Path) -> Path:
+    """``model`` to ONNX at ``path`` with the recipe's export settings and this run's metadata."""
+    return export_onnx(model, path, input_size=tuple(ctx.original.data_config["input_size"]),
+                       config=ctx.recipe.export, metadata=run_metadata(ctx))
+
+
+def export_original(ctx: RunContext) -> Path:
+    """The original model's ONNX in the scratch directory, for timing side by side with the converted one (also
+    what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine)."""
+    return export_model(ctx, ctx.original.model, ctx.original_onnx_path)
+
+
 def run(ctx: RunContext) -> None:
     from safetensors.torch import save_file
 
     config = ctx.recipe.export
-    input_size = tuple(ctx.original.data_config["input_size"])
-    metadata = run_metadata(ctx)
 
     def export(model: nn.Module, path: Path) -> Path:
-        return export_onnx(model, path, input_size=input_size, config=config, metadata=metadata)
+        return export_model(ctx, model, path)
 
     ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}")
-    export(ctx.original.model, ctx.original_onnx_path)
+    export_original(ctx)
     ctx.model = to_deploy(ctx.model, inplace=True)
     dispatch = moe_dispatch.choose(ctx, export)
     if dispatch is None:

@@ -75,12 +75,14 @@ def split_roots(root: Path) -> tuple[Path, Path]:
 
 def run(ctx: RunContext) -> None:
     settings = ctx.settings
-    ctx.original = ctx.original or load_model(settings.model, settings.checkpoint, settings.random_init)
+    ctx.original = ctx.original or load_model(settings.model, settings.checkpoint, settings.random_init,
+                                                 settings.model_args)
     ctx.original.model.requires_grad_(False)
     ctx.model = copy.deepcopy(ctx.original.model)
     ctx.data = ctx.data or load_data(ctx)
     ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
-                           "input_size": list(ctx.original.data_config["input_size"]), "source": settings.model_source}
+                           "input_size": list(ctx.original.data_config["input_size"]), "source": settings.model_source,
+                           "model_args": settings.model_args or None}
     ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
                           "val_images": len(ctx.data.val), "labelled": ctx.data.labelled,
                           "classes": ctx.data.classes}

@@ -8,6 +8,7 @@ instead of producing a report that readers cannot parse. The renderers below rea
 from __future__ import annotations
 
 from vitcompress.context import RunContext
+from vitcompress.models import model_args_text
 from vitcompress.profile import block_columns, block_rows, parts_line
 from vitcompress.report import Report
 
@@ -58,10 +59,15 @@ def cascade_rows(report: Report) -> list[tuple[str, str, str, str]]:
 def markdown(report: Report) -> str:
     lines = [f"# vitcompress report: {report.model.name}", "",
              f"- weights: {report.model.weights}",
+             *([f"- architecture changed (random init): {model_args_text(report.model.model_args)}"]
+               if report.model.model_args else []),
              f"- recipe: {report.recipe}",
              f"- data: {report.data.name} ({report.validation.images} validation images)",
              f"- onnxruntime CPU, {report.validation.threads} intra-op threads; machine: {report.machine}",
-             f"- date: {report.date}", ""]
+             f"- date: {report.date}",
+             *([f"- latency re-measured {report.remeasured.date} ({report.remeasured.reason}); converted "
+                f"{report.remeasured.converted_date} on {report.remeasured.converted_on}"]
+               if report.remeasured else []), ""]
     if report.finetune:
         ft = report.finetune
         losses = f"loss {ft.first_loss:.4f} → {ft.last_loss:.4f}, " if ft.first_loss is not None else ""

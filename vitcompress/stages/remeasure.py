@@ -1,0 +1,83 @@
+"""Re-measure a finished bundle's latency on this machine, without converting again.
+
+``vitcompress batch`` keys latency on a machine fingerprint (CPU, cores, ORT threads and version) and the timing
+settings on top of the conversion key. When only those changed, the converted model is still right; only its
+timings are not. This stage loads the original model again (same name, weights and architecture arguments),
+exports its ONNX the way the export stage does, times it interleaved against the bundle's own ``model.onnx``
+(validation's :func:`~vitcompress.stages.validate.latency`, under the machine's latency lock), profiles both
+again when the recipe profiles, and rewrites what depends on the timings: ``report.json`` (latency fields,
+``validation.threads``, ``machine``, a ``remeasured`` note; everything else kept), ``report.md``, the timing
+part of ``inference.json`` and, last, ``SHA256SUMS``. ``model.onnx`` and every other file stay byte for byte.
+
+Each file is replaced atomically; if the process dies between two files, the batch's cache record still names
+the old machine, so the next batch run re-measures again (``vitcompress verify`` fails until then).
+
+A cascade bundle is not re-measured here: its expected latencies and operating points come from the cascade
+stage's own measurements, so the batch converts it again.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vitcompress.bundle import update_inference_timing, write_checksums
+from vitcompress.context import RunContext
+from vitcompress.errors import UsageError
+from vitcompress.models import load_model
+from vitcompress.report import Report
+from vitcompress.stages import export, load, profile, validate
+from vitcompress.stages.report import build, markdown
+
+
+def check(ctx: RunContext, old: Report) -> None:
+    """The bundle was made from this recipe's kind of run: one model (no cascade), the same model name."""
+    if ctx.recipe.cascade is not None or old.cascade is not None:
+        raise UsageError("a cascade bundle's latency is measured inside its conversion: convert it again")
+    if old.model.name != ctx.original.name:
+        raise UsageError(f"{ctx.work_dir} holds a conversion of {old.model.name}, not {ctx.original.name}")
+
+
+def measure(ctx: RunContext) -> None:
+    """Time the re-exported original against the bundle's model.onnx; the new timings go into ``ctx.report``."""
+    config = ctx.recipe.validate_
+    export.export_original(ctx)
+    ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs, "
+                                  f"{config.threads} threads")
+    timing = validate.latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
+                              validate.latency_images(ctx.data.val, max(config.batch_sizes)))
+    section = ctx.report["validation"]
+    section["threads"] = config.threads
+    for name, latency in timing.items():
+        section["models"][name]["latency"] = latency
+    ctx.report.pop("profile", None)  # another machine's profile: measured again, or dropped
+    profile.run(ctx)
+
+
+def run(ctx: RunContext, machine: str, date: str, reason: str) -> Report:
+    """Re-measure the bundle in ``ctx.work_dir`` (``ctx.settings`` name the job's model, weights and data) on
+    ``machine``; returns the rewritten report."""
+    old = Report.load(ctx.work_dir)
+    settings = ctx.settings
+    ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init, settings.model_args)
+    check(ctx, old)
+    ctx.data = load.load_data(ctx)
+    ctx.report = old.model_dump(mode="json")
+    measure(ctx)
+    ctx.report.update(machine=machine, remeasured={
+        "date": date, "reason": reason, "converted_on": old.machine, "converted_date": old.date})
+    ctx.report.pop("failed_gates")
+    report = build(ctx.report)
+    _replace_text(ctx.work_dir / "report.json", report.dump_json())
+    _replace_text(ctx.work_dir / "report.md", markdown(report))
+    update_inference_timing(ctx.work_dir, ctx.recipe.validate_.threads,
+                            ctx.report["validation"]["models"]["converted"]["latency"])
+    write_checksums(ctx.work_dir)
+    return report
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling renamed over it: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
