@@ -35,7 +35,9 @@ def test_signal_during_convert_exits_with_its_code_and_leaves_nothing(tmp_path, 
     process = subprocess.Popen([sys.executable, "-m", "vitcompress.cli", "convert", "vit_fmnist", "--recipe",
                                 str(Path(__file__).parent.parent / "recipes" / "svd.yaml"), "--out",
                                 str(tmp_path / "run"), *sets], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "COLUMNS": "200"})
+                               env={**os.environ, "COLUMNS": "200"},
+                               # a shell's background job starts with SIGINT ignored; a user's terminal does not
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     process.stderr.readline()  # the first stage line: the hidden work directory exists by now
     time.sleep(1)
     process.send_signal(signum)
