@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vitcompress.batch.manifest import Job
+from vitcompress.files import replace_text
 
 KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxruntime")
 #: Recipe fields that only set gate thresholds (re-evaluated from report.json, never a reason to convert).
@@ -219,6 +220,4 @@ def read_key_file(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, value: Any) -> None:
     """Write JSON atomically (a temporary sibling renamed over it): a killed batch never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    replace_text(path, json.dumps(value, indent=2, default=str) + "\n")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vitcompress.errors import ResumeError
+from vitcompress.files import replace_text
 
 IDENTITY_FILE = "resume.json"
 LATEST_FILE = "latest.json"
@@ -81,9 +81,7 @@ def save(directory: Path, state: TrainState) -> Path:
                 "rng": state.rng}, target / "state.pt")
     (target / "state.json").write_text(json.dumps({"stage": state.stage, "step": state.step,
                                                    "progress": state.progress}))
-    pointer = directory / f".{LATEST_FILE}.tmp"
-    pointer.write_text(json.dumps({"checkpoint": name}))
-    os.replace(pointer, directory / LATEST_FILE)
+    replace_text(directory / LATEST_FILE, json.dumps({"checkpoint": name}))
     for old in directory.iterdir():
         if old.is_dir() and old.name != name:
             shutil.rmtree(old, ignore_errors=True)

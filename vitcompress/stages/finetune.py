@@ -50,11 +50,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FROZEN_EMBEDDINGS = ("patch_embed", "cls_token", "pos_embed", "reg_token")
 
 
-def _cycle(loader):
-    while True:
-        yield from loader
-
-
 def _schedule(config: FinetuneConfig):
     warmup = min(config.warmup_steps, config.steps - 1)
 
@@ -140,8 +135,6 @@ def training_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise RecipeError("finetune.device: cuda was asked for, but torch sees no CUDA GPU (use auto or cpu)")
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 
 
 def run(ctx: RunContext, checkpoints: bool = True) -> None:

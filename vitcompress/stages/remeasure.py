@@ -18,12 +18,10 @@ stage's own measurements, so the batch converts it again.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from vitcompress.bundle import update_inference_timing, write_checksums
 from vitcompress.context import RunContext
 from vitcompress.errors import UsageError
+from vitcompress.files import replace_text
 from vitcompress.models import load_model
 from vitcompress.report import Report
 from vitcompress.stages import export, load, profile, validate
@@ -68,16 +66,9 @@ def run(ctx: RunContext, machine: str, date: str, reason: str) -> Report:
         "date": date, "reason": reason, "converted_on": old.machine, "converted_date": old.date})
     ctx.report.pop("failed_gates")
     report = build(ctx.report)
-    _replace_text(ctx.work_dir / "report.json", report.dump_json())
-    _replace_text(ctx.work_dir / "report.md", markdown(report))
+    replace_text(ctx.work_dir / "report.json", report.dump_json())
+    replace_text(ctx.work_dir / "report.md", markdown(report))
     update_inference_timing(ctx.work_dir, ctx.recipe.validate_.threads,
                             ctx.report["validation"]["models"]["converted"]["latency"])
     write_checksums(ctx.work_dir)
     return report
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary sibling renamed over it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
