@@ -8,11 +8,17 @@ by ``energy`` and CKA skip choices may differ from ``convert``'s on the full bud
 params and MACs of the model in its deploy form (``to_deploy()``), as ``convert``'s validation does, so the last
 step's numbers are the converted model's. Then it exports the result with the export stage's code into a
 temporary directory and runs it in onnxruntime at batch 1. No fine-tuning, no latency measurement, nothing
-written: the predicted speed-up is the MAC ratio, not a measured latency.
+written: the predicted speed-up is a ratio of costs, not a measured latency. A float MAC costs 1; a MAC of an
+int8 layer (shift weights, onnxruntime's MatMulInteger) costs what its kernel takes relative to the float
+MatMul of the same shape, timed here in onnxruntime once per shape (1 thread, 400 tokens, interleaved median):
+int8 kernels are 2–4× faster per MAC than float ones on x86 CPUs, so a plain MAC ratio (``mac_speedup``) would
+call an int8 model no faster than the original. Binary-code attention runs float MatMuls over {0, 1} codes in
+onnxruntime, so its MACs are counted as float MACs.
 """
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +33,9 @@ from vitcompress.export import export_onnx, to_deploy
 from vitcompress.models import LoadedModel, load_model, resolve_name
 from vitcompress.recipe import Recipe, load_recipe, staged_steps
 from vitcompress.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
-from vitcompress.stages.measure import count_macs, count_params
+from vitcompress.stages.measure import count_macs, count_params, int8_macs
 from vitcompress.stages.transform import apply_steps
+from vitcompress.transforms.shiftadd_moe import measure_latency_weights
 
 PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
@@ -41,11 +48,22 @@ def step_order(recipe: Recipe) -> list[int]:
     return [i for i in range(len(recipe.model_steps)) if i not in later] + later
 
 
-def deployed_cost(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
-    """(params, MACs per image) of ``model`` in deploy form, measured on a copy: like ``convert``, the later
-    steps transform the train-time form, and only the finished model is deployed."""
+@functools.cache
+def int8_mac_cost(in_features: int, out_features: int) -> float:
+    """Cost of one int8 MAC of a layer of this shape in float MACs: onnxruntime's int8 time over its float
+    MatMul time, measured on this machine (once per shape and process)."""
+    dense, int8 = measure_latency_weights(in_features, out_features, int8=True)
+    return int8 / dense
+
+
+def deployed_cost(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int, float]:
+    """(params, MACs per image, cost per image in float MACs) of ``model`` in deploy form, measured on a copy:
+    like ``convert``, the later steps transform the train-time form, and only the finished model is deployed."""
     deployed = to_deploy(model)
-    return count_params(deployed), count_macs(deployed, input_size)
+    macs = count_macs(deployed, input_size)
+    int8 = int8_macs(deployed, input_size)
+    cost = macs - sum(int8.values()) + sum(n * int8_mac_cost(*shape) for shape, n in int8.items())
+    return count_params(deployed), macs, cost
 
 
 def check_export(model: nn.Module, loaded: LoadedModel, recipe: Recipe, directory: Path) -> dict:
@@ -87,21 +105,22 @@ def check_export(model: nn.Module, loaded: LoadedModel, recipe: Recipe, director
 def plan_steps(ctx: RunContext, input_size: tuple[int, ...], original: dict) -> list[dict]:
     """Apply ``ctx.recipe``'s steps to ``ctx.model`` in ``convert``'s order; per step what it matched and the
     deployed params and MACs before and after it."""
-    params, macs = original["params"], original["macs"]
+    params, macs, cost = original["params"], original["macs"], original["cost"]
     steps = []
     for i in step_order(ctx.recipe):
         t0 = time.perf_counter()
         applied = apply_steps(ctx, ctx.model, ctx.recipe.model_steps, [i])[0]
         t1 = time.perf_counter()
-        params_after, macs_after = deployed_cost(ctx.model, input_size)
+        params_after, macs_after, cost_after = deployed_cost(ctx.model, input_size)
         steps.append({"step": i, "transform": applied["transform"], "matched": len(applied["modules"]),
                       "modules": applied["modules"], "params_before": params, "params_after": params_after,
-                      "macs_before": macs, "macs_after": macs_after, "speedup": macs / macs_after,
-                      "cumulative_speedup": original["macs"] / macs_after,
+                      "macs_before": macs, "macs_after": macs_after, "cost_before": cost, "cost_after": cost_after,
+                      "speedup": cost / cost_after, "cumulative_speedup": original["cost"] / cost_after,
+                      "mac_speedup": macs / macs_after,
                       "seconds": {"apply": t1 - t0, "measure": time.perf_counter() - t1}})
         if "details" in applied:
             steps[-1]["details"] = applied["details"]
-        params, macs = params_after, macs_after
+        params, macs, cost = params_after, macs_after, cost_after
     return steps
 
 
@@ -146,14 +165,15 @@ def plan(
         ctx = RunContext(settings=settings, recipe=recipe, work_dir=Path(tmp), scratch_dir=Path(tmp),
                          progress=progress, original=loaded, model=loaded.model)
         t0 = time.perf_counter()
-        original = dict(zip(("params", "macs"), deployed_cost(loaded.model, input_size)))
+        original = dict(zip(("params", "macs", "cost"), deployed_cost(loaded.model, input_size)))
         seconds["measure"] = time.perf_counter() - t0
         steps = plan_steps(ctx, input_size, original)
         seconds["steps"] = sum(s["seconds"]["apply"] + s["seconds"]["measure"] for s in steps)
         progress.stage("export", f"ONNX opset {recipe.export.opset} into a temporary directory, onnxruntime batch 1")
         export = check_export(loaded.model, loaded, recipe, Path(tmp))
     seconds.update(export.pop("seconds"), total=time.perf_counter() - t_start)
-    final = {"params": steps[-1]["params_after"], "macs": steps[-1]["macs_after"]} if steps else dict(original)
+    final = ({"params": steps[-1]["params_after"], "macs": steps[-1]["macs_after"], "cost": steps[-1]["cost_after"]}
+             if steps else dict(original))
     return {
         "model": {"name": loaded.name, "weights": loaded.weights, "input_size": list(input_size)},
         "recipe": recipe_source,
@@ -163,7 +183,7 @@ def plan(
         "planned": "steps" if recipe.cascade is None else CASCADE_PLANNED,
         "original": original,
         "steps": steps,
-        "final": {**final, "speedup": original["macs"] / final["macs"]},
+        "final": {**final, "speedup": original["cost"] / final["cost"], "mac_speedup": original["macs"] / final["macs"]},
         "export": export,
         "seconds": seconds,
     }

@@ -6,6 +6,7 @@ from timm.models.vision_transformer import Attention
 from vitcompress.layers.binary_attention import (
     BinaryAttention,
     binary_attention,
+    binary_attention_deploy,
     binary_attention_quadratic,
     binary_codes,
 )
@@ -42,3 +43,18 @@ def test_from_attention_shares_weights_and_gradients_reach_qkv():
     x = torch.randn(2, 10, 48)
     layer(x).sum().backward()
     assert layer.qkv.weight.grad.abs().sum() > 0 and layer.proj.weight.grad.abs().sum() > 0
+
+
+def test_deploy_form_equals_the_training_form():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    torch.testing.assert_close(binary_attention_deploy(q, k, v), binary_attention(q, k, v))
+
+
+def test_to_deploy_keeps_the_modules_and_the_output():
+    torch.manual_seed(3)
+    layer = BinaryAttention.from_attention(Attention(48, num_heads=3)).eval()
+    deployed = layer.to_deploy()
+    assert deployed.qkv is layer.qkv and deployed.proj is layer.proj and deployed.deploy and not layer.deploy
+    x = torch.randn(2, 10, 48, dtype=torch.float64)
+    torch.testing.assert_close(deployed.double()(x), layer.double()(x))

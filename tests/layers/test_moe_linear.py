@@ -79,3 +79,27 @@ def test_expert_shares_count_eval_routing():
     shares = expert_shares(model.eval(), [torch.randn(5, 8), torch.randn(3, 8)])
     assert shares == {"overall": {"dense": 0.0, "shift": 1.0}, "layers": {"0": {"dense": 0.0, "shift": 1.0}}}
     assert expert_shares(nn.Linear(2, 2), []) is None
+
+
+def _shift_share_after_balancing(alpha: tuple[float, float]) -> float:
+    """Train only the router of a fresh MoE layer on the latency-aware balance loss; the shift expert's share
+    of 1,000 tokens (eval routing) after 100 Adam steps."""
+    torch.manual_seed(0)
+    moe = MoELinear.from_linear(nn.Linear(16, 8), levels=7, alpha=alpha, balance_weight=1.0).train()
+    tokens = torch.randn(1000, 16)
+    optimizer = torch.optim.Adam(moe.router.parameters(), lr=0.1)
+    for _ in range(100):
+        optimizer.zero_grad()
+        moe(tokens)
+        moe.aux_loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (moe.eval().route(tokens)[1] == 1).float().mean().item()
+
+
+def test_latency_weights_move_the_shares_as_the_balance_loss_says():
+    """The balance loss is 0 at α_dense·n_dense = α_shift·n_shift: the shift share goes to α_dense (the faster
+    expert takes more tokens), from the even split of a fresh router, one way or the other with the weights."""
+    assert abs(_shift_share_after_balancing((0.5, 0.5)) - 0.5) < 0.08
+    assert abs(_shift_share_after_balancing((0.75, 0.25)) - 0.75) < 0.08
+    assert abs(_shift_share_after_balancing((0.25, 0.75)) - 0.25) < 0.08

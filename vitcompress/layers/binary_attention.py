@@ -12,6 +12,11 @@ attention matrix ``A = ½·I + (1/π)·B_q B_kᵀ`` (non-negative) and row norma
 form costs O(n·d²) and never builds the n×n matrix. The denominator is ≥ ½, so it is safe in any precision.
 The released code instead L2-normalises the output and adds a depth-wise token convolution; we keep the
 attention a convex combination of values, which keeps the scale the pretrained ``proj`` expects.
+
+Deploy form (:func:`binary_attention_deploy`): the L2 normalisation divides a row by its positive norm, which
+changes no sign of ``x − mean(x)``, so the codes are ``1[x > mean(x)]`` without it; and ``B_kᵀ[V, 1]`` gives
+``B_kᵀV`` and ``B_kᵀ1`` in one product, so one more product ``b_q(B_kᵀ[V, 1])`` gives numerator and
+denominator together. Two MatMuls per head in onnxruntime instead of the training form's chain.
 """
 
 from __future__ import annotations
@@ -49,6 +54,17 @@ def binary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return (numerator / denominator).to(v.dtype)
 
 
+def binary_attention_deploy(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """:func:`binary_attention` for inference (no gradient): codes ``1[x > mean(x)]`` and one product
+    ``b_q(B_kᵀ[V, 1])`` for numerator and denominator; equal up to float rounding of ties at the mean."""
+    values = _at_least_fp32(v)
+    b_q, b_k = ((x > x.mean(-1, keepdim=True)).to(values.dtype) for x in (q, k))
+    ones = torch.ones_like(values[..., :1])
+    both = b_q @ (b_k.transpose(-2, -1) @ torch.cat([values, ones], -1))
+    out = (SELF_WEIGHT * values + CODE_WEIGHT * both[..., :-1]) / (SELF_WEIGHT + CODE_WEIGHT * both[..., -1:])
+    return out.to(v.dtype)
+
+
 def binary_attention_quadratic(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The same attention through the explicit n×n matrix ``½·I + (1/π)·B_q B_kᵀ`` (reference, O(n²))."""
     b_q, b_k = binary_codes(q), binary_codes(k)
@@ -71,6 +87,7 @@ class BinaryAttention(nn.Module):
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.norm = norm if norm is not None else nn.Identity()
         self.proj_drop = proj_drop if proj_drop is not None else nn.Identity()
+        self.deploy = False
 
     @classmethod
     def from_attention(cls, attn: nn.Module) -> "BinaryAttention":
@@ -88,9 +105,17 @@ class BinaryAttention(nn.Module):
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        out = binary_attention(self.q_norm(q), self.k_norm(k), v)
+        attention = binary_attention_deploy if self.deploy else binary_attention
+        out = attention(self.q_norm(q), self.k_norm(k), v)
         out = self.norm(out.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
         return self.proj_drop(self.proj(out))
+
+    def to_deploy(self) -> "BinaryAttention":
+        """The same attention (same modules) computing :func:`binary_attention_deploy`, in eval mode."""
+        deployed = BinaryAttention(self.num_heads, self.head_dim, self.qkv, self.proj, self.q_norm, self.k_norm,
+                                   self.norm, self.proj_drop)
+        deployed.deploy = True
+        return deployed.eval()
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, codes=binary"

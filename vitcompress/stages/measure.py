@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitcompress.layers.int8_linear import Int8PotLinear
+
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -29,3 +31,23 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
         for module, value in fused.items():
             module.fused_attn = value
     return counter.get_total_flops() // 2
+
+
+def int8_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[tuple[int, int], int]:
+    """MACs of one image through each shape (in, out) of the model's int8 layers (:class:`Int8PotLinear`);
+    empty when it has none. They are part of :func:`count_macs`'s total, at a different cost per MAC."""
+    counts: dict[tuple[int, int], int] = {}
+
+    def count(module: Int8PotLinear, args: tuple) -> None:
+        shape = (module.in_features, module.out_features)
+        tokens = args[0].numel() // module.in_features
+        counts[shape] = counts.get(shape, 0) + tokens * module.in_features * module.out_features
+
+    hooks = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, Int8PotLinear)]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
