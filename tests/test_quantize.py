@@ -167,7 +167,7 @@ def test_static_int8_of_the_reference_model_keeps_its_accuracy(tmp_path):
 @pytest.mark.slow
 def test_convert_with_static_int8_ships_and_verifies_the_int8_model(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("steps: [{transform: svd_lowrank, targets: ['re:blocks\\\\.\\\\d+\\\\.mlp\\\\.fc1'], rank: 16}]\n"
+    recipe.write_text("steps: [{transform: svd_lowrank, targets: ['blocks.*.mlp.fc1'], rank: 16}]\n"
                       "export: {quantize: static}\nvalidate: {max_abs_diff: 10.0}\n")
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["convert", "vit_fmnist", "--random-init", "--model-arg", "depth=2",
