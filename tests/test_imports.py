@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).parent.parent / "vitcompress"
 #: Modules any layer may use: they import nothing of vitcompress but each other.
 LEAVES = {"vitcompress.errors", "vitcompress.runtime", "vitcompress.hooks", "vitcompress.cka", "vitcompress.bundle",
-          "vitcompress.bundle_predict", "vitcompress.timing_lock", "vitcompress.files"}
+          "vitcompress.bundle_predict", "vitcompress.timing_lock", "vitcompress.files", "vitcompress.quantize"}
 
 
 def module_name(path: Path) -> str:

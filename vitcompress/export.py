@@ -14,6 +14,7 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -36,6 +37,12 @@ class ExportConfig(BaseModel):
     opset: int = Field(20, ge=17, le=23, description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which "
                                                      "onnxruntime fuses with its bias")
     dynamic_batch: bool = True
+    quantize: Literal["none", "dynamic", "static"] = Field(
+        "none", description="int8 model.onnx by onnxruntime.quantization: static (QDQ, activation ranges from the "
+                            "calibration images) or dynamic (activation ranges at run time); none: float32")
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="static only: how the calibration activations set the int8 ranges")
+    per_channel: bool = Field(True, description="one int8 weight scale per output channel (else per tensor)")
 
 
 def to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -123,6 +123,14 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _cascade_is_not_quantized(self) -> "Recipe":
+        """A cascade exports two models of its own (low.onnx, high.onnx) that ``export.quantize`` does not reach."""
+        if self.cascade is not None and self.export.quantize != "none":
+            raise ValueError("export.quantize applies to model.onnx; a cascade's low and high models are not "
+                             "quantised yet: use quantize: none with cascade")
+        return self
+
+    @model_validator(mode="after")
     def _zero_steps_is_no_finetune(self) -> "Recipe":
         """``finetune.steps: 0`` means no fine-tune: the same recipe as ``finetune: null`` everywhere after."""
         if self.finetune is not None and self.finetune.steps == 0:

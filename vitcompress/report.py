@@ -95,12 +95,25 @@ class MoEDispatch(_Section):
     latency: dict[str, dict[str, float]]
 
 
+class Quantization(_Section):
+    """The int8 form of model.onnx (``export.quantize``): onnxruntime.quantization on the float32 export."""
+
+    mode: Literal["dynamic", "static"]
+    per_channel: bool
+    nodes: int = Field(description="float MatMul/Gemm/Conv nodes of the float32 graph (what was quantised)")
+    fp32_onnx_bytes: int
+    calibration: Optional[str] = Field(None, description="static: the calibration method of the ranges")
+    activations: Optional[str] = Field(None, description="static: the activations' int8 type")
+    calibration_images: Optional[int] = None
+
+
 class Export(_Section):
     opset: int
     dynamic_batch: bool
     checked_batches: list[int]
     onnx_bytes: int
     moe_dispatch: Optional[MoEDispatch] = None
+    quantize: Optional[Quantization] = None
 
 
 class Latency(_Section):
@@ -119,6 +132,8 @@ class Parity(_Section):
     max_abs_diff: float
     top1_agreement: float
     images: int
+    onnx: str = Field("float32", description="what ran in onnxruntime: float32, or the int8 model (e.g. 'int8 "
+                      "static') against the float32 torch model")
 
 
 class ModelMetrics(_Section):

@@ -66,3 +66,12 @@ def test_gates():
     table["original"]["top1"] = None
     skipped = gates(table, ValidateConfig(max_top1_drop=1.0))
     assert skipped[1]["passed"] is None and "no labels" in skipped[1]["note"]
+
+
+def test_parity_gate_of_an_int8_model_says_what_it_compares():
+    table = {"original": {"top1": 90.0}, "converted": {"top1": 89.9, "agreement": 0.99,
+                                                       "parity": {"max_abs_diff": 0.2, "onnx": "int8 static"}}}
+    gate = gates(table, ValidateConfig(max_abs_diff=0.5))[0]
+    assert gate["passed"] and gate["note"] == "torch float32 vs the int8 static ONNX model"
+    table["converted"]["parity"]["onnx"] = "float32"
+    assert "note" not in gates(table, ValidateConfig())[0]

@@ -1,6 +1,10 @@
 """Stage 4 — export: the original and the converted model to ONNX (:mod:`vitcompress.export`), checked in
 onnxruntime, with the preprocessing contract in their metadata; the converted weights as safetensors.
 
+With ``export.quantize`` the converted model is exported in float32 to the scratch directory and its int8 form
+(:mod:`vitcompress.quantize`, static ranges from the recipe's calibration images) becomes ``model.onnx``: the
+bundle ships, validates and verifies the int8 model; the original stays float32, the baseline it is compared to.
+
 The original's ONNX goes to the scratch directory: validation times it side by side with the converted one.
 The converted model is put in its deploy form first (in place): validation compares onnxruntime with exactly
 the torch model that was exported, and model.safetensors holds the deployed weights.
@@ -13,9 +17,11 @@ from pathlib import Path
 from torch import nn
 
 from vitcompress.context import RunContext
-from vitcompress.export import CHECK_BATCHES, export_onnx, to_deploy
+from vitcompress.export import CHECK_BATCHES, check_runs, export_onnx, to_deploy
+from vitcompress.quantize import quantize_onnx
 from vitcompress.runtime import preprocessing_metadata
 from vitcompress.stages import moe_dispatch
+from vitcompress.stages.load import calibration_batches
 
 
 def run_metadata(ctx: RunContext) -> dict[str, str]:
@@ -37,15 +43,37 @@ def export_original(ctx: RunContext) -> Path:
     return export_model(ctx, ctx.original.model, ctx.original_onnx_path)
 
 
+def export_quantized(ctx: RunContext, model: nn.Module, path: Path) -> dict:
+    """``model`` to float32 ONNX in the scratch directory, then its int8 form (``export.quantize``) at ``path``,
+    checked in onnxruntime like every export; returns what :func:`~vitcompress.quantize.quantize_onnx` did."""
+    config = ctx.recipe.export
+    fp32 = export_model(ctx, model, ctx.scratch_dir / f"{path.stem}.fp32.onnx")
+    images = min(ctx.recipe.calibration.images, len(ctx.data.train)) if config.quantize == "static" else 0
+    ctx.progress.stage("quantize", f"{config.quantize} int8 (onnxruntime.quantization), per-channel "
+                                   f"{config.per_channel}" + (f", {config.calibration_method} ranges from {images} "
+                                                              "calibration images" if images else ""))
+    batches = (b.numpy() for b in calibration_batches(ctx)) if config.quantize == "static" else ()
+    done = quantize_onnx(fp32, path, config.quantize, calibration=batches, method=config.calibration_method,
+                         per_channel=config.per_channel)
+    check_runs(path, tuple(ctx.original.data_config["input_size"]),
+               CHECK_BATCHES if config.dynamic_batch else (2,))
+    return done
+
+
 def run(ctx: RunContext) -> None:
     from safetensors.torch import save_file
 
     config = ctx.recipe.export
+    quantized: dict = {}
 
     def export(model: nn.Module, path: Path) -> Path:
-        return export_model(ctx, model, path)
+        if config.quantize == "none":
+            return export_model(ctx, model, path)
+        quantized.update(export_quantized(ctx, model, path))
+        return path
 
-    ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}")
+    ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}"
+                                 + (f", then {config.quantize} int8" if config.quantize != "none" else ""))
     export_original(ctx)
     ctx.model = to_deploy(ctx.model, inplace=True)
     dispatch = moe_dispatch.choose(ctx, export)
@@ -58,3 +86,5 @@ def run(ctx: RunContext) -> None:
                             "onnx_bytes": ctx.onnx_path.stat().st_size}
     if dispatch is not None:
         ctx.report["export"]["moe_dispatch"] = dispatch
+    if quantized:
+        ctx.report["export"]["quantize"] = quantized

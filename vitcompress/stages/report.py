@@ -28,8 +28,9 @@ def side_by_side_rows(report: Report) -> list[tuple[str, str, str]]:
     if original.top1 is not None:
         rows.append(("top-1 (%)", f"{original.top1:.2f}", f"{converted.top1:.2f}"))
     rows.append(("top-1 agreement with original", "100.00 %", f"{converted.agreement * 100:.2f} %"))
+    against = "" if converted.parity.onnx == "float32" else f" (torch float32 vs ORT {converted.parity.onnx})"
     rows.append(("max |torch − ORT| on logits", f"{original.parity.max_abs_diff:.2e}",
-                 f"{converted.parity.max_abs_diff:.2e}"))
+                 f"{converted.parity.max_abs_diff:.2e}{against}"))
     return rows
 
 
@@ -87,6 +88,13 @@ def markdown(report: Report) -> str:
                              for form, times in d.latency.items())
         lines.append(f"- MoE export form: **{d.chosen}** for {d.layers} layers (onnxruntime p50 over "
                      f"{d.runs} interleaved runs: {measured})")
+    if report.export.quantize:
+        q = report.export.quantize
+        ranges = (f", {q.activations} activations, {q.calibration} ranges from {q.calibration_images} calibration "
+                  "images" if q.mode == "static" else ", activation ranges at run time")
+        lines.append(f"- int8 ({q.mode}, onnxruntime.quantization): {q.nodes} MatMul/Gemm/Conv nodes, per-channel "
+                     f"weights {q.per_channel}{ranges}; model.onnx {report.export.onnx_bytes / 1e6:.1f} MB "
+                     f"(float32 {q.fp32_onnx_bytes / 1e6:.1f} MB). The converted column is the int8 model.")
     lines += ["", "| metric | original | converted |", "|---|---|---|"]
     lines += [f"| {m} | {o} | {c} |" for m, o, c in side_by_side_rows(report)]
     if cka_rows(report):
@@ -106,7 +114,8 @@ def markdown(report: Report) -> str:
     for g in report.validation.gates:
         value = "—" if g.value is None else f"{g.value:.4g}"
         result = {True: "pass", False: "**FAIL**", None: g.note or "skipped"}[g.passed]
-        lines.append(f"| {g.gate} | {g.limit} | {value} | {result} |")
+        about = f" ({g.note})" if g.note and g.passed is not None else ""
+        lines.append(f"| {g.gate}{about} | {g.limit} | {value} | {result} |")
     return "\n".join(lines) + "\n"
 
 

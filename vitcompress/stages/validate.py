@@ -103,12 +103,14 @@ def run(ctx: RunContext) -> None:
     ctx.progress.finish("accuracy")
     labels = predictions["original"].labels
     parity = {}
+    quantize = ctx.recipe.export.quantize
     for name, model in (("original", ctx.original.model), ("converted", ctx.model)):
         reference = torch_logits(model, data, PARITY_IMAGES)
         got = predictions[name].head_logits
         parity[name] = {"max_abs_diff": float(np.abs(reference - got).max()),
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
-                        "images": len(reference)}
+                        "images": len(reference),
+                        "onnx": f"int8 {quantize}" if name == "converted" and quantize != "none" else "float32"}
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs")
     timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
                      latency_images(data, max(config.batch_sizes)))
@@ -135,6 +137,9 @@ def gates(table: dict, config: ValidateConfig) -> list[dict]:
     result = [{"gate": "max_abs_diff", "limit": config.max_abs_diff,
                "value": converted["parity"]["max_abs_diff"],
                "passed": converted["parity"]["max_abs_diff"] <= config.max_abs_diff}]
+    onnx = converted["parity"].get("onnx", "float32")
+    if onnx != "float32":
+        result[0]["note"] = f"torch float32 vs the {onnx} ONNX model"
     if config.max_top1_drop is not None and original["top1"] is None:
         result.append({"gate": "max_top1_drop", "limit": config.max_top1_drop, "value": None, "passed": None,
                        "note": "skipped: the validation data has no labels"})
