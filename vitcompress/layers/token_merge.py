@@ -134,9 +134,10 @@ class ToMeBlock(nn.Module):
         if r < 0:
             raise ValueError(f"r must be ≥ 0, got {r}")
         self.r = r
-        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+        self.norm1, self.attn = norm1, attn
         self.ls1 = ls1 if ls1 is not None else nn.Identity()
         self.drop_path1 = drop_path1 if drop_path1 is not None else nn.Identity()
+        self.norm2, self.mlp = norm2, mlp
         self.ls2 = ls2 if ls2 is not None else nn.Identity()
         self.drop_path2 = drop_path2 if drop_path2 is not None else nn.Identity()
 
