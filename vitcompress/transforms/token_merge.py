@@ -76,24 +76,21 @@ def apply_token_merge(model: nn.Module, config: TokenMergeConfig, inputs: Transf
     if outside:
         raise TargetError(f"{STEP}: {outside[0]} is not a block of model.blocks (targets must be blocks.N)")
     r = _per_block_r(config, [name for name, _ in targets])
-    first = min(positions[name] for name in r)
-    followers = []
-    for i in range(first, len(blocks)):
+    merging: dict[str, int] = {}
+    for i in range(min(positions[name] for name in r), len(blocks)):
         name, block = f"blocks.{i}", blocks[i]
-        if name not in r and isinstance(block, Block):
-            followers.append(name)
-        elif name not in r and hasattr(block, "attn"):
-            raise TargetError(f"{STEP}: {name} comes after a merging block but its attention is "
-                              f"{type(block.attn).__name__}: merged tokens need ToMe's proportional attention")
-    for name in [*r, *followers]:
-        attn = blocks[positions[name]].attn
-        if type(attn) is not Attention:
-            raise TargetError(f"{STEP}: {name}.attn is {type(attn).__name__}, not timm's softmax Attention")
-        if getattr(attn, "gate", None) is not None:
-            raise TargetError(f"{STEP}: {name}.attn is gated; gated attention is not supported")
-    for name in [*r, *followers]:
-        blocks[positions[name]] = ToMeBlock.from_block(blocks[positions[name]], r.get(name, 0))
+        if name not in r and not hasattr(block, "attn"):
+            continue  # e.g. a block whose attention was skipped: nothing to weigh by size
+        attn = block.attn
+        if not isinstance(block, Block) or type(attn) is not Attention or getattr(attn, "gate", None) is not None:
+            why = "" if name in r else " (it follows a merging block, and merged tokens need proportional attention)"
+            raise TargetError(f"{STEP}: {name} is a {type(block).__name__} with {type(attn).__name__}; ToMe needs a "
+                              f"timm Block with timm's ungated softmax Attention{why}")
+        merging[name] = r.get(name, 0)
+    for name, block_r in merging.items():
+        blocks[positions[name]] = ToMeBlock.from_block(blocks[positions[name]], block_r)
     model.blocks = ToMeBlocks(*blocks)
+    followers = [name for name in merging if name not in r]
     log.info("%s: r = %s; proportional attention only in %s", STEP, r, followers or "no other block")
     inputs.details.update(r=r, proportional_attention_only=followers)
     return list(r)
