@@ -14,7 +14,7 @@ of patches, so the plain mean that timm's head takes would be wrong (it would ne
 from __future__ import annotations
 
 import logging
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from pydantic import Field, NonNegativeInt
 from timm.layers import Attention
@@ -31,6 +31,8 @@ STEP = "token_merge"
 
 
 class TokenMergeConfig(TransformConfig):
+    keeps_token_count: ClassVar[bool] = False
+
     transform: Literal["token_merge"] = "token_merge"
     targets: list[str] = Field(default_factory=lambda: ["blocks.*"], min_length=1,
                                description="merging blocks (selectors); default every block")
