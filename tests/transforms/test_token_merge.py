@@ -1,6 +1,7 @@
 import copy
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -20,6 +21,12 @@ from vitcompress.transforms.token_merge import TokenMergeConfig
 
 def recipe(**step):
     return parse_recipe({"steps": [{"transform": "token_merge", **step}]}, "test.yaml")
+
+
+def tome_copy(model: nn.Module, **step) -> nn.Module:
+    model = copy.deepcopy(model)
+    vitcompress.apply(model, TokenMergeConfig(**step))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -54,24 +61,18 @@ def test_per_block_r_and_blocks_after_the_first_target_get_proportional_attentio
 
 
 def test_r_zero_everywhere_is_the_original_model(reference_model):
-    model = apply_recipe_copy(reference_model, r=0)
+    model = tome_copy(reference_model, r=0)
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(model(x), reference_model(x))
 
 
 def test_merging_changes_the_output_within_reason(reference_model):
-    model = apply_recipe_copy(reference_model, r=2)
+    model = tome_copy(reference_model, r=2)
     x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = model(x), reference_model(x)
     assert 0 < (got - want).abs().max() < 0.5 * want.abs().max()
-
-
-def apply_recipe_copy(model: nn.Module, **step) -> nn.Module:
-    model = copy.deepcopy(model)
-    vitcompress.apply(model, TokenMergeConfig(**step))
-    return model
 
 
 def _parity(model: nn.Module, path, input_size) -> None:
@@ -87,11 +88,9 @@ def _parity(model: nn.Module, path, input_size) -> None:
 
 @pytest.mark.export
 def test_torch_onnxruntime_parity_with_dynamic_batch(small_vit, tmp_path):
-    model = apply_recipe_copy(small_vit, r=[8, 8, 8, 100])
+    model = tome_copy(small_vit, r=[8, 8, 8, 100])
     path = export_onnx(model, tmp_path / "tome.onnx", input_size=(3, 32, 32))
     _parity(model, path, (3, 32, 32))
-    import onnx
-
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"TopK", "GatherElements", "ScatterElements"} <= ops and not any("vitcompress" in op for op in ops)
 
@@ -100,7 +99,7 @@ def test_torch_onnxruntime_parity_with_dynamic_batch(small_vit, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["reference_model", "deit_tiny"])
 def test_torch_onnxruntime_parity_on_vit_fmnist_and_deit(request, tmp_path, fixture):
-    model = apply_recipe_copy(request.getfixturevalue(fixture), r=4)
+    model = tome_copy(request.getfixturevalue(fixture), r=4)
     input_size = tuple(model.pretrained_cfg["input_size"])
     _parity(model, export_onnx(model, tmp_path / "tome.onnx", input_size=input_size), input_size)
 
@@ -156,3 +155,11 @@ def test_recipe_errors_name_the_key(step, where):
 def test_selector_matching_nothing_is_an_error(reference_model):
     with pytest.raises(TargetError, match="matches no module"):
         vitcompress.apply(copy.deepcopy(reference_model), TokenMergeConfig(targets=["blocks.99"], r=1))
+
+
+def test_final_token_distillation_is_refused_since_the_token_count_changes():
+    data = {"steps": [{"transform": "token_merge", "r": 2}], "finetune": {"distill": {"tokens_mse": 0.5}}}
+    with pytest.raises(RecipeError, match="test.yaml: finetune.distill.tokens_mse: token_merge changes the number"):
+        parse_recipe(data, "test.yaml")
+    data["finetune"]["distill"]["tokens_mse"] = 0.0
+    assert parse_recipe(data, "test.yaml").finetune.distill.tokens_mse == 0
