@@ -10,7 +10,7 @@ Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)
 
 Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``export_onnx``, ``load_model`` and the transform
 configs ``LowRankConfig``, ``TaylorConfig``, ``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``,
-``SkipConfig``.
+``SkipConfig``, ``TokenMergeConfig``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ _PUBLIC = {
     "ShiftConfig": "vitcompress.transforms.shift_linear",
     "MoEConfig": "vitcompress.transforms.shiftadd_moe",
     "SkipConfig": "vitcompress.transforms.skip",
+    "TokenMergeConfig": "vitcompress.transforms.token_merge",
 }
 __all__ = sorted(_PUBLIC)
 

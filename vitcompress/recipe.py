@@ -193,7 +193,18 @@ def parse_recipe(data: Any, source: str) -> Recipe:
     except ValidationError as exc:
         raise RecipeError(format_validation_error(source, "", exc, Recipe)) from None
     _check_stages(recipe, source)
+    _check_token_distillation(recipe, source)
     return recipe
+
+
+def _check_token_distillation(recipe: Recipe, source: str) -> None:
+    """``finetune.distill.tokens_mse`` compares final tokens one to one: no step may change their number."""
+    if recipe.finetune is None or recipe.finetune.distill.tokens_mse == 0:
+        return
+    merging = [s.transform for s in recipe.model_steps if not s.keeps_token_count]
+    if merging:
+        raise RecipeError(f"{source}: finetune.distill.tokens_mse: {merging[0]} changes the number of tokens, so "
+                          "the final tokens cannot be compared with the original model's; set tokens_mse: 0")
 
 
 def _check_stages(recipe: Recipe, source: str) -> None:

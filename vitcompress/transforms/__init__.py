@@ -1,3 +1,11 @@
 """Recipe transforms: importing the package registers the built-in ones (:mod:`.registry`)."""
 
-from vitcompress.transforms import lowrank, shift_linear, shiftadd_attention, shiftadd_moe, skip, taylor  # noqa: F401
+from vitcompress.transforms import (  # noqa: F401
+    lowrank,
+    shift_linear,
+    shiftadd_attention,
+    shiftadd_moe,
+    skip,
+    taylor,
+    token_merge,
+)

@@ -7,7 +7,7 @@ step's ``transform:`` name, and the transform stage calls the function.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, ClassVar, Iterable, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,6 +18,10 @@ class TransformConfig(BaseModel):
     """Fields every step has: which modules it converts (``targets``) and which of those it leaves alone."""
 
     model_config = ConfigDict(extra="forbid")
+
+    keeps_token_count: ClassVar[bool] = True
+    """False for a transform that changes the number of tokens (token merging): the final tokens then cannot be
+    compared with the original model's, so such a step excludes ``finetune.distill.tokens_mse``."""
 
     transform: str
     targets: list[str] = Field(min_length=1, description="selectors: exact name, glob, 're:<regex>' or a class name")
