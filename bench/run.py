@@ -48,7 +48,7 @@ EXTRA_VARIANTS = {
 _MOE_ONLY = "steps=[{transform: shiftadd_moe, targets: ['re:blocks\\.\\d+\\.mlp\\.fc[12]'], dispatch: %s}]"
 LATENCY_VARIANTS = {
     "shift_mlp": [("float power-of-two weights, no int8", ["steps.0.int8=false"])],
-    "shiftadd": [("MoE only, (a) dense both + Where", [_MOE_ONLY % "where"]),
+    "shiftadd_paper": [("MoE only, (a) dense both + Where", [_MOE_ONLY % "where"]),
                  ("MoE only, (b) gather/scatter", [_MOE_ONLY % "gather"])],
 }
 
@@ -67,14 +67,15 @@ def recipe_sha256(recipe: Path) -> str:
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
     """(model, label, overrides, convert kwargs) of every run the bench makes of one recipe.
 
-    A recipe for the reference model is measured for accuracy as shipped, without its fine-tune and in any
-    extra variant, then for latency on DeiT-S (random weights). A recipe for another model is latency only.
+    A recipe for the reference model or for DeiT-S (whose weights cannot be fetched here) is measured for accuracy
+    on the reference model as shipped, without its fine-tune and in any extra variant, then for latency on DeiT-S
+    (random weights). A recipe for another model is latency only.
     The first run of each model is the as-shipped one, which :func:`int8_rows` also compares with ORT int8.
     """
     if recipe.stem == BASELINE:
         return [(REFERENCE, "original", [], {}), (LATENCY_MODEL, "original", [], LATENCY_ONLY)]
     model = load_recipe(recipe).model or REFERENCE
-    if model != REFERENCE:
+    if model not in (REFERENCE, LATENCY_MODEL):
         return [(model, recipe.stem, NO_GATES, LATENCY_ONLY)]
     runs = [(REFERENCE, recipe.stem, [], {}), (REFERENCE, f"{recipe.stem} (no fine-tune)", ["finetune=null"], {})]
     runs += [(REFERENCE, f"{recipe.stem} ({label})", extra, {}) for label, extra in EXTRA_VARIANTS.get(recipe.stem, [])]

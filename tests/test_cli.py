@@ -262,7 +262,7 @@ def test_shipped_recipe_by_file_name_from_an_empty_directory(tmp_path, monkeypat
     assert result.exit_code in (0, 1), result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["model"]["name"] == "deit_small_patch16_224"
-    assert [s["transform"] for s in report["steps"]] == ["shiftadd_attention", "shiftadd_moe"]
+    assert [s["transform"] for s in report["steps"]] == ["shift_linear", "shiftadd_attention", "shiftadd_moe"]
 
 
 @pytest.mark.slow

@@ -20,12 +20,13 @@ from vitcompress.cli import main
 from vitcompress.recipe import load_recipe, shipped_recipes
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-from run import REFERENCE, recipe_sha256  # noqa: E402
+from run import LATENCY_MODEL, REFERENCE, recipe_sha256  # noqa: E402
 
 BENCH_RESULTS = Path(__file__).parent.parent / "bench" / "results"
 # Recipes another test already converts end to end (test: what it checks beyond the gates).
 RUN_ELSEWHERE = {"svd": "test_cli.py (JSON report)", "fast": "test_fast_recipe.py (both models)",
-                 "cascade": "test_cascade.py (cascade bundle)", "shiftadd": "test_cli.py (DeiT-S from any directory)"}
+                 "cascade": "test_cascade.py (cascade bundle)", "shiftadd": "test_cli.py (DeiT-S from any directory)",
+                 "shiftadd_paper": "transforms/test_shiftadd.py (staged fine-tune, expert shares)"}
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
@@ -37,8 +38,8 @@ def test_bench_measured_this_recipe_on_a_cpu_and_its_as_shipped_rows_pass_its_ga
         f"{name} changed since the bench measured it: run python bench/run.py --recipes {name}"
     shipped = [row for row in results["rows"] if row["variant"] == name]
     models = {row["model"] for row in shipped}
-    assert models == ({REFERENCE, "deit_s"} if (load_recipe(shipped_recipes()[name]).model or REFERENCE) == REFERENCE
-                      else {load_recipe(shipped_recipes()[name]).model})
+    model = load_recipe(shipped_recipes()[name]).model or REFERENCE
+    assert models == ({REFERENCE, LATENCY_MODEL} if model in (REFERENCE, LATENCY_MODEL) else {model})
     for row in shipped:
         assert row["failed_gates"] == [], f"{name} on {row['model']} fails {row['failed_gates']}"
         assert row["finetune"] is None or row["finetune"]["device"] == "cpu", "a GPU fine-tune is no CPU evidence"

@@ -90,10 +90,15 @@ def test_targets_of_the_wrong_kind_are_errors(reference_model):
 def test_shipped_recipes():
     shift = load_recipe(RECIPES / "shift_mlp.yaml")
     assert [s.transform for s in shift.steps] == ["shift_linear"] and shift.steps[0].int8
-    full = load_recipe(RECIPES / "shiftadd.yaml")
-    assert [s.transform for s in full.steps] == ["shiftadd_attention", "shiftadd_moe"]
-    assert full.finetune.stages == [["shiftadd_attention"], ["shiftadd_moe"]]
-    assert full.steps[1].latency_weights == "measure" and full.finetune is not None
+    paper = load_recipe(RECIPES / "shiftadd_paper.yaml")
+    assert [s.transform for s in paper.steps] == ["shiftadd_attention", "shiftadd_moe"]
+    assert paper.finetune.stages == [["shiftadd_attention"], ["shiftadd_moe"]]
+    assert paper.steps[1].latency_weights == "measure" and paper.finetune is not None
+    tuned = load_recipe(RECIPES / "shiftadd.yaml")
+    assert tuned.model == "deit_s"
+    assert [s.transform for s in tuned.steps] == ["shift_linear", "shiftadd_attention", "shiftadd_moe"]
+    assert tuned.finetune.stages == [["shift_linear", "shiftadd_attention"], ["shiftadd_moe"]]
+    assert tuned.steps[0].ignore == tuned.steps[2].targets, "the MoE layers are the ones the shift step leaves"
 
 
 def _mixed_steps(int8: bool) -> list[dict]:
@@ -219,7 +224,7 @@ def test_every_int8_layer_matches_onnxruntime_on_its_own_input(request, exported
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["shift_mlp", "shiftadd"])
+@pytest.mark.parametrize("name", ["shift_mlp", "shiftadd", "shiftadd_paper"])
 def test_shipped_recipe_converts_the_reference_model(tmp_path, name):
     """The shipped recipe through the whole pipeline (fewer targets and FAST budgets keep it short): staged
     fine-tune, measured latency weights, int8 export, expert shares in the report."""
@@ -229,8 +234,10 @@ def test_shipped_recipe_converts_the_reference_model(tmp_path, name):
     from vitcompress.api import convert
 
     fewer = {"shift_mlp": ["steps.0.targets=[blocks.0.mlp.fc1, blocks.0.mlp.fc2]"],
-             "shiftadd": ["steps.0.targets=[blocks.0.attn]", "steps.0.ignore=[]",
-                          "steps.1.targets=[blocks.0.mlp.fc1, blocks.1.mlp.fc2]"]}[name]
+             "shiftadd": ["steps.0.targets=[blocks.0.attn.qkv, blocks.0.mlp.fc2]", "steps.0.ignore=[]",
+                          "steps.2.targets=[blocks.0.mlp.fc1, blocks.1.mlp.fc2]"],
+             "shiftadd_paper": ["steps.0.targets=[blocks.0.attn]", "steps.0.ignore=[]",
+                                "steps.1.targets=[blocks.0.mlp.fc1, blocks.1.mlp.fc2]"]}[name]
     report = convert("vit_fmnist", RECIPES / f"{name}.yaml", out_dir=tmp_path / "run", overrides=[*FAST, *fewer]).report
     assert json.loads((tmp_path / "run" / "report.json").read_text())["recipe"].endswith(f"{name}.yaml")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "run" / "model.onnx")).graph.node}
@@ -239,8 +246,9 @@ def test_shipped_recipe_converts_the_reference_model(tmp_path, name):
     assert validation.models["converted"].top1 > 50
     gate = next(g for g in validation.gates if g.gate == "max_abs_diff")
     assert gate.passed, gate
-    if name == "shiftadd":
-        assert [s.transforms for s in report.finetune.stages] == [["shiftadd_attention"], ["shiftadd_moe"]]
+    if name != "shift_mlp":
+        first = ["shift_linear", "shiftadd_attention"] if name == "shiftadd" else ["shiftadd_attention"]
+        assert [s.transforms for s in report.finetune.stages] == [first, ["shiftadd_moe"]]
         shares = validation.expert_shares
         assert set(shares["layers"]) == {"blocks.0.mlp.fc1", "blocks.1.mlp.fc2"}
         assert abs(sum(shares["overall"].values()) - 1) < 1e-9

@@ -10,7 +10,10 @@ from vitcompress.layers.int8_linear import Int8PotLinear
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Weights the model holds: its parameters plus the int8 weights and biases of deploy-form
+    :class:`Int8PotLinear` layers, which are buffers (a frozen int8 layer is still a layer of weights)."""
+    frozen = sum(m.w_int.numel() + m.bias.numel() for m in model.modules() if isinstance(m, Int8PotLinear))
+    return sum(p.numel() for p in model.parameters()) + frozen
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
