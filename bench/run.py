@@ -8,9 +8,9 @@ process, measured speed-up, top-1 and agreement. The as-shipped runs are also me
 int8 quantisation (:mod:`ort_int8`): the recipe + int8 row, and each row's speed over the int8 original; the
 ``ort_int8`` entry is that baseline itself (no transform, original vs original + ORT int8).
 
-Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date and machine they were measured on), so a
-recipe can be re-measured alone; ``bench/results.md`` and the table in README.md (between the ``bench:start`` /
-``bench:end`` markers) are then rebuilt from all of those files.
+Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date, machine, commit, package versions and
+ONNX opset they were measured with), so a recipe can be re-measured alone; ``bench/results.md`` and the table in
+README.md (between the ``bench:start`` / ``bench:end`` markers) are then rebuilt from all of those files.
 
     python bench/run.py                      # every recipe
     python bench/run.py --recipes svd        # re-measure one recipe, rebuild the tables
@@ -24,6 +24,7 @@ import datetime
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from pareto import plot
 from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
+from vitcompress.export import ExportConfig
 from vitcompress.recipe import load_recipe, parse_recipe, read_recipe_file
 from vitcompress.report import Report
 
@@ -62,6 +64,18 @@ def recipe_sha256(recipe: Path) -> str:
     if recipe.stem == BASELINE:
         return BASELINE
     return hashlib.sha256(json.dumps(read_recipe_file(recipe), sort_keys=True).encode()).hexdigest()
+
+
+def source_commit() -> str:
+    """The git commit the bench ran on, ``+dirty`` when tracked files differ from it (what a results file was
+    measured with is then not exactly that commit); ``unknown`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
@@ -235,11 +249,13 @@ def main() -> None:
     originals = Originals(work)
     for recipe in [] if args.tables_only else recipes:
         rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
+        commit, versions = source_commit(), {}
         for model, label, overrides, kwargs in runs_of(recipe):
             if args.latency_only and kwargs != LATENCY_ONLY or args.shipped_only and model in measured:
                 continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
+            versions = report.versions
             row = summarise(label, model, report)
             if model not in measured:  # the as-shipped run of this model: against ORT int8 too
                 measured.add(model)
@@ -251,7 +267,8 @@ def main() -> None:
                 rows.append(row)
             partial.write_text(json.dumps(rows, indent=2))  # what is measured so far survives an interruption
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
-                   "recipe_sha256": recipe_sha256(recipe),
+                   "recipe_sha256": recipe_sha256(recipe), "commit": commit, "versions": versions,
+                   "opset": (ExportConfig() if recipe.stem == BASELINE else load_recipe(recipe).export).opset,
                    "threads": sorted({r["threads"] for r in rows}), "rows": rows}
         (args.out / "results" / f"{recipe.stem}.json").write_text(json.dumps(results, indent=2))
         partial.unlink()

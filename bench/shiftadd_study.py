@@ -33,7 +33,7 @@ FC1, FC2 = "re:blocks\\.\\d+\\.mlp\\.fc1", "re:blocks\\.\\d+\\.mlp\\.fc2"
 ALL_LINEARS = "re:blocks\\.\\d+\\.(attn\\.(qkv|proj)|mlp\\.fc[12])"
 
 
-LATE = ("blocks.8.attn", "blocks.10.attn", "blocks.11.attn")
+LATE = ("blocks.10.attn", "blocks.11.attn")
 TUNED_MOE = ("blocks.10.mlp.fc1", "blocks.11.mlp.fc1")
 
 
@@ -63,11 +63,11 @@ VARIANTS = {
                                                     moe("re:blocks\\.(9|10|11)\\.mlp\\.fc1")],
     "shift_all but fc1 of blocks 9-11 MoE where": [shift(ATTN_LINEARS, FC2, "re:blocks\\.[0-8]\\.mlp\\.fc1"),
                                                    moe("re:blocks\\.(9|10|11)\\.mlp\\.fc1", dispatch="where")],
-    "shift_all + binary 8/10/11": [binary(*LATE), shift(ALL_LINEARS)],
-    "tuned: binary 8/10/11 + MoE gather fc1 of 10-11": [binary(*LATE), shift(ALL_LINEARS, ignore=TUNED_MOE),
-                                                        moe(*TUNED_MOE)],
-    "tuned: binary 8/10/11 + MoE gather fc1 of 11": [binary(*LATE), shift(ALL_LINEARS, ignore=TUNED_MOE[1:]),
-                                                     moe(*TUNED_MOE[1:])],
+    "shift_all + binary 10-11": [binary(*LATE), shift(ALL_LINEARS)],
+    "binary 10-11 + MoE gather fc1 of 10-11": [binary(*LATE), shift(ALL_LINEARS, ignore=TUNED_MOE),
+                                               moe(*TUNED_MOE)],
+    "shiftadd.yaml: binary 10-11 + MoE gather fc1 of 11": [binary(*LATE), shift(ALL_LINEARS, ignore=TUNED_MOE[1:]),
+                                                           moe(*TUNED_MOE[1:])],
 }
 
 
