@@ -63,6 +63,26 @@ def test_static_is_qdq_without_dynamic_quantization(lowrank, tmp_path):
     assert meta == {p.key: p.value for p in onnx.load(str(path)).metadata_props} and meta
 
 
+def test_calibration_runs_a_few_images_at_a_time_with_the_same_ranges(lowrank, tmp_path, monkeypatch):
+    """Calibration feeds onnxruntime CALIBRATION_CHUNK images per run (a whole batch of DeiT-S activations took
+    14 GB); the minmax ranges, so every scale and zero point, equal those of whole-batch runs."""
+    from vitcompress import quantize
+
+    reader = quantize.BatchReader(batches(count=2, size=20), chunk=8)
+    sizes = [len(reader.get_next()["input"]) for _ in range(6)]
+    assert sizes == [8, 8, 4, 8, 8, 4] and reader.get_next() is None and reader.images == 40
+    path, _ = lowrank
+    scales = {}
+    for chunk in (3, 64):
+        monkeypatch.setattr(quantize, "CALIBRATION_CHUNK", chunk)
+        quantize_onnx(path, tmp_path / f"int8_{chunk}.onnx", "static", calibration=batches(size=20))
+        scales[chunk] = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"int8_{chunk}.onnx"))
+                         .graph.initializer if t.name.endswith(("_scale", "_zero_point"))}
+    assert scales[3].keys() == scales[64].keys() and scales[3]
+    for name, value in scales[3].items():
+        np.testing.assert_array_equal(value, scales[64][name], err_msg=name)
+
+
 def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_path):
     """Exactly one MatMul → MatMul pair of weight MatMuls (the rank-4 factors); the rank-r tensor between them
     goes through one QuantizeLinear → one DequantizeLinear → the second factor, and nowhere else."""
