@@ -63,6 +63,7 @@ def test_static_is_qdq_without_dynamic_quantization(lowrank, tmp_path):
     assert meta == {p.key: p.value for p in onnx.load(str(path)).metadata_props} and meta
 
 
+@pytest.mark.slow
 def test_calibration_runs_a_few_images_at_a_time_with_the_same_ranges(lowrank, tmp_path, monkeypatch):
     """Calibration feeds onnxruntime CALIBRATION_CHUNK images per run (a whole batch of DeiT-S activations took
     14 GB); the minmax ranges, so every scale and zero point, equal those of whole-batch runs."""
