@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.ort_int8 import quantized
+from ort_int8 import quantized
 from vitcompress.api import apply, machine_description
 from vitcompress.export import export_onnx
 from vitcompress.layers.moe_linear import MoELinear
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--shift-share", type=float, default=0.8)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
-    parser.add_argument("--out", type=Path, default=Path("bench/shiftadd_study.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shiftadd_study.json")
     args = parser.parse_args()
     chosen = [name.strip() for name in args.variants.split(",")]
     original = load_model(args.model, random_init=True)
