@@ -9,7 +9,8 @@ int8 quantisation (:mod:`ort_int8`): the recipe + int8 row, and each row's speed
 ``ort_int8`` entry is that baseline itself (no transform, original vs original + ORT int8).
 
 Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date, machine, commit, package versions and
-ONNX opset they were measured with), so a recipe can be re-measured alone; ``bench/results.md`` and the table in
+ONNX opset they were measured with, and the wall time of the recipe and of each run: ``wall_s``, ``int8_wall_s`` for
+the int8 comparison), so a recipe can be re-measured alone; ``bench/results.md`` and the table in
 README.md (between the ``bench:start`` / ``bench:end`` markers) are then rebuilt from all of those files.
 
     python bench/run.py                      # every recipe
@@ -26,6 +27,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ort_int8 import Originals, measure
@@ -123,7 +125,8 @@ def int8_rows(row: dict, int8: dict) -> list[dict]:
     latency = {b: {"original_p50_ms": timing["original"][b]["p50_ms"], "original_p90_ms": timing["original"][b]["p90_ms"],
                    "p50_ms": timing[name][b]["p50_ms"], "p90_ms": timing[name][b]["p90_ms"],
                    "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
-    extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
+    measured_here = {k: v for k, v in row.items() if k not in ("wall_s", "int8_wall_s")}  # timed on the row
+    extra = {**measured_here, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
              "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
              "failed_gates": None, "gates": None,  # quantised by the bench, not by the recipe: no gates ran
              "vs_ort_int8": {b: timing[baseline][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}}
@@ -254,19 +257,22 @@ def main() -> None:
     originals = Originals(work)
     for recipe in [] if args.tables_only else recipes:
         rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
-        commit, versions = source_commit(), {}
+        commit, versions, started = source_commit(), {}, time.perf_counter()
         for model, label, overrides, kwargs in runs_of(recipe):
             if args.latency_only and kwargs != LATENCY_ONLY or args.shipped_only and model in measured:
                 continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
+            run_started = time.perf_counter()
             report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
             versions = report.versions
-            row = summarise(label, model, report)
+            row = {**summarise(label, model, report), "wall_s": time.perf_counter() - run_started}
             if model not in measured:  # the as-shipped run of this model: against ORT int8 too
                 measured.add(model)
                 print(f"bench: {model} / {label} vs ORT int8", file=sys.stderr, flush=True)
+                run_started = time.perf_counter()
                 int8 = measure(originals, model, kwargs == LATENCY_ONLY, work / "run", args.runs,
                                report.validation.threads)
+                row["int8_wall_s"] = time.perf_counter() - run_started
                 rows += int8_rows(row, int8)
             else:
                 rows.append(row)
@@ -274,7 +280,8 @@ def main() -> None:
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
                    "recipe_sha256": recipe_sha256(recipe), "commit": commit, "versions": versions,
                    "opset": (ExportConfig() if recipe.stem == BASELINE else load_recipe(recipe).export).opset,
-                   "threads": sorted({r["threads"] for r in rows}), "rows": rows}
+                   "threads": sorted({r["threads"] for r in rows}), "wall_s": time.perf_counter() - started,
+                   "rows": rows}
         (args.out / "results" / f"{recipe.stem}.json").write_text(json.dumps(results, indent=2))
         partial.unlink()
     shutil.rmtree(work, ignore_errors=True)

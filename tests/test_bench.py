@@ -49,3 +49,18 @@ def test_ort_int8_baseline_quantises_the_matmuls_and_keeps_the_predictions(tmp_p
                  for p in (fp32, int8))
     assert np.mean(want.argmax(-1) == got.argmax(-1)) >= 0.98
     assert 0 < np.abs(want - got).max()
+
+
+def test_token_count_variants_are_valid_overrides_of_shipped_recipes():
+    from token_count import NO_GATES, variants
+
+    from vitcompress.recipe import load_recipe
+
+    root = Path(__file__).parent.parent / "recipes"
+    for _, recipe, overrides in variants(steps=7):
+        loaded = load_recipe(root / f"{recipe}.yaml", [*NO_GATES, *overrides])
+        assert loaded.validate_.max_top1_drop is None
+        if recipe == "tome":
+            assert loaded.steps[0].r in (3, 8, 13)
+        else:
+            assert loaded.finetune is None or loaded.finetune.steps == 7

@@ -105,6 +105,18 @@ def test_random_init_is_stated():
         load_model("test_vit", checkpoint="x.pth", random_init=True)
 
 
+def test_196_token_reference_model_has_a_vit224_token_count(monkeypatch, tmp_path):
+    import vitcompress.models as models
+
+    assert resolve_name("vit_fmnist196") == "vit_fmnist196"
+    loaded = load_model("vit_fmnist196", random_init=True)
+    assert loaded.model.patch_embed.num_patches == 196 and loaded.data_config["input_size"] == (1, 28, 28)
+    assert loaded.model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    monkeypatch.setattr(models, "reference_weights_path", lambda name: tmp_path / f"{name}.safetensors")
+    with pytest.raises(ModelError, match="embedded weights .* missing: run examples/train_reference.py --model vit_fmnist196"):
+        load_model("vit_fmnist196")
+
+
 def test_reference_model_config(tmp_path, reference_model):
     path = tmp_path / "ref.safetensors"
     save_file({k: v.contiguous() for k, v in reference_model.state_dict().items()}, str(path))

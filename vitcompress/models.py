@@ -33,7 +33,11 @@ ALIASES: dict[str, str] = {
     "vit_b": "vit_base_patch16_224",
 }
 REFERENCE_MODEL = "vit_fmnist"
-REFERENCE_WEIGHTS = "vit_fmnist.safetensors"
+REFERENCE_PATCH_SIZES = {REFERENCE_MODEL: 4, "vit_fmnist196": 2}
+"""The embedded reference models: the same DeiT-Tiny widths on 28×28 images, patch 4 → 49 patch tokens (50 with
+the class token) or patch 2 → 196, a real ViT-224's token count, where token merging and attention transforms
+matter as they do on DeiT (issue 17)."""
+REFERENCE_MODELS = tuple(REFERENCE_PATCH_SIZES)
 REFERENCE_CFG = {
     "input_size": (1, 28, 28),
     "mean": FMNIST_MEAN,
@@ -62,33 +66,33 @@ def resolve_name(name: str) -> str:
     import timm
 
     resolved = ALIASES.get(name, name)
-    if resolved != REFERENCE_MODEL and not timm.is_model(resolved):
+    if resolved not in REFERENCE_MODELS and not timm.is_model(resolved):
         import difflib
 
-        close = difflib.get_close_matches(resolved, [*ALIASES, REFERENCE_MODEL, *timm.list_models()], n=4)
+        close = difflib.get_close_matches(resolved, [*ALIASES, *REFERENCE_MODELS, *timm.list_models()], n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(
-            f"unknown model {name!r}: use a timm model name, {REFERENCE_MODEL!r} or an alias "
+            f"unknown model {name!r}: use a timm model name, {' or '.join(map(repr, REFERENCE_MODELS))} or an alias "
             f"({', '.join(sorted(ALIASES))}){hint}"
         )
     return resolved
 
 
-def build_reference_architecture(**model_args: Any) -> nn.Module:
-    """The ``vit_fmnist`` architecture (design.md §5): DeiT-Tiny blocks on 28×28 single-channel images;
-    ``model_args`` replace its VisionTransformer arguments (e.g. ``depth=2``, as ``--model-arg``)."""
+def build_reference_architecture(name: str = REFERENCE_MODEL, **model_args: Any) -> nn.Module:
+    """A reference architecture (design.md §5): DeiT-Tiny blocks on 28×28 single-channel images, the patch size
+    of ``name``; ``model_args`` replace its VisionTransformer arguments (e.g. ``depth=2``, as ``--model-arg``)."""
     from timm.models.vision_transformer import VisionTransformer
 
-    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=len(FMNIST_CLASSES),
+    args = dict(img_size=28, patch_size=REFERENCE_PATCH_SIZES[name], in_chans=1, num_classes=len(FMNIST_CLASSES),
                 embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
     model = VisionTransformer(**{**args, **model_args})
     model.pretrained_cfg = dict(REFERENCE_CFG)
     return model
 
 
-def reference_weights_path() -> Path:
-    """Path of the fp16 weights shipped inside the package."""
-    return Path(str(resources.files("vitcompress") / "weights" / REFERENCE_WEIGHTS))
+def reference_weights_path(name: str = REFERENCE_MODEL) -> Path:
+    """Path of the reference model's fp16 weights shipped inside the package."""
+    return Path(str(resources.files("vitcompress") / "weights" / f"{name}.safetensors"))
 
 
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
@@ -127,8 +131,8 @@ def _create(resolved: str, model_args: Mapping[str, Any], **kwargs: Any) -> nn.M
     import timm
 
     try:
-        if resolved == REFERENCE_MODEL:
-            return build_reference_architecture(**model_args)
+        if resolved in REFERENCE_MODELS:
+            return build_reference_architecture(resolved, **model_args)
         return timm.create_model(resolved, pretrained=False, **kwargs, **model_args)
     except (TypeError, ValueError, AssertionError) as exc:
         if not model_args:
@@ -210,13 +214,14 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
     model_args = dict(model_args or {})
     resolved = resolve_name(name)
     state = read_state_dict(checkpoint) if checkpoint is not None else None
-    if resolved == REFERENCE_MODEL:
+    if resolved in REFERENCE_MODELS:
         model = _create(resolved, model_args)
         if state is None and not random_init:
-            path = reference_weights_path()
+            path = reference_weights_path(resolved)
             if not path.is_file():
-                raise ModelError(f"embedded weights {path} are missing: run examples/train_reference.py")
-            state, weights = read_state_dict(path), f"embedded ({REFERENCE_WEIGHTS})"
+                raise ModelError(f"embedded weights {path} are missing: run examples/train_reference.py "
+                                 f"--model {resolved}")
+            state, weights = read_state_dict(path), f"embedded ({path.name})"
     else:
         kwargs = {}
         classes = _head_classes(state) if state is not None else None
@@ -256,8 +261,8 @@ def check_pretrained_available(name: str) -> Path | None:
     import timm
 
     resolved = resolve_name(name)
-    if resolved == REFERENCE_MODEL:
-        return reference_weights_path()
+    if resolved in REFERENCE_MODELS:
+        return reference_weights_path(resolved)
     cfg = timm.models.get_pretrained_cfg(resolved)
     cfg = cfg.to_dict() if cfg is not None else {}
     cached = _cached_weights(cfg)

@@ -102,11 +102,11 @@ def _weights(job: Job) -> str:
         return "random init"
     if job.checkpoint is not None:
         return f"checkpoint sha256:{sha256_file(job.checkpoint)}"
-    from vitcompress.models import REFERENCE_MODEL, reference_weights_path, resolve_name
+    from vitcompress.models import REFERENCE_MODELS, reference_weights_path, resolve_name
 
     resolved = resolve_name(job.model)
-    if resolved == REFERENCE_MODEL:
-        return f"embedded sha256:{sha256_file(reference_weights_path())}"
+    if resolved in REFERENCE_MODELS:
+        return f"embedded sha256:{sha256_file(reference_weights_path(resolved))}"
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(resolved)
@@ -117,11 +117,11 @@ def data_fingerprint(job: Job) -> str:
     """The data's identity: a name for built-in data (Fashion-MNIST: the sha256 of its files), for an image
     directory the sha256 of every file's relative path, size and modification time (not the images' bytes:
     reading a large dataset on every batch would cost more than the conversions it saves)."""
-    from vitcompress.models import REFERENCE_MODEL, resolve_name
+    from vitcompress.models import REFERENCE_MODELS, resolve_name
 
     data = job.data
     if data is None:
-        data = "synthetic" if job.random_init or resolve_name(job.model) != REFERENCE_MODEL else "fmnist"
+        data = "synthetic" if job.random_init or resolve_name(job.model) not in REFERENCE_MODELS else "fmnist"
     if data == "synthetic":
         return "synthetic"
     if data == "fmnist":

@@ -195,11 +195,11 @@ def full_depth(model: str) -> Optional[int]:
     import timm
     import torch
 
-    from vitcompress.models import REFERENCE_MODEL, build_reference_architecture, resolve_name
+    from vitcompress.models import REFERENCE_MODELS, build_reference_architecture, resolve_name
 
     resolved = resolve_name(model)
     with torch.device("meta"):
-        built = build_reference_architecture() if resolved == REFERENCE_MODEL else timm.create_model(resolved)
+        built = build_reference_architecture(resolved) if resolved in REFERENCE_MODELS else timm.create_model(resolved)
     blocks = getattr(built, "blocks", None)
     return len(blocks) if blocks is not None and "depth" in _create_arguments(built) else None
 

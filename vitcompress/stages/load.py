@@ -15,7 +15,7 @@ from vitcompress.context import DataBundle, RunContext
 from vitcompress.data import FMNIST_CLASSES, ImageDirectory, class_folders, first_images, fmnist_dataset
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
-from vitcompress.models import REFERENCE_MODEL, LoadedModel, load_model
+from vitcompress.models import REFERENCE_MODELS, LoadedModel, load_model
 from vitcompress.runtime import Preprocessing
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
@@ -23,7 +23,7 @@ SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
 
 def default_data(model_name: str, random_init: bool) -> str:
     """Data used when ``--data`` is not given: the reference model's own, noise for latency-only runs."""
-    if model_name == REFERENCE_MODEL:
+    if model_name in REFERENCE_MODELS:
         return "fmnist"
     if random_init:
         return "synthetic"
