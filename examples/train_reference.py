@@ -70,14 +70,18 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=25, help="steps between saves of the training state")
     parser.add_argument("--state-dir", type=Path, help="default: checkpoints/train_<model>")
     parser.add_argument("--out", type=Path, help="default: the package's weights/<model>.safetensors")
+    parser.add_argument("--max-steps", type=int, help="stop after this many steps of this run (state saved; a rerun "
+                        "goes on): training that spans time-boxed sessions")
+    parser.add_argument("--train-images", type=int, help="first N train images only (a quick check of the script)")
+    parser.add_argument("--test-images", type=int, help="first N test images only")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even where bf16 autocast works")
     args = parser.parse_args()
     state_dir = args.state_dir or Path(f"checkpoints/train_{args.model}")
     out = args.out or reference_weights_path(args.model)
 
     torch.manual_seed(args.seed)
-    train_x, train_y = load_fmnist_arrays("train")
-    test_x, test_y = load_fmnist_arrays("test")
+    train_x, train_y = (t[:args.train_images] for t in load_fmnist_arrays("train"))
+    test_x, test_y = (t[:args.test_images] for t in load_fmnist_arrays("test"))
     model = build_reference_architecture(args.model)
     if args.init_from:
         load_weights(model, read_state_dict(reference_weights_path(args.init_from)), args.init_from)
@@ -110,13 +114,19 @@ def main() -> None:
                    state_file.with_suffix(".tmp"))
         state_file.with_suffix(".tmp").replace(state_file)
 
-    use_bf16 = not args.no_bf16
+    use_bf16, steps_this_run = not args.no_bf16, 0
     for epoch in range(start_epoch, args.epochs):
         model.train()
         t0 = time.time()
         if start_step == 0:
             order, running = torch.randperm(len(train_x), generator=generator), 0.0
         for step in range(start_step, steps_per_epoch):
+            if steps_this_run == args.max_steps:
+                save(epoch, step)
+                print(f"stopped after {steps_this_run} steps (--max-steps) at epoch {epoch + 1}, step {step}: "
+                      "rerun the same command to go on")
+                return
+            steps_this_run += 1
             idx = order[step * args.batch_size:(step + 1) * args.batch_size]
             x = normalize_uint8(augment(train_x[idx], generator), FMNIST_MEAN, FMNIST_STD)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
