@@ -34,11 +34,19 @@ def quantized(path: Path, out: Path) -> Path:
 
 
 class Originals:
-    """Each model's original exported and int8-quantised once per bench process, with its validation data."""
+    """Each model's original exported and int8-quantised once per bench process, with its validation data and
+    the predictions of both (every recipe is compared with the same two models, so they run once)."""
 
     def __init__(self, work: Path) -> None:
         self.work = work
         self.cache: dict[str, tuple[Path, Path, object]] = {}
+        self.predicted: dict[tuple[Path, int], object] = {}
+
+    def predictions(self, path: Path, data, threads: int):
+        """onnxruntime's predictions of one of the originals on its validation data, computed once."""
+        if (path, threads) not in self.predicted:
+            self.predicted[path, threads] = ort_predictions(open_session(path, threads), data)
+        return self.predicted[path, threads]
 
     def get(self, name: str, random_init: bool):
         if name not in self.cache:
@@ -60,9 +68,10 @@ def measure(originals: Originals, name: str, random_init: bool, bundle: Path, ru
     timing = latency(paths, config, latency_images(data, 8))
     accuracy = {}
     for model in ("original + ORT int8", "converted + ORT int8"):
-        predicted = ort_predictions(open_session(paths[model], threads), data)
+        predicted = (originals.predictions(original_int8, data, threads) if model == "original + ORT int8"
+                     else ort_predictions(open_session(paths[model], threads), data))
         accuracy[model] = {"top1": top1(predicted.classes, predicted.labels), "predictions": predicted.classes}
-    reference = ort_predictions(open_session(original, threads), data).classes
+    reference = originals.predictions(original, data, threads).classes
     agreement = {m: float(np.mean(a["predictions"] == reference)) for m, a in accuracy.items()}
     return {"latency": timing,
             "top1": {m: a["top1"] for m, a in accuracy.items()}, "agreement": agreement, "runs": runs}
