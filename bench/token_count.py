@@ -4,8 +4,8 @@ DeiT-Tiny widths and the same Fashion-MNIST test images, through the real pipeli
 
 Each variant is one shipped recipe with overrides, run on both models with the same fine-tune budget; the rows
 hold top-1, agreement and the onnxruntime b1 / b8 latency of the converted model against its own original
-(interleaved, 2 threads). Writes ``bench/token_count.json`` and the table to stdout (README's "Token count"
-section).
+(interleaved, 2 threads). Writes ``bench/token_count.json`` and its table into README.md between the
+``token_count:start`` / ``token_count:end`` markers.
 
     python bench/token_count.py --images 2000 --steps 50
 """
@@ -18,6 +18,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
 
@@ -50,13 +52,18 @@ def row(model: str, label: str, report) -> dict:
             "finetune_seconds": report.finetune and report.finetune.seconds, "latency": latency}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| variant | model | top-1 orig → conv | agreement | MAC-ideal | b1 speed-up | b8 speed-up |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
+def markdown(results: dict) -> str:
+    lines = [f"Measured {results['date']} on {results['machine']}; onnxruntime CPU, 2 intra-op threads; top-1 on the "
+             f"first {results['images']} Fashion-MNIST test images; latency: median of {results['runs']} interleaved "
+             "runs against the model's own original.", "",
+             "| variant | model | top-1 orig → conv | agreement | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
+             "| b8 p50 ms (orig → conv) | b8 speed-up |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        b1, b8 = r["latency"]["b1"], r["latency"]["b8"]
         lines.append(f"| {r['variant']} | {r['model']} | {r['top1_original']:.2f} → {r['top1']:.2f} "
                      f"| {r['agreement'] * 100:.2f} % | {r['mac_ideal_speedup']:.2f}× "
-                     f"| {r['latency']['b1']['speedup']:.2f}× | {r['latency']['b8']['speedup']:.2f}× |")
+                     f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
+                     f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -78,10 +85,11 @@ def main() -> None:
                              overrides=[*common, *overrides]).report
             rows.append(row(model, label, report))
     shutil.rmtree(work, ignore_errors=True)
-    args.out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine_description(),
-                                    "images": args.images, "steps": args.steps, "runs": args.runs,
-                                    "rows": rows}, indent=2))
-    print(markdown(rows))
+    results = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "images": args.images,
+               "steps": args.steps, "runs": args.runs, "rows": rows}
+    args.out.write_text(json.dumps(results, indent=2))
+    replace_readme_block("token_count", markdown(results))
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The built wheel: every package of the source tree, the shipped recipes as vitcompress/recipes/*.yaml, the
-reference models' weights, and recipe names resolving to files inside the installed copy (not the source
+reference model's weights, and recipe names resolving to files inside the installed copy (not the source
 checkout)."""
 
 import os
@@ -9,8 +9,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from vitcompress.models import REFERENCE_MODELS
 
 ROOT = Path(__file__).parent.parent
 
@@ -31,7 +29,7 @@ def test_wheel_ships_the_recipes_and_resolves_names(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"vitcompress/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
     assert {f"vitcompress/{p.relative_to(ROOT / 'vitcompress')}" for p in (ROOT / "vitcompress").rglob("*.py")} <= names
-    assert {f"vitcompress/weights/{name}.safetensors" for name in REFERENCE_MODELS} <= names
+    assert "vitcompress/weights/vit_fmnist.safetensors" in names
     target, empty = tmp_path / "site", tmp_path / "empty"
     empty.mkdir()
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, cwd=tmp_path)
