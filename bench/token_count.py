@@ -8,6 +8,8 @@ hold top-1, agreement and the onnxruntime b1 / b8 latency of the converted model
 ``token_count:start`` / ``token_count:end`` markers.
 
     python bench/token_count.py --images 2000 --steps 50
+
+It needs ``vit_fmnist196``'s embedded weights, which do not ship yet (README: the reference models).
 """
 
 from __future__ import annotations

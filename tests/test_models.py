@@ -157,4 +157,3 @@ def test_cached_hub_weights_load_offline(no_hub, test_vit):
     loaded = load_model("test_vit")
     assert loaded.weights == "timm pretrained (test_vit)"
     _same_weights(loaded.model, test_vit)
-
