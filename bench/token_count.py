@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from readme_block import replace_readme_block
+from run import summarise
 
 from vitcompress.api import convert, machine_description
 
@@ -42,16 +43,6 @@ def variants(steps: int) -> list[tuple[str, str, list[str]]]:
             (f"Taylor attention, {steps} fine-tune steps", "taylor", tuned),
             ("skip blocks 2, 4, no fine-tune", "skip", ["finetune=null"]),
             (f"skip blocks 2, 4, {steps} fine-tune steps (bf16)", "skip", [*tuned, "finetune.precision=bf16"])]
-
-
-def row(model: str, label: str, report) -> dict:
-    table = report.validation.models
-    original, converted = table["original"], table["converted"]
-    latency = {b: {"original_p50_ms": original.latency[b].p50_ms, "p50_ms": ms.p50_ms, "p90_ms": ms.p90_ms,
-                   "speedup": original.latency[b].p50_ms / ms.p50_ms} for b, ms in converted.latency.items()}
-    return {"model": model, "variant": label, "top1_original": original.top1, "top1": converted.top1,
-            "agreement": converted.agreement, "mac_ideal_speedup": original.macs / converted.macs,
-            "finetune_seconds": report.finetune and report.finetune.seconds, "latency": latency}
 
 
 def markdown(results: dict) -> str:
@@ -85,7 +76,7 @@ def main() -> None:
             print(f"token count: {model} / {label}", file=sys.stderr, flush=True)
             report = convert(model, ROOT / "recipes" / f"{recipe}.yaml", out_dir=work, force=True,
                              overrides=[*common, *overrides]).report
-            rows.append(row(model, label, report))
+            rows.append(summarise(label, model, report))
     shutil.rmtree(work, ignore_errors=True)
     results = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "images": args.images,
                "steps": args.steps, "runs": args.runs, "rows": rows}
