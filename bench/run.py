@@ -125,8 +125,7 @@ def int8_rows(row: dict, int8: dict) -> list[dict]:
     latency = {b: {"original_p50_ms": timing["original"][b]["p50_ms"], "original_p90_ms": timing["original"][b]["p90_ms"],
                    "p50_ms": timing[name][b]["p50_ms"], "p90_ms": timing[name][b]["p90_ms"],
                    "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
-    measured_here = {k: v for k, v in row.items() if k not in ("wall_s", "int8_wall_s")}  # timed on the row
-    extra = {**measured_here, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
+    extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
              "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
              "failed_gates": None, "gates": None,  # quantised by the bench, not by the recipe: no gates ran
              "vs_ort_int8": {b: timing[baseline][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}}
@@ -265,17 +264,19 @@ def main() -> None:
             run_started = time.perf_counter()
             report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
             versions = report.versions
-            row = {**summarise(label, model, report), "wall_s": time.perf_counter() - run_started}
+            wall_s = time.perf_counter() - run_started
+            row = summarise(label, model, report)
             if model not in measured:  # the as-shipped run of this model: against ORT int8 too
                 measured.add(model)
                 print(f"bench: {model} / {label} vs ORT int8", file=sys.stderr, flush=True)
                 run_started = time.perf_counter()
                 int8 = measure(originals, model, kwargs == LATENCY_ONLY, work / "run", args.runs,
                                report.validation.threads)
+                rows += int8_rows(row, int8)  # the + ORT int8 row copies the row: it gets no wall times
                 row["int8_wall_s"] = time.perf_counter() - run_started
-                rows += int8_rows(row, int8)
             else:
                 rows.append(row)
+            row["wall_s"] = wall_s
             partial.write_text(json.dumps(rows, indent=2))  # what is measured so far survives an interruption
         results = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
                    "recipe_sha256": recipe_sha256(recipe), "commit": commit, "versions": versions,
