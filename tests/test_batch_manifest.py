@@ -68,6 +68,24 @@ def test_bad_manifest_is_one_line_exit_2_and_nothing_runs(folder, case):
     assert not (folder / "out").exists()
 
 
+def test_reference_model_without_its_embedded_weights_is_a_manifest_error(folder, monkeypatch):
+    import vitcompress.models as models
+
+    monkeypatch.setattr(models, "reference_weights_path", lambda name: folder / f"{name}.safetensors")
+    result = run_batch(folder, "version: 1\njobs: [{name: a, model: vit_fmnist, recipe: r.yaml}]\n")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert "m.yaml: jobs.0.model: embedded weights" in result.output and "--model vit_fmnist" in result.output
+    assert not (folder / "out").exists()
+    ok = "version: 1\njobs: [{name: a, model: vit_fmnist, recipe: r.yaml, random_init: true}]\n"
+    assert load_manifest_text(folder, ok).jobs[0].random_init  # random weights need no file
+
+
+def load_manifest_text(folder: Path, text: str):
+    (folder / "m.yaml").write_text(text)
+    return load_manifest(folder / "m.yaml")
+
+
 @pytest.mark.parametrize("args, expected", [(["--shard", "3/2"], "--shard"), (["--jobs", "1024"], "--jobs 1024"),
                                             (["--fail-on", "sometimes"], "--fail-on")])
 def test_bad_usage_is_exit_2(folder, args, expected):

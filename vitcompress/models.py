@@ -95,6 +95,15 @@ def reference_weights_path(name: str = REFERENCE_MODEL) -> Path:
     return Path(str(resources.files("vitcompress") / "weights" / f"{name}.safetensors"))
 
 
+def embedded_weights(name: str) -> Path:
+    """The shipped weights of reference model ``name``; a :class:`ModelError` saying how to make them when they
+    are not in the package (``vit_fmnist196``'s do not ship yet)."""
+    path = reference_weights_path(name)
+    if not path.is_file():
+        raise ModelError(f"embedded weights {path} are missing: run examples/train_reference.py --model {name}")
+    return path
+
+
 def parse_model_args(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` items (``--model-arg depth=2``; values parsed as YAML) as keyword arguments for
     ``timm.create_model``."""
@@ -217,10 +226,7 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
     if resolved in REFERENCE_MODELS:
         model = _create(resolved, model_args)
         if state is None and not random_init:
-            path = reference_weights_path(resolved)
-            if not path.is_file():
-                raise ModelError(f"embedded weights {path} are missing: run examples/train_reference.py "
-                                 f"--model {resolved}")
+            path = embedded_weights(resolved)
             state, weights = read_state_dict(path), f"embedded ({path.name})"
     else:
         kwargs = {}

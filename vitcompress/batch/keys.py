@@ -102,11 +102,11 @@ def _weights(job: Job) -> str:
         return "random init"
     if job.checkpoint is not None:
         return f"checkpoint sha256:{sha256_file(job.checkpoint)}"
-    from vitcompress.models import REFERENCE_MODELS, reference_weights_path, resolve_name
+    from vitcompress.models import REFERENCE_MODELS, embedded_weights, resolve_name
 
     resolved = resolve_name(job.model)
     if resolved in REFERENCE_MODELS:
-        return f"embedded sha256:{sha256_file(reference_weights_path(resolved))}"
+        return f"embedded sha256:{sha256_file(embedded_weights(resolved))}"
     import timm.models
 
     cfg = timm.models.get_pretrained_cfg(resolved)

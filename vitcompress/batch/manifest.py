@@ -246,13 +246,13 @@ def _resolve(path: Path, where: str, defaults: _JobSettings, matrix: dict, spec:
     model = spec.model or recipe.model
     if model is None:
         raise ManifestError(f"{path}: {where}.model: no model: name one, or set `model:` in {recipe_path}")
-    _check_model(path, where, model)
     checkpoint = pick("checkpoint")
     checkpoint = None if checkpoint is None or smoke else _existing(base, checkpoint, f"{path}: {where}.checkpoint")
     data = "synthetic" if smoke else pick("data")
     if data is not None and data not in DATA_NAMES:
         data = str(_existing(base, data, f"{path}: {where}.data", directory=True))
     random_init = True if smoke else bool(pick("random_init"))
+    _check_model(path, where, model, needs_weights=checkpoint is None and not random_init)
     if random_init and checkpoint is not None:
         raise ManifestError(f"{path}: {where}: checkpoint and random_init exclude each other")
     gates = Gates.model_validate({**defaults.gates.model_dump(exclude_none=True),
@@ -286,11 +286,14 @@ def _existing(base: Path, value: str, where: str, directory: bool = False) -> Pa
     return path
 
 
-def _check_model(path: Path, where: str, model: str) -> None:
-    from vitcompress.models import resolve_name
+def _check_model(path: Path, where: str, model: str, needs_weights: bool) -> None:
+    """The model name exists and, when the job loads embedded weights, they are in the package."""
+    from vitcompress.models import REFERENCE_MODELS, embedded_weights, resolve_name
 
     try:
-        resolve_name(model)
+        resolved = resolve_name(model)
+        if needs_weights and resolved in REFERENCE_MODELS:
+            embedded_weights(resolved)
     except VitCompressError as exc:
         raise ManifestError(f"{path}: {where}.model: {exc}") from None
 
