@@ -14,6 +14,7 @@ from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 from vitcompress.runtime import CASCADE_FILE, preprocessing_metadata
+from vitcompress.stages import original_memo
 
 # Small budgets so a whole conversion runs in seconds on 2 CPU cores.
 FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "validate.latency_runs=3",
@@ -32,6 +33,13 @@ def assert_onnxruntime_matches_torch(model: torch.nn.Module, onnx_path, input_si
         want = model(x).numpy()
     assert np.abs(got - want).max() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.fixture(autouse=True)
+def fresh_original_memo():
+    """Every test starts without the originals an earlier test exported or predicted (tests stay independent;
+    tests/stages/test_original_memo.py checks the reuse itself)."""
+    original_memo.clear()
 
 
 @pytest.fixture(scope="session")

@@ -65,6 +65,9 @@ class DataBundle:
     val: Dataset
     labelled: bool
     classes: str | None = None
+    #: identifies ``val`` for as long as the process runs, for data that cannot change (the built-in sets); None:
+    #: never reuse results computed on it (:mod:`vitcompress.stages.original_memo`)
+    cache_key: str | None = None
 
 
 @dataclass(frozen=True)

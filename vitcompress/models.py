@@ -38,6 +38,7 @@ REFERENCE_PATCH_SIZES = {REFERENCE_MODEL: 4, "vit_fmnist196": 2}
 the class token) or patch 2 → 196, a real ViT-224's token count, where token merging and attention transforms
 matter as they do on DeiT (issue 17)."""
 REFERENCE_MODELS = tuple(REFERENCE_PATCH_SIZES)
+RANDOM_INIT_SEED = 0
 REFERENCE_CFG = {
     "input_size": (1, 28, 28),
     "mean": FMNIST_MEAN,
@@ -223,25 +224,27 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
     model_args = dict(model_args or {})
     resolved = resolve_name(name)
     state = read_state_dict(checkpoint) if checkpoint is not None else None
-    if resolved in REFERENCE_MODELS:
-        model = _create(resolved, model_args)
-        if state is None and not random_init:
-            path = embedded_weights(resolved)
-            state, weights = read_state_dict(path), f"embedded ({path.name})"
-    else:
-        kwargs = {}
-        classes = _head_classes(state) if state is not None else None
-        if classes is not None:
-            kwargs["num_classes"] = classes
-        if state is None and not random_init:
-            model = _download_pretrained(resolved)
-            weights = f"timm pretrained ({resolved})"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)  # a random init is the same on every run: results can be compared
+        if resolved in REFERENCE_MODELS:
+            model = _create(resolved, model_args)
+            if state is None and not random_init:
+                path = embedded_weights(resolved)
+                state, weights = read_state_dict(path), f"embedded ({path.name})"
         else:
-            model = _create(resolved, model_args, **kwargs)
+            kwargs = {}
+            classes = _head_classes(state) if state is not None else None
+            if classes is not None:
+                kwargs["num_classes"] = classes
+            if state is None and not random_init:
+                model = _download_pretrained(resolved)
+                weights = f"timm pretrained ({resolved})"
+            else:
+                model = _create(resolved, model_args, **kwargs)
     if checkpoint is not None:
         weights = f"checkpoint {checkpoint}"
     if random_init:
-        weights = "random init (latency only: accuracy numbers are meaningless)"
+        weights = f"random init, seed {RANDOM_INIT_SEED} (latency only: accuracy numbers are meaningless)"
         if model_args:
             weights += f"; architecture changed: {model_args_text(model_args)}"
     if state is not None:

@@ -20,7 +20,7 @@ from vitcompress.context import RunContext
 from vitcompress.export import CHECK_BATCHES, check_runs, export_onnx, to_deploy
 from vitcompress.quantize import quantize_onnx
 from vitcompress.runtime import preprocessing_metadata
-from vitcompress.stages import moe_dispatch
+from vitcompress.stages import moe_dispatch, original_memo
 from vitcompress.stages.load import calibration_batches
 
 
@@ -39,8 +39,13 @@ def export_model(ctx: RunContext, model: nn.Module, path: Path) -> Path:
 
 def export_original(ctx: RunContext) -> Path:
     """The original model's ONNX in the scratch directory, for timing side by side with the converted one (also
-    what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine)."""
-    return export_model(ctx, ctx.original.model, ctx.original_onnx_path)
+    what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine). An identical
+    original exported earlier in this process is reused (:mod:`~vitcompress.stages.original_memo`)."""
+    config = ctx.recipe.export
+    key = repr((original_memo.model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
+                config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))
+    return original_memo.exported(key, ctx.original_onnx_path,
+                                  lambda path: export_model(ctx, ctx.original.model, path))
 
 
 def export_quantized(ctx: RunContext, model: nn.Module, path: Path) -> dict:

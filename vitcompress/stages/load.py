@@ -39,7 +39,8 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
         if input_size != (1, 28, 28) or classes.count != len(FMNIST_CLASSES):
             raise DataError(f"--data fmnist needs a 1×28×28 model input and 10 classes, this model takes "
                             f"{input_size} and has {classes.count} classes")
-        return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True)
+        return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True,
+                          cache_key=f"fmnist test {val_limit}")
     if spec == "synthetic":
         gen = torch.Generator().manual_seed(0)
         n_val = min(val_limit or SYNTHETIC_VAL, SYNTHETIC_VAL)
@@ -47,7 +48,8 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
         labels_ = torch.full((SYNTHETIC_TRAIN + n_val,), -1)
         train = TensorDataset(images[:SYNTHETIC_TRAIN], labels_[:SYNTHETIC_TRAIN])
         val = TensorDataset(images[SYNTHETIC_TRAIN:], labels_[SYNTHETIC_TRAIN:])
-        return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False)
+        return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False,
+                          cache_key=f"synthetic {input_size} {n_val}")
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
