@@ -24,7 +24,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-MAX_ONNX_BYTES = 1 << 30
+MAX_ONNX_BYTES = 512 << 20
 MAX_PREDICTIONS = 16
 T = TypeVar("T")
 
