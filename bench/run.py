@@ -89,16 +89,19 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
     """(model, label, overrides, convert kwargs) of every run the bench makes of one recipe.
 
     A recipe for the reference model or for DeiT-S (whose weights cannot be fetched here) is measured for accuracy
-    on the reference model as shipped, without its fine-tune and in any extra variant, then for latency on DeiT-S
-    (random weights). A recipe for another model is latency only.
+    on the reference model as shipped, without its fine-tune (when it has one) and in any extra variant, then for
+    latency on DeiT-S (random weights). A recipe for another model is latency only.
     The first run of each model is the as-shipped one, which :func:`int8_rows` also compares with ORT int8.
     """
     if recipe.stem == BASELINE:
         return [(REFERENCE, "original", [], {}), (LATENCY_MODEL, "original", [], LATENCY_ONLY)]
-    model = load_recipe(recipe).model or REFERENCE
+    loaded = load_recipe(recipe)
+    model = loaded.model or REFERENCE
     if model not in (REFERENCE, LATENCY_MODEL):
         return [(model, recipe.stem, NO_GATES, LATENCY_ONLY)]
-    runs = [(REFERENCE, recipe.stem, [], {}), (REFERENCE, f"{recipe.stem} (no fine-tune)", ["finetune=null"], {})]
+    runs = [(REFERENCE, recipe.stem, [], {})]
+    if loaded.finetune is not None:  # without one, the no-fine-tune run would repeat the first
+        runs.append((REFERENCE, f"{recipe.stem} (no fine-tune)", ["finetune=null"], {}))
     runs += [(REFERENCE, f"{recipe.stem} ({label})", extra, {}) for label, extra in EXTRA_VARIANTS.get(recipe.stem, [])]
     runs += [(LATENCY_MODEL, recipe.stem, NO_GATES, LATENCY_ONLY)]
     return runs + [(LATENCY_MODEL, f"{recipe.stem} ({label})", [*NO_GATES, *extra], LATENCY_ONLY)

@@ -11,12 +11,19 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 from ort_int8 import quantized  # noqa: E402
 from pareto import frontier, plot  # noqa: E402
+from run import ROOT, runs_of  # noqa: E402
 
 from vitcompress.data import fmnist_dataset  # noqa: E402
 from vitcompress.export import export_onnx  # noqa: E402
 from vitcompress.models import load_model  # noqa: E402
 from vitcompress.runtime import open_session  # noqa: E402
 from vitcompress.stages.validate import ort_predictions  # noqa: E402
+
+
+def test_a_no_fine_tune_run_only_for_recipes_that_fine_tune():
+    labels = {name: [label for _, label, _, _ in runs_of(ROOT / "recipes" / f"{name}.yaml")] for name in ("svd", "tome")}
+    assert labels["svd"] == ["svd", "svd (no fine-tune)", "svd"]
+    assert labels["tome"] == ["tome", "tome"], "tome has no fine-tune: a second run would repeat the first"
 
 
 def test_frontier_keeps_only_points_no_other_beats_on_both():
