@@ -126,7 +126,7 @@ def _fail(message: str, code: int, secondary: bool = False, quiet_in_worker: boo
         if quiet_in_worker:
             sys.exit(code)
         message = f"rank {worker_rank()}: {message}"
-        record_failure(message, secondary)
+        record_failure(message, secondary, code)
         if os.environ.get(LAUNCHED_ENV):
             sys.exit(code)
     _error_line(message)

@@ -28,14 +28,16 @@ def worker_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def record_failure(line: str, secondary: bool) -> None:
-    """Write this worker's error line where torchrun's agent reads it; ``secondary``: the error only followed
-    from another rank's failure (a broken collective)."""
+def record_failure(line: str, secondary: bool, exit_code: int) -> None:
+    """Write this worker's error line and exit code where torchrun's agent reads it; ``secondary``: the error
+    only followed from another rank's failure (a broken collective). The code is kept because torchrun may stop
+    this worker with SIGTERM between the write and its exit (when a peer it broke exits first)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as file:
             json.dump({"message": line, "timestamp": int(time.time()),
-                       "vitcompress": {"time": time.time(), "secondary": secondary}}, file)
+                       "vitcompress": {"time": time.time(), "secondary": secondary,
+                                       "exit_code": exit_code}}, file)
 
 
 def is_collective_failure(exc: BaseException) -> bool:
@@ -73,7 +75,8 @@ def _first_failure(exc) -> tuple[int, str | None]:
         return (bool(data.get("secondary", True)), data.get("time", float("inf")), item[0])
 
     rank, failure = min(exc.failures.items(), key=key)
-    message = failure.message if isinstance(failure.message, str) and failure.error_file_data.get("vitcompress") \
-        else f"rank {rank} ended with exit code {failure.exitcode} ({failure.message})"
+    recorded = failure.error_file_data.get("vitcompress") if isinstance(failure.error_file_data, dict) else None
+    if recorded and isinstance(failure.message, str):
+        return int(recorded.get("exit_code", failure.exitcode)), failure.message
     code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-    return code, message
+    return code, f"rank {rank} ended with exit code {failure.exitcode} ({failure.message})"

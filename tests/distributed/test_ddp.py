@@ -85,3 +85,21 @@ def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
     assert line.startswith("rank 1: internal error: ValueError: injected failure on this rank"), line
     assert "error:" not in result.stderr, "the workers print no error line of their own under the launcher"
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_failing_rank_stopped_by_torchrun_after_recording_keeps_its_exit_code(tmp_path, monkeypatch):
+    """The race CI met: rank 1 records its error and is about to exit 70, rank 0 (its collective broken) exits
+    first, and torchrun stops rank 1 with SIGTERM. The launcher still reports rank 1's line with code 70, not 143."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from vitcompress.launch import _first_failure, record_failure
+
+    files = {rank: tmp_path / f"error-{rank}.json" for rank in (0, 1)}
+    for rank, secondary in ((1, False), (0, True)):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(files[rank]))
+        record_failure(f"rank {rank}: internal error", secondary, 70)
+    failures = {0: ProcessFailure(0, 100, 70, str(files[0])), 1: ProcessFailure(1, 101, -15, str(files[1]))}
+    assert _first_failure(ChildFailedError("convert", failures)) == (70, "rank 1: internal error")
+    unrecorded = {0: ProcessFailure(0, 100, -9, str(tmp_path / "none.json"))}
+    code, line = _first_failure(ChildFailedError("convert", unrecorded))
+    assert code == 137 and line.startswith("rank 0 ended with exit code -9")
