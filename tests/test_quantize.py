@@ -201,3 +201,21 @@ def test_convert_with_static_int8_ships_and_verifies_the_int8_model(tmp_path):
     assert report["validation"]["models"]["converted"]["parity"]["onnx"] == "int8 static"
     assert "int8 static" in (out / "report.md").read_text()
     assert verify(out).ok
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_head_major_attention_quantizes_and_runs(tmp_path, mode):
+    """A low-rank qkv/proj exports per-head (3-D) weights (HeadMajorAttention): per-channel dynamic int8 leaves
+    those MatMuls in float32 (onnxruntime rejects their zero points at run time), static quantises them; both
+    run and stay close to float32."""
+    from vitcompress.quantize import batched_weight_nodes
+
+    model = apply(tiny_vit(), LowRankConfig(targets=["re:blocks\\.\\d+\\.attn\\.(qkv|proj)"], rank=8))
+    path = export_onnx(model, tmp_path / "attn.onnx", input_size=INPUT)
+    assert len(batched_weight_nodes(onnx.load(str(path)))) == 2 * 4  # q, k, v and proj's per-head factor
+    quantize_onnx(path, tmp_path / "int8.onnx", mode, calibration=batches())
+    x = batches(1, 16)[0]
+    got = open_session(tmp_path / "int8.onnx", threads=1).run(None, {"input": x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()

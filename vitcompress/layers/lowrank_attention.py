@@ -1,0 +1,94 @@
+"""HeadMajorAttention: the deploy form of a timm ``Attention`` whose ``qkv`` (and maybe ``proj``) is low-rank.
+
+timm computes ``qkv(x)`` as one (B, N, 3C) tensor, then reshapes and permutes it to (3, B, H, N, D), splits
+it, and after the attention transposes (B, H, N, D) back to (B, N, C) for ``proj``. In onnxruntime those are
+a Reshape, a Transpose and a Split per block before the attention and a Transpose after it: on DeiT-S with
+every Linear factored (``fast``), the 61 Transposes alone took 38 of 343 ms at batch 8 (profiled,
+2026-12-03, AMD EPYC, 2 threads).
+
+With ``qkv = second ∘ first`` (:class:`~vitcompress.layers.lowrank_linear.LowRankLinear`) the per-head
+tensors can be made directly in head-major order: ``h = first(x)`` is (B, 1, N, r), and the rows of
+``second`` that make head ``i``'s queries are an r×D matrix ``W_q[i]``, so ``q = h @ W_q + b_q`` broadcasts
+to (B, H, N, D) with no reshape or transpose (the same MACs). The softmax scale ``D^-½`` is folded into
+``W_q`` and ``b_q``. When ``proj`` is low-rank too, ``proj.first`` (r_p × C) split by input columns is one
+D×r_p matrix per head, so ``proj.first(concat_heads(o)) = Σ_i o_i @ U[i]``: a batched MatMul and a sum over
+the head axis replace the transpose back. A dense ``proj`` keeps the transpose. Exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from vitcompress.layers.lowrank_linear import LowRankLinear
+
+#: The timm ``Attention`` submodules that must be identities for the rewrite to be exact.
+IDENTITY_PARTS = ("q_norm", "k_norm", "norm")
+
+
+class HeadMajorAttention(nn.Module):
+    """Multi-head self-attention computed head-major from a rank-r ``qkv`` (see the module docstring)."""
+
+    def __init__(self, first: nn.Linear, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, proj: nn.Module,
+                 proj_heads: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.num_heads = qkv_weight.shape[1]
+        self.first = first
+        self.q_weight, self.k_weight, self.v_weight = (nn.Parameter(w.contiguous()) for w in qkv_weight)
+        self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(b.contiguous()) for b in qkv_bias)
+        self.proj_heads = None if proj_heads is None else nn.Parameter(proj_heads.contiguous())
+        self.proj = proj
+
+    @staticmethod
+    def accepts(module: nn.Module) -> bool:
+        """Whether ``module`` is a plain timm ``Attention`` (no q/k norm, scale norm or gate) with a low-rank
+        ``qkv``: what :meth:`from_attention` can rewrite exactly."""
+        from timm.layers.attention import Attention
+
+        return (type(module) is Attention and _plain_lowrank(module.qkv)
+                and (_plain_lowrank(module.proj) or type(module.proj) is nn.Linear)
+                and getattr(module, "gate", None) is None
+                and all(isinstance(getattr(module, p, nn.Identity()), nn.Identity) for p in IDENTITY_PARTS))
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module) -> "HeadMajorAttention":
+        """The head-major form of a timm ``Attention`` that :meth:`accepts` (its weights copied, not shared)."""
+        if not cls.accepts(attn):
+            raise TypeError(f"{type(attn).__name__} is not a timm Attention with a low-rank qkv and no q/k norm")
+        heads, head_dim, rank = attn.num_heads, attn.head_dim, attn.qkv.rank
+        with torch.no_grad():
+            second = attn.qkv.second.weight.detach()  # (3·H·D, r): rows ordered (q|k|v, head, dim) as timm's reshape
+            weight = second.reshape(3, heads, head_dim, rank).transpose(-1, -2).clone()  # (3, H, r, D)
+            bias = (attn.qkv.second.bias.detach() if attn.qkv.second.bias is not None
+                    else second.new_zeros(second.shape[0])).reshape(3, heads, 1, head_dim).clone()
+            weight[0] *= attn.scale
+            bias[0] *= attn.scale
+            first = nn.Linear(attn.qkv.in_features, rank, bias=False)
+            first.weight.copy_(attn.qkv.first.weight)
+            proj, proj_heads = attn.proj, None
+            if _plain_lowrank(attn.proj):
+                proj_heads = attn.proj.first.weight.detach().T.reshape(heads, head_dim, attn.proj.rank).clone()
+                proj = attn.proj.second
+        return cls(first.to(second.device), weight, bias, proj, proj_heads)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("HeadMajorAttention is a ViT encoder's attention: no attention mask, not causal")
+        h = self.first(x).unsqueeze(1)
+        q = h @ self.q_weight + self.q_bias
+        k = h @ self.k_weight + self.k_bias
+        v = h @ self.v_weight + self.v_bias
+        out = (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        if self.proj_heads is not None:
+            return self.proj((out @ self.proj_heads).sum(dim=1))
+        batch, _, tokens, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+def _plain_lowrank(module: nn.Module) -> bool:
+    """A :class:`LowRankLinear` whose two factors are still plain ``nn.Linear`` (no other transform on them)."""
+    return (isinstance(module, LowRankLinear) and type(module.first) is nn.Linear
+            and type(module.second) is nn.Linear)
