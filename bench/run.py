@@ -6,7 +6,9 @@ latency on ``deit_s`` with random weights, or on the recipe's own model), and co
 params, MACs, MAC-ideal speed-up, onnxruntime latency at b1/b8 interleaved with the original in the same
 process, measured speed-up, top-1 and agreement. The as-shipped runs are also measured against ORT dynamic
 int8 quantisation (:mod:`ort_int8`): the recipe + int8 row, and each row's speed over the int8 original; the
-``ort_int8`` entry is that baseline itself (no transform, original vs original + ORT int8).
+``ort_int8`` entry is that baseline itself (no transform, original vs original + ORT int8). That four-way
+interleaved run is also where an as-shipped row's latency comes from (the pipeline's own timing of the same two
+models is cut to 3 runs), and no bench run profiles: the time goes to the measurements the tables show.
 
 Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date, machine, commit, package versions and
 ONNX opset they were measured with, and the wall time of the recipe and of each run: ``wall_s``, ``int8_wall_s`` for
@@ -43,6 +45,15 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "vit_fmnist"
 LATENCY_MODEL = "deit_s"
 LATENCY_ONLY = {"random_init": True, "data": "synthetic"}
+# Every run: no per-block profile (the bench reports none; ~3.5 s a run on DeiT-S).
+BENCH_OVERRIDES = ["validate.profile_runs=0"]
+# A latency-only run (random weights) calibrates on 64 images instead of the recipe's 256–512: its rows report
+# latency, and the deployed structure (fixed ranks, the number of skipped blocks) does not depend on how many
+# images set the weights or chose the blocks. Saves ~50 s of whitening Gram products per SVD recipe on DeiT-S.
+LATENCY_ONLY_OVERRIDES = ["calibration.images=64", "calibration.batch_size=32"]
+# An as-shipped run's latency comes from the four-way interleaved run against ORT int8 (:func:`int8_rows`), so the
+# pipeline's own timing of original and converted (the same two models) is cut to the minimum.
+TIMED_ELSEWHERE = ["validate.latency_runs=3", "validate.warmup_runs=1"]
 NO_GATES = ["finetune=null", "validate.max_top1_drop=null", "validate.min_agreement=null"]
 # export.quantize=static makes model.onnx int8: its parity with the torch fp32 model is int8 rounding, so the
 # variant's parity gate is the one README's int8 section suggests, 0.5.
@@ -108,26 +119,38 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
                    for label, extra in LATENCY_VARIANTS.get(recipe.stem, [])]
 
 
-def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int) -> Report:
-    """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune."""
-    overrides = [*overrides, f"validate.latency_runs={runs}"]
+def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int,
+                timed_elsewhere: bool = False) -> Report:
+    """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune.
+    ``timed_elsewhere``: the run's latency will come from :func:`ort_int8.measure` (see :data:`TIMED_ELSEWHERE`)."""
+    timing = TIMED_ELSEWHERE if timed_elsewhere else [f"validate.latency_runs={runs}"]
+    overrides = [*overrides, *BENCH_OVERRIDES, *timing,
+                 *(LATENCY_ONLY_OVERRIDES if kwargs == LATENCY_ONLY and recipe.stem != BASELINE else [])]
     if recipe.stem == BASELINE:
-        baseline = parse_recipe({"steps": [], "finetune": None, "validate": {"latency_runs": runs}}, BASELINE)
+        validate = {"latency_runs": 3, "warmup_runs": 1} if timed_elsewhere else {"latency_runs": runs}
+        baseline = parse_recipe({"steps": [], "finetune": None, "validate": {**validate, "profile_runs": 0}},
+                                BASELINE)
         return convert(model, baseline, out_dir=out, force=True, **kwargs).report
     return convert(model, recipe, out_dir=out, force=True, overrides=overrides, **kwargs).report
 
 
 def int8_rows(row: dict, int8: dict) -> list[dict]:
-    """Each row's speed over the int8 original (b1/b8, same interleaved run), plus the recipe + int8 row (or,
-    for the baseline, the int8 original's row)."""
+    """Each row's speed over the int8 original (b1/b8, same interleaved run) and its latency from that run, plus
+    the recipe + int8 row (or, for the baseline, the int8 original's row)."""
     timing = int8["latency"]
     baseline, quantised = "original + ORT int8", "converted + ORT int8"
+    row["latency"] = {b: {"original_p50_ms": timing["original"][b]["p50_ms"],
+                          "original_p90_ms": timing["original"][b]["p90_ms"],
+                          "p50_ms": timing["converted"][b]["p50_ms"], "p90_ms": timing["converted"][b]["p90_ms"],
+                          "spread": timing["converted"][b]["spread"],
+                          "speedup": timing["original"][b]["p50_ms"] / timing["converted"][b]["p50_ms"]}
+                      for b in timing["converted"]}
     row["vs_ort_int8"] = {b: timing[baseline][b]["p50_ms"] / timing["converted"][b]["p50_ms"] for b in timing[baseline]}
     is_baseline = row["variant"] == "original"
     name = baseline if is_baseline else quantised
     latency = {b: {"original_p50_ms": timing["original"][b]["p50_ms"], "original_p90_ms": timing["original"][b]["p90_ms"],
                    "p50_ms": timing[name][b]["p50_ms"], "p90_ms": timing[name][b]["p90_ms"],
-                   "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
+                   "spread": timing[name][b]["spread"], "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
     extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
              "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
              "failed_gates": None, "gates": None,  # quantised by the bench, not by the recipe: no gates ran
@@ -154,7 +177,8 @@ def summarise(label: str, model: str, report: Report) -> dict:
     for batch, ms in converted.latency.items():
         base = original.latency[batch]
         row["latency"][batch] = {"original_p50_ms": base.p50_ms, "original_p90_ms": base.p90_ms,
-                                 "p50_ms": ms.p50_ms, "p90_ms": ms.p90_ms, "speedup": base.p50_ms / ms.p50_ms}
+                                 "p50_ms": ms.p50_ms, "p90_ms": ms.p90_ms, "spread": ms.spread,
+                                 "speedup": base.p50_ms / ms.p50_ms}
     return row
 
 
@@ -174,6 +198,11 @@ def gate_cell(row: dict) -> str:
     return "✗ " + "; ".join(f"{g['gate']} {g['value']:.4g} vs {g['limit']:g}" for g in failed)
 
 
+def spread_cell(timing: dict) -> str:
+    """`` (±x %)``: the converted model's (p90 − p10) / p50 over the runs, where the row recorded it."""
+    return f" (±{timing['spread'] * 50:.0f} %)" if "spread" in timing else ""
+
+
 def row_line(r: dict) -> str:
     b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
     versus = " / ".join(f"{r['vs_ort_int8'][b]:.2f}×" for b in ("b1", "b8")) if "vs_ort_int8" in r else "—"
@@ -181,8 +210,8 @@ def row_line(r: dict) -> str:
     agreement = f"{r['agreement'] * 100:.2f} %" if r["top1"] is not None else "n/a"
     return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
             f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
-            f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
-            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} "
+            f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f}{spread_cell(b1)} | {b1['speedup']:.2f}× "
+            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f}{spread_cell(b8)} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} "
             f"| {gate_cell(r)} |")
 
 
@@ -194,10 +223,11 @@ def markdown(results: dict[str, dict]) -> str:
         when.setdefault((res["date"], res["machine"], threads), []).append(recipe)
     lines = [f"Measured {date} on {machine}; onnxruntime CPU, {threads} intra-op threads ({', '.join(names)})."
              for (date, machine, threads), names in sorted(when.items())]
-    lines += ["", "Median of interleaved runs; speed-up = original p50 / converted p50. *vs ORT int8*: speed over "
+    lines += ["", "Median of interleaved runs (± half the converted model's p10–p90 range, as a % of its median, "
+              "where recorded); speed-up = original p50 / converted p50. *vs ORT int8*: speed over "
               "the original quantised with onnxruntime's `quantize_dynamic` (int8 weights, dynamic uint8 "
-              "activations), b1 / b8, from a second interleaved run of original, original + int8, converted "
-              "and converted + int8; a `+ ORT int8` row is the converted model quantised the same way "
+              "activations), b1 / b8, from one interleaved run of original, original + int8, converted "
+              "and converted + int8, which is also where an as-shipped row's own latency comes from; a `+ ORT int8` row is the converted model quantised the same way "
               "(its latency is from that run). *gates*: the recipe's own gates on that run (✓ passed/ran, "
               "or ✗ with each failed gate's value vs its limit); deit_s rows have random weights, so only the "
               "parity gate (`max_abs_diff`) runs there; `+ ORT int8` rows are the bench's, not gated.", "",
@@ -265,7 +295,8 @@ def main() -> None:
                 continue
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             run_started = time.perf_counter()
-            report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs)
+            report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs,
+                                 timed_elsewhere=model not in measured)
             versions = report.versions
             wall_s = time.perf_counter() - run_started
             row = summarise(label, model, report)

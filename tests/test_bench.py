@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 from ort_int8 import quantized  # noqa: E402
 from pareto import frontier, plot  # noqa: E402
-from run import ROOT, runs_of  # noqa: E402
+from run import (BENCH_OVERRIDES, LATENCY_ONLY, LATENCY_ONLY_OVERRIDES, ROOT, TIMED_ELSEWHERE, int8_rows,  # noqa: E402
+                 runs_of)
 
 from vitcompress.data import fmnist_dataset  # noqa: E402
 from vitcompress.export import export_onnx  # noqa: E402
@@ -71,3 +72,28 @@ def test_token_count_variants_are_valid_overrides_of_shipped_recipes():
             assert loaded.steps[0].r in (3, 8, 13)
         else:
             assert loaded.finetune is None or loaded.finetune.steps == 7
+
+
+def test_every_run_override_applies_to_every_shipped_recipe():
+    from vitcompress.recipe import load_recipe
+
+    for recipe in sorted((ROOT / "recipes").glob("*.yaml")):
+        for _, _, overrides, kwargs in runs_of(recipe):
+            extra = LATENCY_ONLY_OVERRIDES if kwargs == LATENCY_ONLY else []
+            loaded = load_recipe(recipe, [*overrides, *BENCH_OVERRIDES, *TIMED_ELSEWHERE, *extra])
+            assert loaded.validate_.profile_runs == 0 and loaded.validate_.latency_runs == 3
+            assert not extra or loaded.calibration.images == 64
+
+
+def test_an_as_shipped_row_takes_its_latency_from_the_four_way_run():
+    def timing(p50: float) -> dict:
+        return {b: {"p50_ms": p50 * k, "p90_ms": p50 * k * 1.1, "spread": 0.2} for b, k in (("b1", 1), ("b8", 8))}
+
+    four_way = {"latency": {"original": timing(10), "original + ORT int8": timing(6), "converted": timing(4),
+                            "converted + ORT int8": timing(3)},
+                "top1": {"converted + ORT int8": 88.0}, "agreement": {"converted + ORT int8": 0.99}}
+    row = {"variant": "fast", "latency": {"b1": {"p50_ms": 99.0}}}
+    shipped, quantised = int8_rows(row, four_way)
+    assert shipped["latency"]["b1"]["p50_ms"] == 4 and shipped["latency"]["b8"]["speedup"] == 2.5
+    assert shipped["vs_ort_int8"]["b1"] == 1.5 and quantised["latency"]["b8"]["p50_ms"] == 24
+    assert quantised["variant"] == "fast + ORT int8" and quantised["top1"] == 88.0
