@@ -53,8 +53,17 @@ def lowrank(tmp_path_factory):
 
 
 def test_static_is_qdq_without_dynamic_quantization(lowrank, tmp_path):
+    import logging
+
     path, _ = lowrank
-    done = quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.INFO)
+    try:
+        done = quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
+        assert root.level == logging.INFO, "the caller's root logger level is restored"
+    finally:
+        root.setLevel(before)
     found = ops(tmp_path / "int8.onnx")
     assert found["DynamicQuantizeLinear"] == 0 and found["MatMulInteger"] == 0
     assert found["QuantizeLinear"] > 0 and found["DequantizeLinear"] > 0

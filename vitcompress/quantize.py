@@ -16,6 +16,7 @@ Only float MatMul, Gemm and Conv nodes are quantised: the ``MatMulInteger`` laye
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import tempfile
@@ -111,7 +112,29 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
     nodes = float_nodes(model)
     if not nodes:
         raise ExportError(f"export.quantize: {mode}: {source.name} has no float MatMul/Gemm/Conv to quantise")
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # ORT logs hints on the root logger
+    with quiet_root_logger():
+        done = _quantize(source, target, model, nodes, mode, calibration, method, per_channel, activations)
+    copy_metadata(model, target)
+    return done
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantiser logs pre-processing hints on the root logger: raise it to ERROR while it runs,
+    then restore it (a library must not change the caller's logging for good)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _quantize(source: Path, target: Path, model: onnx.ModelProto, nodes: list[str], mode: str,
+              calibration: Iterable[np.ndarray], method: Calibration, per_channel: bool,
+              activations: ActivationType) -> dict:
+    """The body of :func:`quantize_onnx` (same arguments): write ``target``, return what was done."""
     done = {"mode": mode, "per_channel": per_channel, "nodes": len(nodes), "fp32_onnx_bytes": source.stat().st_size}
     if mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
@@ -132,7 +155,6 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
                             activation_type=ACTIVATIONS[activations], weight_type=QuantType.QInt8,
                             calibrate_method=METHODS[method], calibration_providers=["CPUExecutionProvider"])
         done.update(calibration=method, activations=activations, calibration_images=reader.images)
-    copy_metadata(model, target)
     return done
 
 
