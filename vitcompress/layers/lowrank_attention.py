@@ -29,13 +29,17 @@ IDENTITY_PARTS = ("q_norm", "k_norm", "norm")
 
 
 class HeadMajorAttention(nn.Module):
-    """Multi-head self-attention computed head-major from a rank-r ``qkv`` (see the module docstring)."""
+    """Multi-head self-attention computed head-major from a rank-r ``qkv`` (see the module docstring).
+
+    ``qkv`` holds only the shared first factor (in → r): under that name the profiler still attributes its
+    nodes to the recipe step that factored ``qkv``.
+    """
 
     def __init__(self, first: nn.Linear, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor, proj: nn.Module,
                  proj_heads: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         self.num_heads = qkv_weight.shape[1]
-        self.first = first
+        self.qkv = first
         self.q_weight, self.k_weight, self.v_weight = (nn.Parameter(w.contiguous()) for w in qkv_weight)
         self.q_bias, self.k_bias, self.v_bias = (nn.Parameter(b.contiguous()) for b in qkv_bias)
         self.proj_heads = None if proj_heads is None else nn.Parameter(proj_heads.contiguous())
@@ -77,7 +81,7 @@ class HeadMajorAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("HeadMajorAttention is a ViT encoder's attention: no attention mask, not causal")
-        h = self.first(x).unsqueeze(1)
+        h = self.qkv(x).unsqueeze(1)
         q = h @ self.q_weight + self.q_bias
         k = h @ self.k_weight + self.k_bias
         v = h @ self.v_weight + self.v_bias
