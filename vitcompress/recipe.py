@@ -59,8 +59,10 @@ class FinetuneConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: auto = cuda when torch sees a GPU, else cpu (the model returns to cpu)"
     )
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype of the forward passes (fp16 adds a gradient scaler); weights stay fp32")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="autocast dtype of the forward passes (fp16 adds a gradient scaler); weights stay fp32; "
+                            "auto: bf16 where the device computes it natively (a GPU that supports it, a CPU with "
+                            "AVX512-BF16 or AMX), else fp32")
     workers: Optional[int] = Field(None, ge=0, le=256, description="DataLoader worker processes per rank (0: load "
                                    "in the training process); default: the cores the training threads leave free")
     checkpoint_every: Optional[int] = Field(

@@ -132,3 +132,23 @@ def test_sigterm_saves_a_checkpoint_at_the_end_of_the_step_then_exits_143(tmp_pa
     assert stopped.value.code == 143
     assert checkpoint.load(tmp_path).step == 3, "saved at the end of the step SIGTERM arrived in"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the previous handler is back"
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
+    cpu = torch.device("cpu")
+    assert finetune.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512_bf16"}) == "bf16"
+    assert finetune.resolve_precision("auto", cpu, {"avx2", "amx_bf16", "amx_tile"}) == "bf16"
+    assert finetune.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512bw"}) == "fp32"
+    assert finetune.resolve_precision("auto", cpu, set()) == "fp32"
+    assert finetune.resolve_precision("fp16", cpu, {"avx512_bf16"}) == "fp16"
+    assert finetune.resolve_precision("fp32", cpu, {"avx512_bf16"}) == "fp32"
+    assert finetune.resolve_precision("auto", cpu) in ("bf16", "fp32")  # this machine's /proc/cpuinfo
+
+
+def test_auto_precision_run_reports_what_it_resolved_to(reference_model):
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    ctx = make_context(reference_model, perturbed(reference_model), images, labels, steps=1, precision="auto",
+                       workers=0)
+    finetune.run(ctx)
+    assert ctx.report["finetune"]["precision"] == finetune.resolve_precision("auto", torch.device("cpu"))

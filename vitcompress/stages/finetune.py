@@ -15,7 +15,8 @@ group of recipe steps, then trains ``steps`` optimizer steps; the report sums th
 Under ``torchrun`` the same loop runs in every process with DistributedDataParallel: each rank takes
 ``batch_size / world_size`` images of the global batch (:mod:`vitcompress.stages.train_data`), the gradients
 are averaged, and the loss the guard judges is averaged over the ranks, so every rank takes the same decisions.
-``precision`` bf16/fp16 runs the forward passes under autocast (fp16 with a gradient scaler). With
+``precision`` bf16/fp16 runs the forward passes under autocast (fp16 with a gradient scaler); ``auto`` picks bf16
+where the device computes it natively (:func:`resolve_precision`), fp32 elsewhere. With
 ``checkpoint_every``, rank 0 saves a checkpoint (:mod:`vitcompress.stages.checkpoint`) every so many steps and
 when SIGTERM arrives; a resumed conversion continues from it exactly.
 """
@@ -242,6 +243,41 @@ class HeldSigterm:
             signal.signal(signal.SIGTERM, self.previous)
 
 
+#: /proc/cpuinfo flags of a CPU that computes bf16 natively (dot products in AVX512-BF16, or AMX tiles).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_precision(precision: str, device: torch.device, cpu_flags: set[str] | None = None) -> str:
+    """The autocast precision a run uses: ``precision`` itself, or for ``auto`` bf16 where ``device`` computes it
+    natively and fp32 elsewhere. Measured on the ``taylor`` recipe (vit_fmnist, 1,000 steps, AMD EPYC with
+    AVX512-BF16, 2 threads, 2026-12-04): bf16 95 img/s against fp32 45, 88.39 % and 94.52 % agreement against
+    88.36 % and 94.45 %. A CPU without native bf16 emulates it, slower than fp32, hence fp32 there.
+
+    Args:
+        precision: the recipe's ``finetune.precision``.
+        device: where the fine-tune runs.
+        cpu_flags: the CPU's feature flags (default: read from ``/proc/cpuinfo``; none elsewhere).
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+    return "bf16" if flags & set(NATIVE_BF16_FLAGS) else "fp32"
+
+
+def _cpu_flags() -> set[str]:
+    """The feature flags of the first CPU in ``/proc/cpuinfo`` (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: int = 0, done: list[dict] | None = None,
           saver: Checkpoints | None = None, resume: checkpoint.TrainState | None = None) -> dict:
     """Distil ``ctx.model`` from the original for ``config.steps`` optimizer steps; returns the run's summary."""
@@ -256,7 +292,8 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
     guard = DivergenceGuard(config.max_loss_ratio)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    precision = resolve_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     batches = train_batches(ctx.data.train, config.batch_size, place, config.seed, config.workers,
                             pin_memory=device.type == "cuda")
     progress = {"losses": [], "seen": 0, "seconds": 0.0, "skipped": 0}
@@ -267,7 +304,7 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
     where = f"{place.world_size} processes ({place.backend}), {batches.per_rank_batch} images each, " \
         if place.enabled else ""
     ctx.progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
-                                   f"{where}lr {config.lr:g}, {config.precision}, on {device}"
+                                   f"{where}lr {config.lr:g}, {precision}, on {device}"
                                    + (f", resumed at step {start}" if resume is not None else ""))
     student.to(device)
     teacher.to(device)
@@ -277,8 +314,7 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
     model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None,
                                     find_unused_parameters=routed) if place.enabled else net
     teacher_net = TokensAndLogits(teacher)
-    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(config.precision),
-                              enabled=config.precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
     ctx.progress.start("finetune", config.steps)
     if start:
         ctx.progress.advance("finetune", start)
@@ -343,7 +379,7 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
         "last_loss": losses[-1] if losses else None, "seconds": seconds,
         "images_per_second": progress["seen"] / max(seconds, 1e-9), "stopped": stopped, "device": str(device),
         "world_size": place.world_size, "per_rank_batch": batches.per_rank_batch, "backend": place.backend,
-        "precision": config.precision, "workers": batches.workers, "skipped_images": progress["skipped"],
+        "precision": precision, "workers": batches.workers, "skipped_images": progress["skipped"],
         "resumed_from_step": resume.step if resume is not None else None,
     }
 
