@@ -38,7 +38,7 @@ from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
 from vitcompress.export import ExportConfig
-from vitcompress.recipe import load_recipe, parse_recipe, read_recipe_file
+from vitcompress.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
 from vitcompress.report import Report
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,14 +124,20 @@ def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, ou
     """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune.
     ``timed_elsewhere``: the run's latency will come from :func:`ort_int8.measure` (see :data:`TIMED_ELSEWHERE`)."""
     timing = TIMED_ELSEWHERE if timed_elsewhere else [f"validate.latency_runs={runs}"]
-    overrides = [*overrides, *BENCH_OVERRIDES, *timing,
-                 *(LATENCY_ONLY_OVERRIDES if kwargs == LATENCY_ONLY and recipe.stem != BASELINE else [])]
+    overrides = [*overrides, *BENCH_OVERRIDES, *timing, *(LATENCY_ONLY_OVERRIDES if kwargs == LATENCY_ONLY else [])]
     if recipe.stem == BASELINE:
-        validate = {"latency_runs": 3, "warmup_runs": 1} if timed_elsewhere else {"latency_runs": runs}
-        baseline = parse_recipe({"steps": [], "finetune": None, "validate": {**validate, "profile_runs": 0}},
-                                BASELINE)
-        return convert(model, baseline, out_dir=out, force=True, **kwargs).report
+        baseline = apply_overrides({"steps": [], "finetune": None}, overrides, BASELINE)
+        return convert(model, parse_recipe(baseline, BASELINE), out_dir=out, force=True, **kwargs).report
     return convert(model, recipe, out_dir=out, force=True, overrides=overrides, **kwargs).report
+
+
+def four_way_latency(timing: dict, name: str) -> dict:
+    """A row's ``latency`` cells for model ``name`` of the four-way run, against the original of that run."""
+    original = timing["original"]
+    return {b: {"original_p50_ms": original[b]["p50_ms"], "original_p90_ms": original[b]["p90_ms"],
+                "p50_ms": ms["p50_ms"], "p90_ms": ms["p90_ms"], "spread": ms["spread"],
+                "speedup": original[b]["p50_ms"] / ms["p50_ms"]}
+            for b, ms in timing[name].items()}
 
 
 def int8_rows(row: dict, int8: dict) -> list[dict]:
@@ -139,20 +145,13 @@ def int8_rows(row: dict, int8: dict) -> list[dict]:
     the recipe + int8 row (or, for the baseline, the int8 original's row)."""
     timing = int8["latency"]
     baseline, quantised = "original + ORT int8", "converted + ORT int8"
-    row["latency"] = {b: {"original_p50_ms": timing["original"][b]["p50_ms"],
-                          "original_p90_ms": timing["original"][b]["p90_ms"],
-                          "p50_ms": timing["converted"][b]["p50_ms"], "p90_ms": timing["converted"][b]["p90_ms"],
-                          "spread": timing["converted"][b]["spread"],
-                          "speedup": timing["original"][b]["p50_ms"] / timing["converted"][b]["p50_ms"]}
-                      for b in timing["converted"]}
+    row["latency"] = four_way_latency(timing, "converted")
     row["vs_ort_int8"] = {b: timing[baseline][b]["p50_ms"] / timing["converted"][b]["p50_ms"] for b in timing[baseline]}
     is_baseline = row["variant"] == "original"
     name = baseline if is_baseline else quantised
-    latency = {b: {"original_p50_ms": timing["original"][b]["p50_ms"], "original_p90_ms": timing["original"][b]["p90_ms"],
-                   "p50_ms": timing[name][b]["p50_ms"], "p90_ms": timing[name][b]["p90_ms"],
-                   "spread": timing[name][b]["spread"], "speedup": timing["original"][b]["p50_ms"] / timing[name][b]["p50_ms"]} for b in timing[name]}
     extra = {**row, "variant": "original + ORT int8" if is_baseline else f"{row['variant']} + ORT int8",
-             "top1": int8["top1"][name], "agreement": int8["agreement"][name], "latency": latency,
+             "top1": int8["top1"][name], "agreement": int8["agreement"][name],
+             "latency": four_way_latency(timing, name),
              "failed_gates": None, "gates": None,  # quantised by the bench, not by the recipe: no gates ran
              "vs_ort_int8": {b: timing[baseline][b]["p50_ms"] / timing[name][b]["p50_ms"] for b in timing[name]}}
     return [row, extra]
@@ -211,7 +210,8 @@ def row_line(r: dict) -> str:
     return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
             f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
             f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f}{spread_cell(b1)} | {b1['speedup']:.2f}× "
-            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f}{spread_cell(b8)} | {b8['speedup']:.2f}× | {versus} | {top1} | {agreement} "
+            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f}{spread_cell(b8)} | {b8['speedup']:.2f}× | {versus} "
+            f"| {top1} | {agreement} "
             f"| {gate_cell(r)} |")
 
 
@@ -227,7 +227,8 @@ def markdown(results: dict[str, dict]) -> str:
               "where recorded); speed-up = original p50 / converted p50. *vs ORT int8*: speed over "
               "the original quantised with onnxruntime's `quantize_dynamic` (int8 weights, dynamic uint8 "
               "activations), b1 / b8, from one interleaved run of original, original + int8, converted "
-              "and converted + int8, which is also where an as-shipped row's own latency comes from; a `+ ORT int8` row is the converted model quantised the same way "
+              "and converted + int8, which is also where an as-shipped row's own latency comes from; a `+ ORT int8` "
+              "row is the converted model quantised the same way "
               "(its latency is from that run). *gates*: the recipe's own gates on that run (✓ passed/ran, "
               "or ✗ with each failed gate's value vs its limit); deit_s rows have random weights, so only the "
               "parity gate (`max_abs_diff`) runs there; `+ ORT int8` rows are the bench's, not gated.", "",

@@ -112,8 +112,27 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
     nodes = float_nodes(model)
     if not nodes:
         raise ExportError(f"export.quantize: {mode}: {source.name} has no float MatMul/Gemm/Conv to quantise")
+    done = {"mode": mode, "per_channel": per_channel, "nodes": len(nodes), "fp32_onnx_bytes": source.stat().st_size}
     with quiet_root_logger():
-        done = _quantize(source, target, model, nodes, mode, calibration, method, per_channel, activations)
+        if mode == "dynamic":
+            quantize_dynamic(str(source), str(target), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
+                             weight_type=QuantType.QInt8,
+                             nodes_to_exclude=batched_weight_nodes(model) if per_channel else None)
+        else:
+            batches = iter(calibration)
+            first = next(batches, None)
+            if first is None:
+                raise ExportError("export.quantize: static needs calibration images, none were given")
+            reader = BatchReader(itertools.chain([first], batches))
+            with tempfile.TemporaryDirectory() as scratch:
+                prepared = Path(scratch) / "prepared.onnx"
+                quant_pre_process(str(source), str(prepared), skip_optimization=False)
+                quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=list(OP_TYPES),
+                                nodes_to_quantize=weight_nodes(onnx.load(str(prepared))), per_channel=per_channel,
+                                activation_type=ACTIVATIONS[activations], weight_type=QuantType.QInt8,
+                                calibrate_method=METHODS[method], calibration_providers=["CPUExecutionProvider"])
+            done.update(calibration=method, activations=activations, calibration_images=reader.images)
     copy_metadata(model, target)
     return done
 
@@ -129,33 +148,6 @@ def quiet_root_logger() -> Iterator[None]:
         yield
     finally:
         root.setLevel(level)
-
-
-def _quantize(source: Path, target: Path, model: onnx.ModelProto, nodes: list[str], mode: str,
-              calibration: Iterable[np.ndarray], method: Calibration, per_channel: bool,
-              activations: ActivationType) -> dict:
-    """The body of :func:`quantize_onnx` (same arguments): write ``target``, return what was done."""
-    done = {"mode": mode, "per_channel": per_channel, "nodes": len(nodes), "fp32_onnx_bytes": source.stat().st_size}
-    if mode == "dynamic":
-        quantize_dynamic(str(source), str(target), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
-                         weight_type=QuantType.QInt8,
-                         nodes_to_exclude=batched_weight_nodes(model) if per_channel else None)
-    else:
-        batches = iter(calibration)
-        first = next(batches, None)
-        if first is None:
-            raise ExportError("export.quantize: static needs calibration images, none were given")
-        reader = BatchReader(itertools.chain([first], batches))
-        with tempfile.TemporaryDirectory() as scratch:
-            prepared = Path(scratch) / "prepared.onnx"
-            quant_pre_process(str(source), str(prepared), skip_optimization=False)
-            quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(OP_TYPES),
-                            nodes_to_quantize=weight_nodes(onnx.load(str(prepared))), per_channel=per_channel,
-                            activation_type=ACTIVATIONS[activations], weight_type=QuantType.QInt8,
-                            calibrate_method=METHODS[method], calibration_providers=["CPUExecutionProvider"])
-        done.update(calibration=method, activations=activations, calibration_images=reader.images)
-    return done
 
 
 def copy_metadata(source: onnx.ModelProto, target: Path) -> None:
