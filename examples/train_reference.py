@@ -34,15 +34,17 @@ from vitcompress.models import (REFERENCE_MODEL, REFERENCE_MODELS, build_referen
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random 28×28 crop of the 2-pixel zero-padded image and random horizontal flip, batched."""
-    n = images.shape[0]
+    """Random 28×28 crop of the 2-pixel zero-padded image and random horizontal flip, batched. The random draws
+    come from the CPU ``generator`` (the resumable state) whatever device ``images`` are on."""
+    n, device = images.shape[0], images.device
     padded = F.pad(images, (2, 2, 2, 2))
-    dx = torch.randint(0, 5, (n,), generator=generator)
-    dy = torch.randint(0, 5, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(28))[:, :, None].expand(n, 28, 28)
-    cols = (dx[:, None] + torch.arange(28))[:, None, :].expand(n, 28, 28)
-    out = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
-    flip = torch.rand(n, generator=generator) < 0.5
+    dx = torch.randint(0, 5, (n,), generator=generator).to(device)
+    dy = torch.randint(0, 5, (n,), generator=generator).to(device)
+    offsets = torch.arange(28, device=device)
+    rows = (dy[:, None] + offsets)[:, :, None].expand(n, 28, 28)
+    cols = (dx[:, None] + offsets)[:, None, :].expand(n, 28, 28)
+    out = padded[torch.arange(n, device=device)[:, None, None], 0, rows, cols].unsqueeze(1)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(device)
     out[flip] = out[flip].flip(-1)
     return out
 
@@ -75,32 +77,36 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, help="first N train images only (a quick check of the script)")
     parser.add_argument("--test-images", type=int, help="first N test images only")
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 even where bf16 autocast works")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda); the shuffle and "
+                        "augmentation draws stay on the CPU generator, so a run resumes the same on any device")
     args = parser.parse_args()
     state_dir = args.state_dir or Path(f"checkpoints/train_{args.model}")
     out = args.out or reference_weights_path(args.model)
 
     torch.manual_seed(args.seed)
-    train_x, train_y = (t[:args.train_images] for t in load_fmnist_arrays("train"))
-    test_x, test_y = (t[:args.test_images] for t in load_fmnist_arrays("test"))
+    device = torch.device(args.device)
+    train_x, train_y = (t[:args.train_images].to(device) for t in load_fmnist_arrays("train"))
+    test_x, test_y = (t[:args.test_images].to(device) for t in load_fmnist_arrays("test"))
     model = build_reference_architecture(args.model)
     if args.init_from:
         load_weights(model, read_state_dict(reference_weights_path(args.init_from)), args.init_from)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     steps_per_epoch = len(train_x) // args.batch_size
     total = args.epochs * steps_per_epoch
     warmup = steps_per_epoch if args.warmup_steps is None else args.warmup_steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
     )
     generator = torch.Generator().manual_seed(args.seed)
     start_epoch, start_step, order, running, history = 0, 0, None, 0.0, []
     state_file = state_dir / "last.pt"
     if state_file.is_file():
-        state = torch.load(state_file, weights_only=True)
+        state = torch.load(state_file, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        generator.set_state(state["generator"])
+        generator.set_state(state["generator"].cpu())
         start_epoch, history = state["epoch"], json.loads(state["history"])
         # states saved per epoch only (before mid-epoch saves existed) resume at the epoch's start
         start_step, order, running = state.get("step", 0), state.get("order"), state.get("running", 0.0)
@@ -128,9 +134,9 @@ def main() -> None:
                       "rerun the same command to go on")
                 return
             steps_this_run += 1
-            idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+            idx = order[step * args.batch_size:(step + 1) * args.batch_size].to(device)
             x = normalize_uint8(augment(train_x[idx], generator), FMNIST_MEAN, FMNIST_STD)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = F.cross_entropy(model(x), train_y[idx], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -145,14 +151,14 @@ def main() -> None:
         start_step = 0
         top1 = evaluate(model, test_x, test_y)
         history.append({"epoch": epoch + 1, "loss": running / steps_per_epoch, "test_top1": top1,
-                        "seconds": time.time() - t0})
+                        "seconds": time.time() - t0, "device": device.type})
         print(json.dumps(history[-1]), flush=True)
         save(epoch + 1, 0)
-    weights = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"history": json.dumps(history), "model": args.model, "init_from": args.init_from or "none"}
     save_file(weights, str(out), metadata=metadata)
-    model.load_state_dict({k: v.float() for k, v in weights.items()})
+    model.load_state_dict({k: v.float().to(device) for k, v in weights.items()})
     print(f"wrote {out}; fp16 test top-1 {evaluate(model, test_x, test_y):.4f}; "
           f"train wall time {sum(h['seconds'] for h in history):.0f}s")
 

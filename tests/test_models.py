@@ -117,6 +117,17 @@ def test_196_token_reference_model_has_a_vit224_token_count(monkeypatch, tmp_pat
         load_model("vit_fmnist196")
 
 
+def test_196_token_reference_model_ships_trained_weights():
+    from vitcompress.data import FMNIST_MEAN, FMNIST_STD, load_fmnist_arrays, normalize_uint8
+
+    loaded = load_model("vit_fmnist196")
+    assert loaded.weights == "embedded (vit_fmnist196.safetensors)"
+    images, labels = (t[:128] for t in load_fmnist_arrays("test"))
+    with torch.no_grad():
+        predictions = loaded.model(normalize_uint8(images, FMNIST_MEAN, FMNIST_STD)).argmax(-1)
+    assert (predictions == labels).float().mean().item() >= 0.88
+
+
 def test_reference_model_config(tmp_path, reference_model):
     path = tmp_path / "ref.safetensors"
     save_file({k: v.contiguous() for k, v in reference_model.state_dict().items()}, str(path))

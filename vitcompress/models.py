@@ -98,7 +98,7 @@ def reference_weights_path(name: str = REFERENCE_MODEL) -> Path:
 
 def embedded_weights(name: str) -> Path:
     """The shipped weights of reference model ``name``; a :class:`ModelError` saying how to make them when they
-    are not in the package (``vit_fmnist196``'s do not ship yet)."""
+    are not in the package (a source checkout without them, or a model added before its weights)."""
     path = reference_weights_path(name)
     if not path.is_file():
         raise ModelError(f"embedded weights {path} are missing: run examples/train_reference.py --model {name}")
