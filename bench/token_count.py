@@ -8,8 +8,6 @@ hold top-1, agreement and the onnxruntime b1 / b8 latency of the converted model
 ``token_count:start`` / ``token_count:end`` markers.
 
     python bench/token_count.py --images 2000 --steps 50
-
-It needs ``vit_fmnist196``'s embedded weights, which do not ship yet (README: the reference models).
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ NO_GATES = ["validate.max_top1_drop=null", "validate.min_agreement=null", "valid
 def variants(steps: int) -> list[tuple[str, str, list[str]]]:
     """(label, recipe, overrides): ToMe at three merge rates (training-free), Taylor attention and the two
     attention skips of ``skip.yaml`` each without and with ``steps`` distillation steps (bf16 autocast for the
-    skips, fp32 for Taylor attention as ``taylor.yaml`` trains it)."""
+    skips; Taylor attention at ``taylor.yaml``'s own ``precision: auto``)."""
     tuned = [f"finetune.steps={steps}"]
     return [("ToMe r=3 (tome.yaml)", "tome", []),
             ("ToMe r=8", "tome", ["steps.0.r=8"]),
