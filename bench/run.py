@@ -66,7 +66,7 @@ EXTRA_VARIANTS = {
 # Extra latency variants on the latency model: (label suffix, overrides).
 _MOE_ONLY = "steps=[{transform: shiftadd_moe, targets: ['re:blocks\\.\\d+\\.mlp\\.fc[12]'], dispatch: %s}]"
 LATENCY_VARIANTS = {
-    "fast": [_STATIC_INT8],
+    "fast": [_STATIC_INT8, ("timm-form attention, export.head_major: false", ["export.head_major=false"])],
     "shift_mlp": [("float power-of-two weights, no int8", ["steps.0.int8=false"])],
     "shiftadd_paper": [("MoE only, (a) dense both + Where", [_MOE_ONLY % "where"]),
                        ("MoE only, (b) gather/scatter", [_MOE_ONLY % "gather"])],

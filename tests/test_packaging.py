@@ -29,7 +29,7 @@ def test_wheel_ships_the_recipes_and_resolves_names(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {f"vitcompress/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
     assert {f"vitcompress/{p.relative_to(ROOT / 'vitcompress')}" for p in (ROOT / "vitcompress").rglob("*.py")} <= names
-    assert "vitcompress/weights/vit_fmnist.safetensors" in names
+    assert {"vitcompress/weights/vit_fmnist.safetensors", "vitcompress/weights/vit_fmnist196.safetensors"} <= names
     target, empty = tmp_path / "site", tmp_path / "empty"
     empty.mkdir()
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, cwd=tmp_path)

@@ -44,22 +44,25 @@ class ExportConfig(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="static only: how the calibration activations set the int8 ranges")
     per_channel: bool = Field(True, description="one int8 weight scale per output channel (else per tensor)")
+    head_major: bool = Field(True, description="a timm Attention with a low-rank qkv is exported as "
+                                               "HeadMajorAttention (no per-block reshape/transpose); false keeps "
+                                               "timm's layout, e.g. for a runtime that fuses timm-form attention")
 
 
-def to_deploy(model: nn.Module, inplace: bool = False) -> nn.Module:
+def to_deploy(model: nn.Module, inplace: bool = False, head_major: bool = True) -> nn.Module:
     """``model`` with every module that has a train-time form replaced by its static deploy form
     (``to_deploy()``: no sparse branch, no router noise, int8 weights), in eval mode. A timm ``Attention``
     with a low-rank ``qkv`` becomes a :class:`~vitcompress.layers.lowrank_attention.HeadMajorAttention` (the
-    same function without the per-block reshapes and transposes: 2.38× → 2.81× the original at batch 8 for
-    DeiT-S + ``fast``'s steps, measured 2026-12-04, AMD EPYC, 2 threads).
+    same function without the per-block reshapes and transposes; README's fast section has its bench rows).
 
     Args:
         model: the model to convert.
         inplace: change ``model`` itself; by default a deep copy is converted and the caller's model is left
             as it was (as timm's ``reparameterize_model``).
+        head_major: rewrite low-rank attention head-major (``export.head_major``); false keeps timm's layout.
     """
     model = model if inplace else copy.deepcopy(model)
-    for convert in (_deploy_form, _head_major_form):
+    for convert in (_deploy_form, _head_major_form) if head_major else (_deploy_form,):
         for name, module in list(model.named_modules()):
             deployed = convert(module) if name else None
             if deployed is not None:
@@ -95,14 +98,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: Sequence[int]
         model: a module taking a (N, *input_size) float tensor.
         path: the .onnx file to write.
         input_size: the shape of one input; by default the model's timm data config's ``input_size``.
-        config: opset and dynamic batch (:class:`ExportConfig` defaults when None).
+        config: opset, dynamic batch and head-major attention (:class:`ExportConfig` defaults when None).
         metadata: ``metadata_props`` to store, e.g. :func:`vitcompress.runtime.preprocessing_metadata`.
         output_names: names of the model's outputs in order; the first must be the logits.
     """
     path = Path(path)
     config = config or ExportConfig()
     input_size = tuple(input_size or model_input_size(model))
-    deployed = to_deploy(model)
+    deployed = to_deploy(model, head_major=config.head_major)
     example = torch.randn(2, *input_size)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=4096)},) if config.dynamic_batch else None
     try:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vitcompress.api import apply
-from vitcompress.export import export_onnx, to_deploy
+from vitcompress.export import ExportConfig, export_onnx, to_deploy
 from vitcompress.layers.lowrank_attention import HeadMajorAttention
 from vitcompress.layers.lowrank_linear import LowRankLinear
 from vitcompress.runtime import open_session
@@ -74,3 +74,15 @@ def test_onnx_has_no_per_block_transpose_and_matches_torch(tmp_path):
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_head_major_false_keeps_timms_layout_with_the_same_logits(tmp_path):
+    model = factored(["re:blocks\\.\\d+\\.attn\\.(qkv|proj)"])
+    assert not any(isinstance(m, HeadMajorAttention) for m in to_deploy(model, head_major=False).modules())
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=INPUT, config=ExportConfig(head_major=False))
+    ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert ops["Transpose"] > 1 + len(model.blocks), ops
+    x = np.random.default_rng(0).standard_normal((4, *INPUT), dtype=np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(open_session(path).run(None, {"input": x})[0], want, rtol=1e-4, atol=1e-5)

@@ -80,7 +80,7 @@ def run(ctx: RunContext) -> None:
     ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}"
                                  + (f", then {config.quantize} int8" if config.quantize != "none" else ""))
     export_original(ctx)
-    ctx.model = to_deploy(ctx.model, inplace=True)
+    ctx.model = to_deploy(ctx.model, inplace=True, head_major=config.head_major)
     dispatch = moe_dispatch.choose(ctx, export)
     if dispatch is None:
         export(ctx.model, ctx.onnx_path)
