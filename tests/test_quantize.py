@@ -94,8 +94,9 @@ def test_calibration_runs_a_few_images_at_a_time_with_the_same_ranges(lowrank, t
 
 
 def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_path):
-    """Exactly one MatMul → MatMul pair of weight MatMuls (the rank-4 factors); the rank-r tensor between them
-    goes through one QuantizeLinear → one DequantizeLinear → the second factor, and nowhere else."""
+    """Exactly one pair of weight layers (MatMul or Gemm: the rank-4 factors) feeding one another; the rank-r
+    tensor between them goes through one QuantizeLinear → one DequantizeLinear → the second factor, and nowhere
+    else."""
     path, _ = lowrank
     quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
@@ -111,12 +112,12 @@ def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_
 
     pairs = []
     for second in graph.node:
-        if second.op_type != "MatMul" or not dequantized_weight(second):
+        if second.op_type not in ("MatMul", "Gemm") or not dequantized_weight(second):
             continue
         dq = producer.get(second.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         first = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-        if first is not None and first.op_type == "MatMul" and dequantized_weight(first):
+        if first is not None and first.op_type in ("MatMul", "Gemm") and dequantized_weight(first):
             pairs.append((first, q, dq, second))
     assert len(pairs) == 1, [p[3].name for p in pairs]
     first, q, dq, second = pairs[0]
@@ -214,15 +215,21 @@ def test_convert_with_static_int8_ships_and_verifies_the_int8_model(tmp_path):
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_head_major_attention_quantizes_and_runs(tmp_path, mode):
-    """A low-rank qkv/proj exports per-head (3-D) weights (HeadMajorAttention): per-channel dynamic int8 leaves
-    those MatMuls in float32 (onnxruntime rejects their zero points at run time), static quantises them; both
-    run and stay close to float32."""
+    """A low-rank qkv/proj exports per-head (3-D) weights (AbsorbedAttention): int8 leaves those MatMuls in
+    float32 (dynamic: onnxruntime rejects their per-channel zero points at run time; static: they would not fuse
+    into QLinearMatMul), quantises the 2-D factors; both run and stay close to float32."""
     from vitcompress.quantize import batched_weight_nodes
 
     model = apply(tiny_vit(), LowRankConfig(targets=["re:blocks\\.\\d+\\.attn\\.(qkv|proj)"], rank=8))
     path = export_onnx(model, tmp_path / "attn.onnx", input_size=INPUT)
-    assert len(batched_weight_nodes(onnx.load(str(path)))) == 2 * 4  # q, k, v and proj's per-head factor
+    batched = batched_weight_nodes(onnx.load(str(path)))
+    assert len(batched) == 2 * 2  # the absorbed scores and values weights of each block
     quantize_onnx(path, tmp_path / "int8.onnx", mode, calibration=batches())
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    float_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    float_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in float_weights]
+    assert len(float_matmuls) == len(batched)
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear") for n in graph.node)
     x = batches(1, 16)[0]
     got = open_session(tmp_path / "int8.onnx", threads=1).run(None, {"input": x})[0]
     with torch.no_grad():

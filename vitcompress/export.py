@@ -24,7 +24,7 @@ from torch import nn
 
 from vitcompress.errors import ExportError
 from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
-from vitcompress.layers.lowrank_attention import HeadMajorAttention
+from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
 from vitcompress.runtime import INPUT_NAME, LOGITS, open_session
 
 CHECK_BATCHES = (1, 3)
@@ -44,16 +44,19 @@ class ExportConfig(BaseModel):
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         "minmax", description="static only: how the calibration activations set the int8 ranges")
     per_channel: bool = Field(True, description="one int8 weight scale per output channel (else per tensor)")
-    head_major: bool = Field(True, description="a timm Attention with a low-rank qkv is exported as "
-                                               "HeadMajorAttention (no per-block reshape/transpose); false keeps "
-                                               "timm's layout, e.g. for a runtime that fuses timm-form attention")
+    head_major: bool = Field(True, description="a timm Attention with a low-rank qkv is exported head-major "
+                                               "(no per-block reshape/transpose; weight products absorbed where "
+                                               "that saves MACs); false keeps timm's layout, e.g. for a runtime "
+                                               "that fuses timm-form attention")
 
 
 def to_deploy(model: nn.Module, inplace: bool = False, head_major: bool = True) -> nn.Module:
     """``model`` with every module that has a train-time form replaced by its static deploy form
     (``to_deploy()``: no sparse branch, no router noise, int8 weights), in eval mode. A timm ``Attention``
     with a low-rank ``qkv`` becomes a :class:`~vitcompress.layers.lowrank_attention.HeadMajorAttention` (the
-    same function without the per-block reshapes and transposes; README's fast section has its bench rows).
+    same function without the per-block reshapes and transposes), or an
+    :class:`~vitcompress.layers.lowrank_attention.AbsorbedAttention` when ``proj`` is low-rank too and both ranks
+    are below the head dimension (fewer MACs again); README's fast section has their bench rows.
 
     Args:
         model: the model to convert.
@@ -76,7 +79,10 @@ def _deploy_form(module: nn.Module) -> nn.Module | None:
 
 
 def _head_major_form(module: nn.Module) -> nn.Module | None:
-    return HeadMajorAttention.from_attention(module) if HeadMajorAttention.accepts(module) else None
+    for form in (AbsorbedAttention, HeadMajorAttention):
+        if form.accepts(module):
+            return form.from_attention(module)
+    return None
 
 
 def model_input_size(model: nn.Module) -> tuple[int, ...]:
