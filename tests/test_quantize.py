@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import timm
 import torch
@@ -126,6 +127,33 @@ def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_
     assert [n.op_type for n in consumers[first.output[0]]] == ["QuantizeLinear"]
     assert [n.op_type for n in consumers[q.output[0]]] == ["DequantizeLinear"]
     assert consumers[dq.output[0]] == [second]
+
+
+def test_static_leaves_layer_outputs_float_so_onnxruntime_fuses_every_layer(lowrank, tmp_path):
+    """A quantised layer's output is float32 (no QuantizeLinear after it, except into the second factor of a
+    low-rank pair), so onnxruntime's optimised graph has every weight layer fused into QGemm /
+    MatMulIntegerToFloat and no DequantizeLinear before GELU or the residual Add."""
+    path, _ = lowrank
+    quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    quantised_outputs = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                         and consumers.get(n.output[0]) == ["QuantizeLinear"]]
+    assert len(quantised_outputs) == 1  # the first factor of the pair, whose consumer is the second
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    onnxruntime.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(str(tmp_path / "optimised.onnx")).graph
+    found = Counter(n.op_type for n in optimised.node)
+    float_products = found["MatMul"] + found["FusedMatMul"] + found["Gemm"]
+    assert float_products == 2 * 2  # the attention products of two activations (q·kᵀ fused with its transpose)
+    assert found["QGemm"] > 0 and found["MatMulIntegerToFloat"] > 0
+    dequantized = {n.output[0] for n in optimised.node if n.op_type == "DequantizeLinear"}
+    after_dequantize = {n.op_type for n in optimised.node if dequantized.intersection(n.input)}
+    assert after_dequantize <= {"Concat", "Shape"}  # only the patch embedding's (QLinearConv) output
 
 
 def test_static_is_close_to_float32_and_independent_of_the_batch(lowrank, tmp_path):
