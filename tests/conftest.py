@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +16,22 @@ from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 from vitcompress.runtime import CASCADE_FILE, preprocessing_metadata
 from vitcompress.stages import original_memo
+
+
+
+def share_the_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker process its share of the cores for torch's (OpenMP) threads and for
+    the processes it starts. Left at every core each, the workers' spinning OpenMP threads slow each other down:
+    tests/stages/test_finetune_scale.py's resume test took 59 s beside another worker, 4.5 s alone (2 cores)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ.setdefault(variable, str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+share_the_cores_between_workers()
 
 # Small budgets so a whole conversion runs in seconds on 2 CPU cores.
 FAST = ["finetune.steps=3", "finetune.batch_size=8", "validate.images=64", "validate.latency_runs=3",

@@ -26,7 +26,9 @@ BENCH_RESULTS = Path(__file__).parent.parent / "bench" / "results"
 # Recipes another test already converts end to end (test: what it checks beyond the gates).
 RUN_ELSEWHERE = {"svd": "test_cli.py (JSON report)", "fast": "test_fast_recipe.py (both models)",
                  "cascade": "test_cascade.py (cascade bundle)", "shiftadd": "test_cli.py (DeiT-S from any directory)",
-                 "shiftadd_paper": "transforms/test_shiftadd.py (staged fine-tune, expert shares)"}
+                 "shiftadd_paper": "transforms/test_shiftadd.py (staged fine-tune, expert shares)",
+                 "taylor": "transforms/test_taylor.py (CLI, every block, fine-tune steps)",
+                 "taylor_384": "transforms/test_taylor.py (CLI, ViT-S/384, fewer MACs)"}
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
