@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,18 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return correct / len(images)
 
 
+def usable_device(name: str) -> torch.device:
+    """The torch device ``name``, or one ``error:`` line and exit code 2 when it is not a device or this machine
+    has none of it (``--device cuda`` without a GPU), before anything is read or written."""
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        print(f"error: --device {name}: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=REFERENCE_MODELS, default=REFERENCE_MODEL)
@@ -84,7 +97,7 @@ def main() -> None:
     out = args.out or reference_weights_path(args.model)
 
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = usable_device(args.device)
     train_x, train_y = (t[:args.train_images].to(device) for t in load_fmnist_arrays("train"))
     test_x, test_y = (t[:args.test_images].to(device) for t in load_fmnist_arrays("test"))
     model = build_reference_architecture(args.model)

@@ -29,3 +29,13 @@ def test_a_run_resumed_mid_epoch_ends_with_the_weights_of_an_uninterrupted_one(t
     whole, parts = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "parts.safetensors"))
     assert whole.keys() == parts.keys()
     assert all((whole[k] == parts[k]).all() for k in whole)
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
+def test_a_device_this_machine_lacks_is_one_error_line_exit_2_and_nothing_written(tmp_path, device):
+    args = [sys.executable, str(SCRIPT), *QUICK, "--device", device, "--state-dir", str(tmp_path / "state"),
+            "--out", str(tmp_path / "weights.safetensors")]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: --device {device}: ")
+    assert list(tmp_path.iterdir()) == []
