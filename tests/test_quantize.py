@@ -131,18 +131,22 @@ def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_
 
 def test_static_leaves_layer_outputs_float_so_onnxruntime_fuses_every_layer(lowrank, tmp_path):
     """A quantised layer's output is float32 (no QuantizeLinear after it, except into the second factor of a
-    low-rank pair), so onnxruntime's optimised graph has every weight layer fused into QGemm /
+    low-rank pair; ``quantised_outputs`` puts them back), so onnxruntime's optimised graph has every weight layer fused into QGemm /
     MatMulIntegerToFloat and no DequantizeLinear before GELU or the residual Add."""
     path, _ = lowrank
-    quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
-    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    consumers: dict[str, list[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node.op_type)
-    quantised_outputs = [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
-                         and consumers.get(n.output[0]) == ["QuantizeLinear"]]
-    assert len(quantised_outputs) == 1  # the first factor of the pair, whose consumer is the second
+
+    def quantised_outputs(target, **options) -> list[str]:
+        quantize_onnx(path, target, "static", calibration=batches(), **options)
+        graph = onnx.load(str(target)).graph
+        consumers: dict[str, list[str]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node.op_type)
+        return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
+                and consumers.get(n.output[0]) == ["QuantizeLinear"]]
+
+    assert len(quantised_outputs(tmp_path / "int8.onnx")) == 1  # the first factor of the pair, into the second
+    assert len(quantised_outputs(tmp_path / "qdq_outputs.onnx", quantised_outputs=True)) > 1
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     onnxruntime.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])

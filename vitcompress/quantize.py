@@ -54,8 +54,8 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
 ACTIVATIONS = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 #: The op types whose outputs ``static`` leaves in float32. Quantising them added a QuantizeLinear after each
 #: layer and a DequantizeLinear before each float consumer (GELU, the residual Add, the three attention products
-#: of a head-major qkv): measured on DeiT-S + the fast recipe, 2 threads, 40 interleaved runs, AMD EPYC,
-#: 2026-12-05: batch-1 p50 18.8 → 15.9 ms, batch-8 102 → 86 ms without them. Conv keeps its quantised output:
+#: of a head-major qkv): DeiT-S + the fast recipe, 2 threads, 20 interleaved runs, AMD EPYC, 2026-12-05
+#: (bench/quant_study.py): batch-1 p50 15.2 → 13.9 ms, batch-8 108 → 84 ms without them. Conv keeps its quantised output:
 #: without it onnxruntime does not fuse the patch embedding into a QLinearConv.
 UNQUANTISED_OUTPUTS = ("MatMul", "Gemm")
 #: Images per calibration run. onnxruntime's calibration session outputs every activation it reduces, so a run
@@ -115,7 +115,8 @@ def _static_nodes(model: onnx.ModelProto) -> list[str]:
 
 def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"], *,
                   calibration: Iterable[np.ndarray] = (), method: Calibration = "minmax",
-                  per_channel: bool = True, activations: ActivationType = "uint8") -> dict:
+                  per_channel: bool = True, activations: ActivationType = "uint8",
+                  quantised_outputs: bool = False) -> dict:
     """Write the int8 form of the ONNX file ``source`` to ``target``; return what was done (for the report).
 
     Args:
@@ -126,6 +127,9 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
         method: how ``static`` turns the calibration activations into ranges.
         per_channel: one weight scale per output channel (else per tensor).
         activations: the activations' int8 type of ``static`` (weights are always signed int8).
+        quantised_outputs: ``static`` also quantises the MatMul and Gemm outputs (onnxruntime's default, for a
+            runtime that wants every tensor in QDQ form; slower in onnxruntime's CPU provider, see
+            :data:`UNQUANTISED_OUTPUTS`).
     """
     source, target = Path(source), Path(target)
     model = onnx.load(str(source))
@@ -152,8 +156,10 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
                                 nodes_to_quantize=_static_nodes(onnx.load(str(prepared))), per_channel=per_channel,
                                 activation_type=ACTIVATIONS[activations], weight_type=QuantType.QInt8,
                                 calibrate_method=METHODS[method], calibration_providers=["CPUExecutionProvider"],
-                                extra_options={"OpTypesToExcludeOutputQuantization": list(UNQUANTISED_OUTPUTS)})
-            done.update(calibration=method, activations=activations, calibration_images=reader.images)
+                                extra_options={} if quantised_outputs else
+                                {"OpTypesToExcludeOutputQuantization": list(UNQUANTISED_OUTPUTS)})
+            done.update(calibration=method, activations=activations, calibration_images=reader.images,
+                        quantised_outputs=quantised_outputs)
     copy_metadata(model, target)
     return done
 
