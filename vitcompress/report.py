@@ -105,6 +105,8 @@ class Quantization(_Section):
     calibration: Optional[str] = Field(None, description="static: the calibration method of the ranges")
     activations: Optional[str] = Field(None, description="static: the activations' int8 type")
     calibration_images: Optional[int] = None
+    quantised_outputs: Optional[bool] = Field(None, description="static: the MatMul/Gemm outputs were quantised "
+                                              "too (false: float32 outputs, onnxruntime fuses every layer)")
 
 
 class Export(_Section):
