@@ -11,12 +11,12 @@ import timm
 import torch
 from PIL import Image
 
+from vitcompress.batch.runner import THREAD_ENV
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 from vitcompress.runtime import CASCADE_FILE, preprocessing_metadata
 from vitcompress.stages import original_memo
-
 
 
 def share_the_cores_between_workers() -> None:
@@ -26,7 +26,7 @@ def share_the_cores_between_workers() -> None:
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        for variable in THREAD_ENV:
             os.environ.setdefault(variable, str(threads))
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 

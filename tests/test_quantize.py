@@ -44,6 +44,15 @@ def ops(path) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
 
+def consumers_of(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each tensor name of ``graph`` → the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
+
+
 @pytest.fixture(scope="module")
 def lowrank(tmp_path_factory):
     """The tiny ViT with block 0's fc1 factored at rank 4, exported in float32 with the preprocessing metadata."""
@@ -102,10 +111,7 @@ def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_
     quantize_onnx(path, tmp_path / "int8.onnx", "static", calibration=batches())
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     producer = {out: n for n in graph.node for out in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = consumers_of(graph)
 
     def dequantized_weight(node) -> bool:
         source = producer.get(node.input[1])
@@ -131,22 +137,19 @@ def test_lowrank_pair_shares_one_quantize_step_on_the_intermediate(lowrank, tmp_
 
 def test_static_leaves_layer_outputs_float_so_onnxruntime_fuses_every_layer(lowrank, tmp_path):
     """A quantised layer's output is float32 (no QuantizeLinear after it, except into the second factor of a
-    low-rank pair; ``quantised_outputs`` puts them back), so onnxruntime's optimised graph has every weight layer fused into QGemm /
-    MatMulIntegerToFloat and no DequantizeLinear before GELU or the residual Add."""
+    low-rank pair; ``quantised_outputs`` puts them back), so onnxruntime's optimised graph has every weight layer
+    fused into QGemm / MatMulIntegerToFloat and no DequantizeLinear before GELU or the residual Add."""
     path, _ = lowrank
 
-    def quantised_outputs(target, **options) -> list[str]:
+    def layers_with_quantised_output(target, **options) -> list[str]:
         quantize_onnx(path, target, "static", calibration=batches(), **options)
         graph = onnx.load(str(target)).graph
-        consumers: dict[str, list[str]] = {}
-        for node in graph.node:
-            for name in node.input:
-                consumers.setdefault(name, []).append(node.op_type)
+        consumers = consumers_of(graph)
         return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm")
-                and consumers.get(n.output[0]) == ["QuantizeLinear"]]
+                and [c.op_type for c in consumers.get(n.output[0], [])] == ["QuantizeLinear"]]
 
-    assert len(quantised_outputs(tmp_path / "int8.onnx")) == 1  # the first factor of the pair, into the second
-    assert len(quantised_outputs(tmp_path / "qdq_outputs.onnx", quantised_outputs=True)) > 1
+    assert len(layers_with_quantised_output(tmp_path / "int8.onnx")) == 1  # the pair's first factor, into the second
+    assert len(layers_with_quantised_output(tmp_path / "qdq_outputs.onnx", quantised_outputs=True)) > 1
     options = onnxruntime.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
     onnxruntime.InferenceSession(str(tmp_path / "int8.onnx"), options, providers=["CPUExecutionProvider"])

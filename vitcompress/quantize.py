@@ -55,8 +55,8 @@ ACTIVATIONS = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 #: The op types whose outputs ``static`` leaves in float32. Quantising them added a QuantizeLinear after each
 #: layer and a DequantizeLinear before each float consumer (GELU, the residual Add, the three attention products
 #: of a head-major qkv): DeiT-S + the fast recipe, 2 threads, 20 interleaved runs, AMD EPYC, 2026-12-05
-#: (bench/quant_study.py): batch-1 p50 15.2 → 13.9 ms, batch-8 108 → 84 ms without them. Conv keeps its quantised output:
-#: without it onnxruntime does not fuse the patch embedding into a QLinearConv.
+#: (bench/quant_study.py): batch-1 p50 15.2 → 13.9 ms, batch-8 108 → 84 ms without them. Conv keeps its
+#: quantised output: without it onnxruntime does not fuse the patch embedding into a QLinearConv.
 UNQUANTISED_OUTPUTS = ("MatMul", "Gemm")
 #: Images per calibration run. onnxruntime's calibration session outputs every activation it reduces, so a run
 #: holds all of them at once: DeiT-S took 14 GB at 64 images (24 GB and an OOM kill at 128). The ranges are a
