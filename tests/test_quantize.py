@@ -249,21 +249,25 @@ def test_convert_with_static_int8_ships_and_verifies_the_int8_model(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_head_major_attention_quantizes_and_runs(tmp_path, mode):
-    """A low-rank qkv/proj exports per-head (3-D) weights (AbsorbedAttention): int8 leaves those MatMuls in
-    float32 (dynamic: onnxruntime rejects their per-channel zero points at run time; static: they would not fuse
-    into QLinearMatMul), quantises the 2-D factors; both run and stay close to float32."""
+@pytest.mark.parametrize(("targets", "batched_per_block"), [("qkv", 3), ("(qkv|proj)", 0)],
+                         ids=["head_major", "absorbed"])
+def test_head_major_attention_quantizes_and_runs(tmp_path, mode, targets, batched_per_block):
+    """A low-rank qkv with a dense proj exports per-head (3-D) q, k, v weights (HeadMajorAttention): int8
+    leaves those MatMuls in float32 (dynamic: onnxruntime rejects their per-channel zero points at run time;
+    static: they would not fuse into QLinearMatMul) and quantises the 2-D factors. With proj low-rank too,
+    AbsorbedAttention keeps every head's matrices side by side in 2-D layers, all quantised. Both run and stay
+    close to float32."""
     from vitcompress.quantize import batched_weight_nodes
 
-    model = apply(tiny_vit(), LowRankConfig(targets=["re:blocks\\.\\d+\\.attn\\.(qkv|proj)"], rank=8))
+    model = apply(tiny_vit(), LowRankConfig(targets=[f"re:blocks\\.\\d+\\.attn\\.{targets}"], rank=8))
     path = export_onnx(model, tmp_path / "attn.onnx", input_size=INPUT)
     batched = batched_weight_nodes(onnx.load(str(path)))
-    assert len(batched) == 2 * 2  # the absorbed scores and values weights of each block
+    assert len(batched) == 2 * batched_per_block
     quantize_onnx(path, tmp_path / "int8.onnx", mode, calibration=batches())
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
     float_weights = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
-    float_matmuls = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in float_weights]
-    assert len(float_matmuls) == len(batched)
+    float_layers = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in float_weights]
+    assert len(float_layers) == len(batched)
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear") for n in graph.node)
     x = batches(1, 16)[0]
     got = open_session(tmp_path / "int8.onnx", threads=1).run(None, {"input": x})[0]

@@ -101,8 +101,10 @@ def batched_weight_nodes(model: onnx.ModelProto) -> list[str]:
     dynamic quantiser gives such a weight a zero point that ``MatMulIntegerToFloat`` rejects at run time ("b zero
     point is not valid", onnxruntime 1.32), so per-channel ``dynamic`` leaves them in float32. ``static`` always
     does: onnxruntime fuses a QDQ MatMul into ``QLinearMatMul`` only for a 2-D weight, and the unfused Quantize /
-    Dequantize pairs cost time (DeiT-S + fast, absorbed attention, 2 threads: batch-1 p50 17.1 → 16.4 ms,
-    batch-8 99 → 95 ms with them left float32; measured 2026-12-04, AMD EPYC)."""
+    Dequantize pairs cost time (DeiT-S + fast when its absorbed attention still had per-head weights, 2 threads:
+    batch-1 p50 17.1 → 16.4 ms, batch-8 99 → 95 ms with them left float32; measured 2026-12-04, AMD EPYC).
+    :class:`~vitcompress.layers.lowrank_attention.AbsorbedAttention` has no such weights: its heads' matrices
+    are side by side in 2-D layers, quantised as any other."""
     ranks = {i.name: len(i.dims) for i in model.graph.initializer}
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and ranks.get(n.input[1], 0) > 2]
 

@@ -107,9 +107,9 @@ def test_onnx_has_no_per_block_transpose_and_matches_torch(tmp_path):
     model = factored(["re:blocks\\.\\d+\\.attn\\.(qkv|proj)"])
     path = export_onnx(model, tmp_path / "m.onnx", input_size=INPUT)
     ops = collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
-    # the patch embedding's flatten and each block's kᵀ (onnxruntime folds it into the MatMul); no Split, no
-    # transpose of q, k, v or the attention output
-    assert ops["Transpose"] == 1 + len(model.blocks) and ops["Split"] == 0, ops
+    # the patch embedding's flatten and, per block, kᵀ (onnxruntime folds it into the MatMul) and the rank-r_p
+    # values put head-major; no Split, no transpose of q, k or the attention output
+    assert ops["Transpose"] == 1 + 2 * len(model.blocks) and ops["Split"] == 0, ops
     x = np.random.default_rng(0).standard_normal((4, *INPUT), dtype=np.float32)
     got = open_session(path).run(None, {"input": x})[0]
     with torch.no_grad():
