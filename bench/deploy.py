@@ -41,7 +41,7 @@ def convert(out: Path) -> None:
     vitcompress.convert("vit_fmnist", ROOT / "recipes/svd.yaml", out_dir=out, force=True,
                         overrides=["finetune=null", "validate.images=512", "validate.profile_runs=0",
                                    "validate.batch_sizes=[1,32]"])
-    from vitcompress.optimize import optimize_offline
+    from vitcompress.deploy.optimize import optimize_offline
 
     optimize_offline(out, "basic", ort_format=True)
 
@@ -70,9 +70,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from vitcompress.bundle import verify
-    from vitcompress.predict import BundlePredictor
-    from vitcompress.runtime import INPUT_NAME, open_session
+    from vitcompress.deploy.bundle import verify
+    from vitcompress.deploy.predict import BundlePredictor
+    from vitcompress.deploy.runtime import INPUT_NAME, open_session
 
     bundle = args.out / "bundle"
     convert(bundle)

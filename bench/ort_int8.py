@@ -19,9 +19,10 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig
-from vitcompress.runtime import open_session
-from vitcompress.stages.load import default_data, model_classes, resolve_data
-from vitcompress.stages.validate import latency, latency_images, ort_predictions, top1
+from vitcompress.deploy.runtime import open_session
+from vitcompress.data import default_data, resolve_data
+from vitcompress.models import model_classes
+from vitcompress.evaluate import latency, latency_images, ort_predictions, top1
 
 MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
 

@@ -5,7 +5,7 @@ recipe, and which calibration method keeps vit_fmnist's accuracy.
   (:func:`ort_int8.quantized`, the bench's baseline), static int8 of it, and the fast recipe's model (its
   steps applied, no fine-tune) in float32, dynamic and static int8 (uint8 and int8 activations; and with the
   layers' outputs quantised too, onnxruntime's default, against the float outputs ``static`` ships), all timed
-  interleaved in one process with :func:`vitcompress.runtime.measure_latency`; ratios are float32 p50 / p50.
+  interleaved in one process with :func:`vitcompress.deploy.runtime.measure_latency`; ratios are float32 p50 / p50.
 - ``calibration``: vit_fmnist after the fast recipe's steps (no fine-tune) in float32 and static int8 by each
   calibration method (512 training images): top-1 and agreement with float32 on Fashion-MNIST test images.
 
@@ -30,8 +30,8 @@ from vitcompress.data import first_images, fmnist_dataset
 from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.quantize import quantize_onnx
-from vitcompress.runtime import measure_latency, open_session
-from vitcompress.stages.validate import ort_predictions, top1
+from vitcompress.deploy.runtime import measure_latency, open_session
+from vitcompress.evaluate import ort_predictions, top1
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "fast.yaml"
 OUT = Path(__file__).with_suffix(".json")

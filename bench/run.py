@@ -38,6 +38,7 @@ from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
 from vitcompress.export import ExportConfig
+from vitcompress.original_cache import OriginalCache
 from vitcompress.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
 from vitcompress.report import Report
 
@@ -120,15 +121,16 @@ def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
 
 
 def run_convert(recipe: Path, model: str, overrides: list[str], kwargs: dict, out: Path, runs: int,
-                timed_elsewhere: bool = False) -> Report:
+                timed_elsewhere: bool = False, cache: OriginalCache | None = None) -> Report:
     """The pipeline on one run; the ``ort_int8`` baseline converts with no transform and no fine-tune.
     ``timed_elsewhere``: the run's latency will come from :func:`ort_int8.measure` (see :data:`TIMED_ELSEWHERE`)."""
     timing = TIMED_ELSEWHERE if timed_elsewhere else [f"validate.latency_runs={runs}"]
     overrides = [*overrides, *BENCH_OVERRIDES, *timing, *(LATENCY_ONLY_OVERRIDES if kwargs == LATENCY_ONLY else [])]
     if recipe.stem == BASELINE:
         baseline = apply_overrides({"steps": [], "finetune": None}, overrides, BASELINE)
-        return convert(model, parse_recipe(baseline, BASELINE), out_dir=out, force=True, **kwargs).report
-    return convert(model, recipe, out_dir=out, force=True, overrides=overrides, **kwargs).report
+        return convert(model, parse_recipe(baseline, BASELINE), out_dir=out, force=True, cache=cache,
+                       **kwargs).report
+    return convert(model, recipe, out_dir=out, force=True, overrides=overrides, cache=cache, **kwargs).report
 
 
 def four_way_latency(timing: dict, name: str) -> dict:
@@ -288,6 +290,7 @@ def main() -> None:
     (args.out / "results").mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     originals = Originals(work)
+    cache = OriginalCache()  # every recipe's conversion of a model shares its original's export and predictions
     for recipe in [] if args.tables_only else recipes:
         rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
         commit, versions, started = source_commit(), {}, time.perf_counter()
@@ -297,7 +300,7 @@ def main() -> None:
             print(f"bench: {model} / {label}", file=sys.stderr, flush=True)
             run_started = time.perf_counter()
             report = run_convert(recipe, model, overrides, kwargs, work / "run", args.runs,
-                                 timed_elsewhere=model not in measured)
+                                 timed_elsewhere=model not in measured, cache=cache)
             versions = report.versions
             wall_s = time.perf_counter() - run_started
             row = summarise(label, model, report)

@@ -19,7 +19,7 @@ from vitcompress.api import apply, machine_description
 from vitcompress.data import fmnist_dataset
 from vitcompress.layers.binary_attention import BinaryAttention
 from vitcompress.models import load_model
-from vitcompress.stages.validate import top1, torch_logits
+from vitcompress.evaluate import top1, torch_logits
 from vitcompress.transforms.shiftadd_attention import BinaryAttentionConfig
 
 

@@ -32,7 +32,7 @@ from vitcompress.api import apply_recipe, convert, machine_description
 from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig, parse_recipe
-from vitcompress.stages.validate import latency
+from vitcompress.evaluate import latency
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS = (2, 4, 6)

@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from vitcompress.api import apply_recipe
-from vitcompress.context import ConvertSettings, DataBundle, LogProgress, RunContext
+from vitcompress.context import ConvertSettings, LogProgress, RunContext
+from vitcompress.data import DataBundle
 from vitcompress.data import fmnist_dataset
 from vitcompress.models import load_model
 from vitcompress.recipe import parse_recipe
-from vitcompress.stages import finetune
+from vitcompress.pipeline import finetune
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_BLOCKS = {"targets": ["blocks.*.attn"]}
@@ -54,7 +55,7 @@ def study(center: str, sparse: bool, steps: int, lr: float, original, train, tes
         ctx.original, ctx.model = copy.deepcopy(original), model
         ctx.data = DataBundle("fmnist", train, test, True)
         start = time.time()
-        finetune.run(ctx)
+        finetune(ctx)
         result.update(finetune_seconds=round(time.time() - start, 1), last_loss=ctx.report["finetune"]["last_loss"])
     result["top1"] = top1(model, *test.tensors)
     return result

@@ -2,7 +2,7 @@
 
 The preprocessing (input size, mean, std, interpolation, crop fraction, class names) is read from the ONNX
 file's metadata, where ``vitcompress convert`` wrote it, so deployment never guesses it;
-:mod:`vitcompress.runtime` applies it exactly as timm's eval transform does, and never imports torch.
+:mod:`vitcompress.deploy.runtime` applies it exactly as timm's eval transform does, and never imports torch.
 
     python examples/deploy_onnxruntime.py runs/demo/model.onnx image1.png image2.jpg
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from vitcompress.runtime import INPUT_NAME, LOGITS, Preprocessing, class_names, open_session, softmax
+from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, Preprocessing, class_names, open_session, softmax
 
 
 def main() -> None:

@@ -15,8 +15,7 @@ from vitcompress.batch.runner import THREAD_ENV
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
-from vitcompress.runtime import CASCADE_FILE, preprocessing_metadata
-from vitcompress.stages import original_memo
+from vitcompress.deploy.runtime import CASCADE_FILE, preprocessing_metadata
 
 
 def share_the_cores_between_workers() -> None:
@@ -42,7 +41,7 @@ def assert_onnxruntime_matches_torch(model: torch.nn.Module, onnx_path, input_si
     """ORT logits within 1e-4 of torch's, and the same top-1, on a seeded batch of 4."""
     import numpy as np
 
-    from vitcompress.runtime import open_session
+    from vitcompress.deploy.runtime import open_session
 
     x = torch.randn(4, *input_size, generator=torch.Generator().manual_seed(1))
     got = open_session(onnx_path, threads=2).run(None, {"input": x.numpy()})[0]
@@ -50,13 +49,6 @@ def assert_onnxruntime_matches_torch(model: torch.nn.Module, onnx_path, input_si
         want = model(x).numpy()
     assert np.abs(got - want).max() < 1e-4
     assert (got.argmax(-1) == want.argmax(-1)).all()
-
-
-@pytest.fixture(autouse=True)
-def fresh_original_memo():
-    """Every test starts without the originals an earlier test exported or predicted (tests stay independent;
-    tests/stages/test_original_memo.py checks the reuse itself)."""
-    original_memo.clear()
 
 
 @pytest.fixture(scope="session")

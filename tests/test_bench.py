@@ -17,8 +17,8 @@ from run import (BENCH_OVERRIDES, LATENCY_ONLY, LATENCY_ONLY_OVERRIDES, ROOT, TI
 from vitcompress.data import fmnist_dataset  # noqa: E402
 from vitcompress.export import export_onnx  # noqa: E402
 from vitcompress.models import load_model  # noqa: E402
-from vitcompress.runtime import open_session  # noqa: E402
-from vitcompress.stages.validate import ort_predictions  # noqa: E402
+from vitcompress.deploy.runtime import open_session  # noqa: E402
+from vitcompress.evaluate import ort_predictions  # noqa: E402
 
 
 def test_a_no_fine_tune_run_only_for_recipes_that_fine_tune():

@@ -19,10 +19,10 @@ from PIL import Image
 
 import vitcompress
 from tests.test_cli import one_error_line
-from vitcompress.bundle import read_checksums, verify, write_bundle, write_checksums
+from vitcompress.deploy.bundle import read_checksums, verify, write_bundle, write_checksums
 from vitcompress.cli import main
 from vitcompress.context import DeployOptions
-from vitcompress.runtime import Preprocessing, open_session
+from vitcompress.deploy.runtime import Preprocessing, open_session
 
 RECIPE = """
 steps: []
@@ -271,8 +271,8 @@ def test_export_optimized_adds_checked_files(copy):
 
 
 def test_deployment_modules_never_import_torch():
-    modules = ["vitcompress.bundle", "vitcompress.predict", "vitcompress.triton", "vitcompress.optimize",
-               "vitcompress.bundle_predict"]
+    modules = ["vitcompress.deploy.bundle", "vitcompress.deploy.predict", "vitcompress.deploy.triton", "vitcompress.deploy.optimize",
+               "vitcompress.deploy.templates.predict"]
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import " + ", ".join(modules)],
                          capture_output=True, text=True, check=True)
     imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
@@ -292,7 +292,7 @@ def test_onnxruntime_path_top1_equals_torch_on_the_reference_test_split(tmp_path
     from vitcompress.data import fmnist_dataset, load_fmnist_arrays
     from vitcompress.export import export_onnx
     from vitcompress.models import load_model
-    from vitcompress.runtime import preprocessing_metadata, run_batches
+    from vitcompress.deploy.runtime import preprocessing_metadata, run_batches
 
     loaded = load_model("vit_fmnist")
     path = export_onnx(loaded.model, tmp_path / "m.onnx",

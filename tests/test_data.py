@@ -7,7 +7,7 @@ from PIL import Image
 from vitcompress.data import ImageDirectory, fmnist_dataset, load_fmnist_arrays
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
-from vitcompress.stages.load import resolve_data
+from vitcompress.data import resolve_data
 
 
 def test_fashion_mnist_splits():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vitcompress.data import FMNIST_CLASSES, fmnist_dataset, load_fmnist_arrays
 from vitcompress.export import export_onnx
-from vitcompress.runtime import Preprocessing, preprocessing_metadata
+from vitcompress.deploy.runtime import Preprocessing, preprocessing_metadata
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "deploy_onnxruntime.py"
 

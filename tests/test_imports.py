@@ -1,18 +1,25 @@
-"""The import rules of design.md §1, read from the source with ast (imports inside functions count too).
+"""The import rules of docs/architecture.md, read from the source with ast (imports inside functions count too).
 
-cli → api → stages → transforms → layers; runtime, export, errors and the torch-only helpers are leaves that
-the rest may use. No cycle anywhere in the package.
+cli → api → stages → transforms → layers; deploy/, export, errors and the torch-only helpers are leaves that
+the rest may use. A stage imports no other stage; bench/, the CLI and the planner import no stage; nothing under
+deploy/ imports torch, timm or the ONNX exporter (checked in a fresh interpreter). No cycle anywhere.
 """
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).parent.parent / "vitcompress"
+ROOT = Path(__file__).parent.parent
+PACKAGE = ROOT / "vitcompress"
 #: Modules any layer may use: they import nothing of vitcompress but each other.
-LEAVES = {"vitcompress.errors", "vitcompress.runtime", "vitcompress.hooks", "vitcompress.cka", "vitcompress.bundle",
-          "vitcompress.bundle_predict", "vitcompress.timing_lock", "vitcompress.files", "vitcompress.quantize"}
+LEAVES = {"vitcompress.errors", "vitcompress.hooks", "vitcompress.cka", "vitcompress.files", "vitcompress.quantize",
+          "vitcompress.deploy", "vitcompress.deploy.runtime", "vitcompress.deploy.bundle", "vitcompress.deploy.predict",
+          "vitcompress.deploy.triton", "vitcompress.deploy.optimize", "vitcompress.deploy.timing_lock",
+          "vitcompress.deploy.templates.predict"}
 
 
 def module_name(path: Path) -> str:
@@ -23,9 +30,10 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def imports_of(name: str) -> set[str]:
-    """The vitcompress modules that ``name`` imports anywhere in its source (``from pkg import sub`` → sub)."""
-    path = MODULES[name]
+def imports_of(name: str, path: Path | None = None) -> set[str]:
+    """The vitcompress modules that ``name`` (at ``path``, default its file in the package) imports anywhere in its
+    source (``from pkg import sub`` → sub)."""
+    path = path or MODULES[name]
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -71,12 +79,52 @@ def test_export_is_below_stages_and_transforms():
     assert GRAPH["vitcompress.export"] <= allowed, sorted(GRAPH["vitcompress.export"] - allowed)
 
 
-def test_runtime_source_never_names_torch():
-    tree = ast.parse(MODULES["vitcompress.runtime"].read_text())
+@pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "deploy")])
+def test_deploy_source_never_names_torch(name):
+    tree = ast.parse(MODULES[name].read_text())
     roots = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
              for alias in node.names}
     roots |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert roots.isdisjoint({"torch", "timm", "torchvision"}), roots
+
+
+def test_importing_deploy_loads_no_torch_timm_or_exporter():
+    """Every module under deploy/, imported in a fresh interpreter, leaves torch, timm and the ONNX exporter
+    unloaded: a deployment installs onnxruntime, not torch."""
+    names = [m for m in MODULES if in_layer(m, "deploy")]
+    code = (f"import importlib, json, sys\nfor name in {names!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'torchvision')"
+            " or m.startswith('vitcompress.export'))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       cwd=ROOT).stdout)
+    assert loaded == [], f"importing deploy/ loaded {loaded[:5]}"
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "stages") and m != "vitcompress.stages"])
+def test_a_stage_imports_no_other_stage(name):
+    others = {m for m in GRAPH[name] if in_layer(m, "stages") and m != name}
+    assert not others, f"{name} imports {sorted(others)}"
+
+
+def test_every_stage_file_is_a_stage():
+    """stages/ holds stages only: every module there defines ``run``, and api.STAGES runs each once."""
+    stages = [m for m in MODULES if in_layer(m, "stages") and m != "vitcompress.stages"]
+    for name in stages:
+        tree = ast.parse(MODULES[name].read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "run" for n in tree.body), f"{name} has no run()"
+    from vitcompress.api import STAGES
+
+    assert sorted(stage.__name__ for stage in STAGES) == sorted(stages)
+
+
+BENCH = {f"bench.{p.stem}": p for p in sorted((ROOT / "bench").glob("*.py"))}
+
+
+@pytest.mark.parametrize("name", [*BENCH, *(m for m in MODULES if in_layer(m, "cli") or m == "vitcompress.planner")])
+def test_bench_cli_and_planner_import_no_stage(name):
+    imports = imports_of(name, BENCH.get(name))
+    stages = {m for m in imports if in_layer(m, "stages")}
+    assert not stages, f"{name} imports {sorted(stages)}: use vitcompress.evaluate, measure or pipeline"
 
 
 def test_no_import_cycle():

@@ -15,7 +15,7 @@ from vitcompress.export import to_deploy
 from vitcompress.models import load_model
 from vitcompress.planner import compact_names, int8_mac_cost
 from vitcompress.recipe import load_recipe
-from vitcompress.stages.measure import count_macs, count_params
+from vitcompress.measure import count_macs, count_params
 
 SKIP_THEN_SVD = """
 model: vit_fmnist

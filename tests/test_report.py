@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from vitcompress.report import SCHEMA_VERSION, Report
-from vitcompress.stages.report import build, markdown, side_by_side_rows
+from vitcompress.render import markdown, side_by_side_rows
+from vitcompress.report import build
 
 
 def latency(p50: float) -> dict:

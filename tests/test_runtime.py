@@ -1,4 +1,4 @@
-"""vitcompress.runtime: torch-free sessions, timing, preprocessing equal to timm's, and the commands built on it."""
+"""vitcompress.deploy.runtime: torch-free sessions, timing, preprocessing equal to timm's, and the commands built on it."""
 
 import json
 import subprocess
@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from vitcompress import bundle_predict
-from vitcompress.bundle import preprocess_spec
+from vitcompress.deploy.templates import predict as bundle_predict
+from vitcompress.deploy.bundle import preprocess_spec
 from vitcompress.cli import main
 from vitcompress.errors import DataError, ModelError
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
-from vitcompress.runtime import (
+from vitcompress.deploy.runtime import (
     CASCADE_FILE,
     Preprocessing,
     Timing,
@@ -127,7 +127,7 @@ def run_without_torch(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_importing_runtime_never_imports_torch():
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vitcompress.runtime"],
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import vitcompress.deploy.runtime"],
                          capture_output=True, text=True, check=True)
     imported = {line.split("|")[-1].strip().split(".")[0] for line in out.stderr.splitlines() if "|" in line}
     assert "onnxruntime" in imported and "torch" not in imported and "timm" not in imported

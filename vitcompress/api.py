@@ -29,19 +29,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vitcompress import distributed
-from vitcompress.context import ConvertSettings, DataBundle, DeployOptions, LogProgress, Progress, RunContext
-from vitcompress.data import UNLABELLED
+from vitcompress import remeasure
+from vitcompress.context import ConvertSettings, DeployOptions, LogProgress, Progress, RunContext
+from vitcompress.data import UNLABELLED, DataBundle
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, check_model_args, resolve_name
-from vitcompress.optimize import check_options
+from vitcompress.original_cache import OriginalCache
+from vitcompress.deploy.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
-from vitcompress.stages import (bundle, cascade, checkpoint, export, finetune, load, profile, remeasure, report,
-                                transform, validate)
+from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
+from vitcompress.training import checkpoint, distributed
 
 STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
@@ -196,6 +197,7 @@ def convert(
     deploy: DeployOptions | None = None,
     resume: bool = False,
     model_args: dict[str, Any] | None = None,
+    cache: OriginalCache | None = None,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
 
@@ -220,12 +222,14 @@ def convert(
             names, for folders named otherwise (see :mod:`vitcompress.labels`).
         progress: receives stage and progress events (default: ``logging``).
         deploy: offline-optimised files for the bundle (``model.opt.onnx``, ``model.ort``): see
-            :func:`vitcompress.optimize.optimize_offline`; checked before anything runs.
+            :func:`vitcompress.deploy.optimize.optimize_offline`; checked before anything runs.
         resume: continue an interrupted conversion into the same ``out_dir`` from its last fine-tune checkpoint
             (``finetune.checkpoint_every``); the resolved recipe, model, weights, data and process count must be
             those of the interrupted run.
         model_args: ``timm.create_model`` keyword arguments that change the architecture, e.g. ``{"depth": 2}``
             for a shallow copy (exports and parity in seconds); only with ``random_init`` (no weights fit it).
+        cache: an :class:`~vitcompress.original_cache.OriginalCache` to share with other conversions of the same
+            original (a loop over recipes): its ONNX export and predictions on built-in data are reused from it.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process loads, transforms and fine-tunes (DDP); rank 0 alone
     exports, validates and writes; the others return a result whose ``report`` is None.
@@ -261,7 +265,7 @@ def convert(
     try:
         place = distributed.setup(cuda=_trains_on_cuda(recipe))
         return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress(), place,
-                           checkpointed=not temporary)
+                           checkpointed=not temporary, cache=cache or OriginalCache())
     except BaseException:
         if temporary:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -295,7 +299,7 @@ def remeasure_latency(bundle_dir: str | Path, model: str | None, recipe: str | P
     """Time a finished bundle's ``model.onnx`` again on this machine against its original, re-created from the
     same model, weights and architecture arguments, and rewrite the bundle's latency fields (report.json,
     report.md, inference.json, SHA256SUMS); the converted model is not touched. See
-    :mod:`vitcompress.stages.remeasure`. The arguments are those of the :func:`convert` that made the bundle
+    :mod:`vitcompress.remeasure`. The arguments are those of the :func:`convert` that made the bundle
     (the recipe's timing settings and ``validate.threads`` may differ: they are what is measured now).
 
     Raises:
@@ -429,7 +433,7 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
                 data: DataBundle | None, progress: Progress, place: distributed.Dist = distributed.Dist(),
-                checkpointed: bool = True) -> ConvertResult:
+                checkpointed: bool = True, cache: OriginalCache | None = None) -> ConvertResult:
     """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished.
 
     In a torchrun job, ranks other than 0 run only the training stages, in a scratch directory, and write
@@ -438,7 +442,8 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
     checkpoints = checkpoint.directory_for(out_dir) if checkpointed else None
     ctx = RunContext(settings=settings, recipe=recipe, work_dir=scratch_dir, scratch_dir=scratch_dir,
-                     progress=progress, original=original, data=data, dist=place, checkpoint_dir=checkpoints)
+                     progress=progress, original=original, data=data, dist=place, checkpoint_dir=checkpoints,
+                     cache=cache or OriginalCache())
     if not place.is_main:
         ctx.progress = LogProgress()  # rank 0 shows the progress; the others log it (at INFO)
         try:

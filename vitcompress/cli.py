@@ -107,7 +107,7 @@ def user_errors():
     except Terminated:
         _fail("terminated (SIGTERM); nothing was written", 143, quiet_in_worker=True)
     except Exception as exc:
-        from vitcompress.launch import is_collective_failure
+        from vitcompress.training.launch import is_collective_failure
 
         detail = (str(exc).strip().splitlines() or [""])[0]
         _fail(f"internal error: {type(exc).__name__}: {detail} (full traceback in {_crash_log(exc)}; "
@@ -120,7 +120,7 @@ def _fail(message: str, code: int, secondary: bool = False, quiet_in_worker: boo
     """Print the error line and exit with ``code``. In a torchrun worker the line names the rank and goes to
     torchrun's error file too; under ``convert --nproc`` the launcher prints it (once, for the rank that failed
     first), and a worker stopped by a signal (torchrun stops them all when one fails) prints nothing."""
-    from vitcompress.launch import LAUNCHED_ENV, in_worker, record_failure, worker_rank
+    from vitcompress.training.launch import LAUNCHED_ENV, in_worker, record_failure, worker_rank
 
     if in_worker():
         if quiet_in_worker:
@@ -134,7 +134,7 @@ def _fail(message: str, code: int, secondary: bool = False, quiet_in_worker: boo
 
 
 def _report_table(report: Report) -> Table:
-    from vitcompress.stages.report import side_by_side_rows
+    from vitcompress.render import side_by_side_rows
 
     table = Table(title=f"{report.model.name}: original vs converted (onnxruntime CPU, "
                         f"{report.validation.threads} threads)")
@@ -148,7 +148,7 @@ def _report_table(report: Report) -> Table:
 
 def _extra_tables(report: Report) -> list[Table]:
     """CKA scores of attention_skip steps and the cascade's operating points, when the run has them."""
-    from vitcompress.stages.report import cascade_rows, cka_rows
+    from vitcompress.render import cascade_rows, cka_rows
 
     tables = []
     if cka_rows(report):
@@ -306,7 +306,7 @@ def _launch(nproc: int, **options: Any) -> None:
     """``convert --nproc N``: check the command once, then run it (without ``--nproc``) in N processes through
     torch.distributed.run; exits with the run's code, printing the error line of the rank that failed first."""
     from vitcompress.errors import UsageError
-    from vitcompress.launch import in_worker, launch
+    from vitcompress.training.launch import in_worker, launch
 
     with user_errors():
         if in_worker():
@@ -447,7 +447,7 @@ def predict(bundle, images, top_k, batch_size, threads, provider, cascade_dir, a
 
     BUNDLE is a convert output directory (its cascade when it holds cascade.json) or one .onnx/.ort file.
     Prints each image's top-k labels and probabilities as a table, or JSON lines with --json."""
-    from vitcompress.predict import BundlePredictor
+    from vitcompress.deploy.predict import BundlePredictor
 
     if cascade_dir is not None:
         bundle, images = cascade_dir, tuple(a for a in (bundle, *images) if a is not None)
@@ -498,7 +498,7 @@ def verify(bundle, provider, as_json) -> None:
     """Check a convert output BUNDLE with onnxruntime alone: SHA256SUMS, the golden logits of every model, the
     preprocessing of the stored source images. Exit 0 ok, 1 a mismatch (says by how much), 2 not a bundle or
     corrupt."""
-    from vitcompress.bundle import verify as run_verify
+    from vitcompress.deploy.bundle import verify as run_verify
 
     with user_errors():
         result = run_verify(bundle, provider)
@@ -533,7 +533,7 @@ def export() -> None:
 def export_triton_command(bundle, repo, name, version, max_batch_size, instances, kind, force) -> None:
     """Write BUNDLE as a Triton model repository entry: REPO/NAME/config.pbtxt, NAME/VERSION/model.onnx,
     labels.txt (a cascade: NAME-low and NAME-high, with a routing note)."""
-    from vitcompress.triton import export_triton
+    from vitcompress.deploy.triton import export_triton
 
     with user_errors():
         written = export_triton(bundle, repo, name=name, version=version, max_batch_size=max_batch_size,
@@ -552,7 +552,7 @@ def export_triton_command(bundle, repo, name, version, max_batch_size, instances
 def export_optimized_command(bundle, level, for_this_machine, ort_format) -> None:
     """Add offline-optimised models to BUNDLE for a faster start: each is checked against the golden logits,
     recorded in inference.json and SHA256SUMS."""
-    from vitcompress.optimize import optimize_offline
+    from vitcompress.deploy.optimize import optimize_offline
 
     with user_errors():
         added = optimize_offline(bundle, level, for_this_machine=for_this_machine, ort_format=ort_format)

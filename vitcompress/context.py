@@ -14,8 +14,9 @@ from typing import Any, Literal, Protocol
 from torch import nn
 from torch.utils.data import Dataset
 
-from vitcompress.distributed import Dist
+from vitcompress.training.distributed import Dist
 from vitcompress.models import LoadedModel
+from vitcompress.original_cache import OriginalCache
 from vitcompress.recipe import Recipe
 
 log = logging.getLogger("vitcompress")
@@ -56,23 +57,9 @@ class LogProgress:
         self._tasks.pop(task, None)
 
 
-@dataclass
-class DataBundle:
-    """Images for calibration / fine-tuning (``train``) and for validation (``val``)."""
-
-    name: str
-    train: Dataset
-    val: Dataset
-    labelled: bool
-    classes: str | None = None
-    #: identifies ``val`` for as long as the process runs, for data that cannot change (the built-in sets); None:
-    #: never reuse results computed on it (:mod:`vitcompress.stages.original_memo`)
-    cache_key: str | None = None
-
-
 @dataclass(frozen=True)
 class DeployOptions:
-    """Offline-optimised files to add to the bundle (:mod:`vitcompress.optimize`)."""
+    """Offline-optimised files to add to the bundle (:mod:`vitcompress.deploy.optimize`)."""
 
     optimize_offline: str | None = None
     for_this_machine: bool = False
@@ -114,6 +101,8 @@ class RunContext:
     dist: Dist = field(default_factory=Dist)
     #: where the fine-tune saves checkpoints (rank 0) and a resume reads them; None: no checkpoints
     checkpoint_dir: Path | None = None
+    #: the original's ONNX export and predictions, shared with other conversions that the caller gives the same cache
+    cache: OriginalCache = field(default_factory=OriginalCache)
 
     @property
     def onnx_path(self) -> Path:

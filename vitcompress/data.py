@@ -1,4 +1,4 @@
-"""Datasets for calibration, fine-tuning and validation.
+"""Datasets for calibration, fine-tuning and validation, and the data bundle a conversion resolves ``--data`` to.
 
 Three sources, all returned as a :class:`torch.utils.data.Dataset` of ``(image tensor, label)``:
 
@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from vitcompress.deploy.runtime import Preprocessing
 from vitcompress.errors import DataError
+from vitcompress.labels import ClassSpace
 
 FMNIST_DIR_ENV = "VITCOMPRESS_FMNIST_DIR"
 FMNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -89,7 +92,7 @@ def fmnist_dataset(split: str, limit: int | None = None) -> TensorDataset:
 
 
 class ImageDirectory(Dataset):
-    """Images under a directory, preprocessed by the runtime's :class:`~vitcompress.runtime.Preprocessing` (timm's
+    """Images under a directory, preprocessed by the runtime's :class:`~vitcompress.deploy.runtime.Preprocessing` (timm's
     eval transform, tested equal to it): calibration, fine-tune and validation see the pixels a deployed bundle sees.
 
     ``DIR/<class>/<img>`` gives labelled data, each folder labelled by ``class_index`` (folder name → the
@@ -137,3 +140,74 @@ def class_folders(root: Path) -> list[str]:
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
+
+
+@dataclass
+class DataBundle:
+    """Images for calibration / fine-tuning (``train``) and for validation (``val``)."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    labelled: bool
+    classes: str | None = None
+    #: identifies ``val`` for as long as the process runs, for data that cannot change (the built-in sets); None:
+    #: never reuse results computed on it (:mod:`vitcompress.original_cache`)
+    cache_key: str | None = None
+
+
+SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
+
+
+def default_data(model_name: str, random_init: bool) -> str:
+    """Data used when ``--data`` is not given: the reference model's own, noise for latency-only runs."""
+    if model_name in REFERENCE_MODELS:
+        return "fmnist"
+    if random_init:
+        return "synthetic"
+    raise DataError("no data given: pass --data DIR (ImageFolder layout), --data fmnist or --data synthetic")
+
+
+def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: ClassSpace,
+                 labels: Mapping[str, int | str] | None = None) -> DataBundle:
+    """Build the data bundle for ``spec``: 'fmnist', 'synthetic' or an image directory whose class folders are
+    matched to ``classes`` (the model's), through the ``labels`` mapping first when given."""
+    input_size = tuple(data_config["input_size"])
+    if spec == "fmnist":
+        if input_size != (1, 28, 28) or classes.count != len(FMNIST_CLASSES):
+            raise DataError(f"--data fmnist needs a 1×28×28 model input and 10 classes, this model takes "
+                            f"{input_size} and has {classes.count} classes")
+        return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True,
+                          cache_key=f"fmnist test {val_limit}")
+    if spec == "synthetic":
+        gen = torch.Generator().manual_seed(0)
+        n_val = min(val_limit or SYNTHETIC_VAL, SYNTHETIC_VAL)
+        images = torch.randn(SYNTHETIC_TRAIN + n_val, *input_size, generator=gen)
+        labels_ = torch.full((SYNTHETIC_TRAIN + n_val,), -1)
+        train = TensorDataset(images[:SYNTHETIC_TRAIN], labels_[:SYNTHETIC_TRAIN])
+        val = TensorDataset(images[SYNTHETIC_TRAIN:], labels_[SYNTHETIC_TRAIN:])
+        return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False,
+                          cache_key=f"synthetic {input_size} {n_val}")
+    root = Path(spec)
+    if not root.is_dir():
+        raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
+    train_root, val_root = split_roots(root)
+    folders = sorted(set(class_folders(train_root)) | set(class_folders(val_root)))
+    class_index = classes.map_folders(folders, labels, where=f"--data {spec}") if folders else None
+    transform = Preprocessing.from_data_config(data_config)  # the deployed bundle's own preprocessing
+    train = ImageDirectory(train_root, transform, in_chans=input_size[0], class_index=class_index)
+    val = ImageDirectory(val_root, transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
+    matched = (f"{len(folders)} class folders → the model's classes by "
+               f"{'the --labels mapping, then ' if labels else ''}{classes.source}") if folders else None
+    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched)
+
+
+def split_roots(root: Path) -> tuple[Path, Path]:
+    """(train, val) directories of ``root``: ``root/train`` and ``root/val`` when it has them, else ``root``
+    for both. One without the other is an error: the lone folder would otherwise count as a class."""
+    train, val = root / "train", root / "val"
+    if train.is_dir() != val.is_dir():
+        have, missing = (train, val) if train.is_dir() else (val, train)
+        raise DataError(f"--data {root}: has {have.name}/ but no {missing.name}/: give both DIR/train and DIR/val, "
+                        f"or pass --data {have} to use the same images for calibration, fine-tune and validation")
+    return (train, val) if train.is_dir() else (root, root)

@@ -1,7 +1,7 @@
 """Deploy forms and ONNX export: what the export stage, the planner, the skip search and users all call.
 
 The exported file carries the preprocessing contract (mean, std, input size, interpolation, crop, class
-names) in ``metadata_props`` (:func:`vitcompress.runtime.preprocessing_metadata`), so a deployment never
+names) in ``metadata_props`` (:func:`vitcompress.deploy.runtime.preprocessing_metadata`), so a deployment never
 guesses it. A dynamic batch axis is verified by running two batch sizes in onnxruntime, not just declared.
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 from vitcompress.errors import ExportError
 from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
-from vitcompress.runtime import INPUT_NAME, LOGITS, open_session
+from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session
 
 CHECK_BATCHES = (1, 3)
 
@@ -105,7 +105,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size: Sequence[int]
         path: the .onnx file to write.
         input_size: the shape of one input; by default the model's timm data config's ``input_size``.
         config: opset, dynamic batch and head-major attention (:class:`ExportConfig` defaults when None).
-        metadata: ``metadata_props`` to store, e.g. :func:`vitcompress.runtime.preprocessing_metadata`.
+        metadata: ``metadata_props`` to store, e.g. :func:`vitcompress.deploy.runtime.preprocessing_metadata`.
         output_names: names of the model's outputs in order; the first must be the logits.
     """
     path = Path(path)

@@ -21,6 +21,7 @@ from torch import nn
 
 from vitcompress.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from vitcompress.errors import ModelError
+from vitcompress.labels import ClassSpace
 
 log = logging.getLogger(__name__)
 
@@ -377,3 +378,8 @@ def _quiet_hub() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def model_classes(loaded: LoadedModel) -> ClassSpace:
+    """The class space of a loaded model: its output count and class names (ImageNet's, for a 1000-way head)."""
+    return ClassSpace.of(int(loaded.model.num_classes), loaded.class_names)

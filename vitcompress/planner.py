@@ -32,10 +32,10 @@ from vitcompress.errors import ExportError, ModelError
 from vitcompress.export import export_onnx, to_deploy
 from vitcompress.models import LoadedModel, load_model, resolve_name
 from vitcompress.recipe import Recipe, load_recipe, staged_steps
-from vitcompress.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
-from vitcompress.stages.measure import count_macs, count_params, int8_macs
-from vitcompress.stages.transform import apply_steps
-from vitcompress.transforms.shiftadd_moe import measure_latency_weights
+from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
+from vitcompress.measure import count_macs, count_params, int8_macs
+from vitcompress.pipeline import apply_steps
+from vitcompress.measure import measure_latency_weights
 
 PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"

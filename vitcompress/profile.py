@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from vitcompress.errors import ModelError
-from vitcompress.runtime import input_shape, open_session, session_options
+from vitcompress.deploy.runtime import input_shape, open_session, session_options
 
 KERNEL_SUFFIX = "_kernel_time"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"

@@ -42,7 +42,7 @@ from onnxruntime.quantization import (
 )
 
 from vitcompress.errors import ExportError
-from vitcompress.runtime import INPUT_NAME
+from vitcompress.deploy.runtime import INPUT_NAME
 
 QuantizeMode = Literal["none", "dynamic", "static"]
 Calibration = Literal["minmax", "entropy", "percentile"]
@@ -122,7 +122,7 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
     """Write the int8 form of the ONNX file ``source`` to ``target``; return what was done (for the report).
 
     Args:
-        source: a float32 model with one image input (:data:`~vitcompress.runtime.INPUT_NAME`).
+        source: a float32 model with one image input (:data:`~vitcompress.deploy.runtime.INPUT_NAME`).
         target: the int8 ONNX file to write (``source`` is left as it is).
         mode: ``dynamic`` or ``static`` (see the module docstring).
         calibration: float32 batches preprocessed as for validation (``static`` only).

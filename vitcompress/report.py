@@ -119,7 +119,7 @@ class Export(_Section):
 
 
 class Latency(_Section):
-    """:class:`vitcompress.runtime.Timing` of one model at one batch size; spread = (p90 − p10) / p50."""
+    """:class:`vitcompress.deploy.runtime.Timing` of one model at one batch size; spread = (p90 − p10) / p50."""
 
     p50_ms: float
     p90_ms: float
@@ -244,3 +244,9 @@ class Report(_Section):
         """
         path = Path(path)
         return cls.model_validate_json((path / "report.json" if path.is_dir() else path).read_text())
+
+
+def build(report: dict) -> Report:
+    """Validate the stages' sections into a :class:`Report`, with the names of the gates that failed."""
+    failed = [g["gate"] for g in report["validation"]["gates"] if g["passed"] is False]
+    return Report.model_validate({**report, "failed_gates": failed})

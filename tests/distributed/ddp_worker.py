@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import save_file
 
 from tests.stages.test_finetune import make_context
-from vitcompress import distributed
+from vitcompress.training import distributed
 from vitcompress.stages import finetune
 
 

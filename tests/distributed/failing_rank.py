@@ -4,7 +4,7 @@ command line, with rank 1's fine-tune replaced by one that raises."""
 import os
 
 from vitcompress.cli import main
-from vitcompress.stages import finetune
+from vitcompress.training import loop
 
 
 def broken(*args, **kwargs):
@@ -13,5 +13,5 @@ def broken(*args, **kwargs):
 
 if __name__ == "__main__":
     if os.environ.get("RANK") == "1":
-        finetune.train = broken
+        loop.train = broken
     main()

@@ -76,7 +76,7 @@ def test_a_rank_that_raises_stops_every_rank_with_one_error_line(tmp_path):
     recipe.write_text("model: vit_fmnist\nsteps: []\nfinetune: {steps: 3, batch_size: 8}\n")
     args = ["convert", "vit_fmnist", "--recipe", str(recipe), "--out", str(tmp_path / "out"),
             *[f"--set={s}" for s in FAST_VALIDATE]]
-    code = ("import json, sys; from vitcompress.launch import launch; "
+    code = ("import json, sys; from vitcompress.training.launch import launch; "
             f"print(json.dumps(launch(2, {args!r}, program=[{str(Path(__file__).with_name('failing_rank.py'))!r}])))")
     result = subprocess.run([sys.executable, "-c", code], env=worker_env(), cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
@@ -92,7 +92,7 @@ def test_a_failing_rank_stopped_by_torchrun_after_recording_keeps_its_exit_code(
     first, and torchrun stops rank 1 with SIGTERM. The launcher still reports rank 1's line with code 70, not 143."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
-    from vitcompress.launch import _first_failure, record_failure
+    from vitcompress.training.launch import _first_failure, record_failure
 
     files = {rank: tmp_path / f"error-{rank}.json" for rank in (0, 1)}
     for rank, secondary in ((1, False), (0, True)):

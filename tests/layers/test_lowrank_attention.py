@@ -14,7 +14,7 @@ from vitcompress.api import apply
 from vitcompress.export import ExportConfig, export_onnx, to_deploy
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
 from vitcompress.layers.lowrank_linear import LowRankLinear
-from vitcompress.runtime import open_session
+from vitcompress.deploy.runtime import open_session
 from vitcompress.transforms.lowrank import LowRankConfig
 
 INPUT = (1, 28, 28)
@@ -57,7 +57,7 @@ def test_deploy_form_computes_the_same_logits(targets, rank, form):
 def test_absorbed_attention_has_fewer_macs_and_matches_on_a_deit_architecture(tmp_path):
     """DeiT-S widths (6 heads of 64) at rank 1/8 as the fast recipe: the absorbed form has fewer MACs and the
     same logits in torch and onnxruntime."""
-    from vitcompress.stages.measure import count_macs
+    from vitcompress.measure import count_macs
 
     torch.manual_seed(0)
     deit = timm.create_model("deit_small_patch16_224", pretrained=False, depth=1, img_size=64).eval()

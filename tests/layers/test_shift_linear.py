@@ -9,7 +9,7 @@ from torch import nn
 from vitcompress.export import export_onnx
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.runtime import open_session
+from vitcompress.deploy.runtime import open_session
 
 
 def _linear(out_features=48, in_features=32, seed=0) -> nn.Linear:

@@ -9,7 +9,7 @@ from vitcompress.data import FMNIST_CLASSES
 from vitcompress.errors import ExportError
 from vitcompress.export import ExportConfig, check_runs, export_onnx
 from vitcompress.recipe import ValidateConfig
-from vitcompress.runtime import open_session, preprocessing_metadata
+from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.stages.validate import gates, latency
 
 pytestmark = pytest.mark.export

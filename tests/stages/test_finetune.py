@@ -5,11 +5,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from vitcompress.context import ConvertSettings, DataBundle, LogProgress, RunContext
+from vitcompress.context import ConvertSettings, LogProgress, RunContext
+from vitcompress.data import DataBundle
 from vitcompress.errors import RecipeError
 from vitcompress.models import LoadedModel
 from vitcompress.recipe import parse_recipe
 from vitcompress.stages import finetune
+from vitcompress.training import loop
 
 
 def make_context(teacher, student, images, labels, recipe_steps=(), **finetune_cfg) -> RunContext:
@@ -82,7 +84,7 @@ def test_no_finetune_section_skips(reference_model):
 
 def test_cosine_schedule_with_warmup():
     config = parse_recipe({"finetune": {"steps": 100, "warmup_steps": 10}}, "t").finetune
-    factor = finetune._schedule(config)
+    factor = loop._schedule(config)
     assert factor(0) == 0.1 and factor(9) == 1.0
     assert abs(factor(55) - 0.5) < 1e-9 and factor(99) < 0.001
 
@@ -146,7 +148,7 @@ def test_divergence_guard_restores_the_weights_from_before_the_run(reference_mod
 
 
 def test_divergence_guard_ignores_a_noisy_but_sound_run():
-    guard = finetune.DivergenceGuard(max_loss_ratio=10.0)
+    guard = loop.DivergenceGuard(max_loss_ratio=10.0)
     norm = torch.tensor(1.0)
     losses = [0.01, 0.5, 0.02, 0.9, 0.3] + [0.05] * 20  # spikes above 10 × first, but under the 0.1 floor's limit
     assert all(guard.check(step, torch.tensor(loss), norm) is None for step, loss in enumerate(losses))

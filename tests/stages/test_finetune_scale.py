@@ -11,7 +11,8 @@ from PIL import Image
 from tests.stages.test_finetune import make_context, perturbed
 from vitcompress.data import ImageDirectory
 from vitcompress.errors import ResumeError
-from vitcompress.stages import checkpoint, finetune
+from vitcompress.stages import finetune
+from vitcompress.training import checkpoint, loop
 
 
 def test_bf16_autocast_trains_on_cpu_and_the_report_says_so(reference_model):
@@ -51,9 +52,9 @@ def test_tokens_mse_adds_the_final_token_distance(reference_model):
                           distill={"tokens_mse": 2.0, "logits_kl": 0.0, "labels_ce": 0.0}).recipe.finetune
     logits, tokens = torch.randn(4, 10), torch.randn(4, 50, 192)
     other = tokens + 0.5
-    loss = finetune.distill_loss(logits, logits, torch.full((4,), -1), config, other, tokens)
+    loss = loop.distill_loss(logits, logits, torch.full((4,), -1), config, other, tokens)
     torch.testing.assert_close(loss, torch.tensor(2.0 * 0.25))
-    net = finetune.TokensAndLogits(reference_model)
+    net = loop.TokensAndLogits(reference_model)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         feats, out = net(x)
@@ -136,13 +137,13 @@ def test_sigterm_saves_a_checkpoint_at_the_end_of_the_step_then_exits_143(tmp_pa
 
 def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively():
     cpu = torch.device("cpu")
-    assert finetune.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512_bf16"}) == "bf16"
-    assert finetune.resolve_precision("auto", cpu, {"avx2", "amx_bf16", "amx_tile"}) == "bf16"
-    assert finetune.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512bw"}) == "fp32"
-    assert finetune.resolve_precision("auto", cpu, set()) == "fp32"
-    assert finetune.resolve_precision("fp16", cpu, {"avx512_bf16"}) == "fp16"
-    assert finetune.resolve_precision("fp32", cpu, {"avx512_bf16"}) == "fp32"
-    assert finetune.resolve_precision("auto", cpu) in ("bf16", "fp32")  # this machine's /proc/cpuinfo
+    assert loop.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512_bf16"}) == "bf16"
+    assert loop.resolve_precision("auto", cpu, {"avx2", "amx_bf16", "amx_tile"}) == "bf16"
+    assert loop.resolve_precision("auto", cpu, {"avx2", "avx512f", "avx512bw"}) == "fp32"
+    assert loop.resolve_precision("auto", cpu, set()) == "fp32"
+    assert loop.resolve_precision("fp16", cpu, {"avx512_bf16"}) == "fp16"
+    assert loop.resolve_precision("fp32", cpu, {"avx512_bf16"}) == "fp32"
+    assert loop.resolve_precision("auto", cpu) in ("bf16", "fp32")  # this machine's /proc/cpuinfo
 
 
 def test_auto_precision_run_reports_what_it_resolved_to(reference_model):
@@ -151,4 +152,4 @@ def test_auto_precision_run_reports_what_it_resolved_to(reference_model):
     ctx = make_context(reference_model, perturbed(reference_model), images, labels, steps=1, precision="auto",
                        workers=0)
     finetune.run(ctx)
-    assert ctx.report["finetune"]["precision"] == finetune.resolve_precision("auto", torch.device("cpu"))
+    assert ctx.report["finetune"]["precision"] == loop.resolve_precision("auto", torch.device("cpu"))

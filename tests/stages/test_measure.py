@@ -1,4 +1,4 @@
-from vitcompress.stages.measure import count_macs, count_params
+from vitcompress.measure import count_macs, count_params
 
 
 def test_macs_of_reference_model_match_the_analytic_count(reference_model):

@@ -16,8 +16,8 @@ from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.layers.shift_linear import ShiftLinear
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.runtime import open_session
-from vitcompress.transforms.shiftadd_moe import measure_latency_weights
+from vitcompress.deploy.runtime import open_session
+from vitcompress.measure import measure_latency_weights
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
 MLP = "re:blocks\\.\\d+\\.mlp\\.fc[12]"

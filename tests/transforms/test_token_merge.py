@@ -15,7 +15,7 @@ from vitcompress.export import export_onnx
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.layers.token_merge import ToMeBlock, ToMeBlocks
 from vitcompress.recipe import parse_recipe
-from vitcompress.runtime import open_session
+from vitcompress.deploy.runtime import open_session
 from vitcompress.transforms.token_merge import TokenMergeConfig
 
 

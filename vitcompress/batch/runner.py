@@ -4,7 +4,7 @@ Isolation: a job runs in a new session (its own process group), with its own log
 (``OMP_NUM_THREADS`` and the like, and the recipe's ORT ``validate.threads`` capped, so that parallel jobs ×
 threads ≤ cores) and a timeout that kills the whole group (SIGTERM, then SIGKILL). A crash, an out-of-memory
 kill, a hang or a failed gate of one job is that job's result; the others run on. Latency measurements of all
-jobs are serialised by :mod:`vitcompress.timing_lock`.
+jobs are serialised by :mod:`vitcompress.deploy.timing_lock`.
 
 Caching: a job whose content key (:mod:`vitcompress.batch.keys`) matches its finished bundle is not run; its
 gates are evaluated again from the bundle's ``report.json``. An interrupted batch therefore resumes where it
@@ -36,7 +36,7 @@ from vitcompress.batch.keys import (available_cores, job_components, keys_of, la
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
 from vitcompress.report import Report
-from vitcompress.timing_lock import LOCK_ENV, WAITS_ENV
+from vitcompress.deploy.timing_lock import LOCK_ENV, WAITS_ENV
 
 log = logging.getLogger(__name__)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

@@ -21,7 +21,7 @@ Deploy (static graphs that plain onnxruntime runs): ``dispatch="where"`` runs bo
 and picks with ``Where``; ``dispatch="gather"`` gathers each expert's tokens (``NonZero``/``Gather``), runs
 the expert on them only and scatters the results back (``ScatterND``). ``dispatch="auto"`` computes the
 gather form in torch and leaves the choice to the export, which measures both forms in onnxruntime
-(:mod:`vitcompress.stages.moe_dispatch`): which one is faster depends on the machine, the layer sizes and
+(:mod:`vitcompress.moe_dispatch`): which one is faster depends on the machine, the layer sizes and
 how the trained router splits the tokens.
 """
 

@@ -1,4 +1,4 @@
-"""Stage 7 — bundle: the deployment files of :mod:`vitcompress.bundle` next to the models, checksums last.
+"""Stage 7 — bundle: the deployment files of :mod:`vitcompress.deploy.bundle` next to the models, checksums last.
 
 The golden inputs are the first validation images exactly as the validation fed them to the models (timm's
 eval transform for an image directory), so ``vitcompress verify`` re-running onnxruntime's preprocessing on
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcompress.bundle import GOLDEN_IMAGES, write_bundle
+from vitcompress.deploy.bundle import GOLDEN_IMAGES, write_bundle
 from vitcompress.context import RunContext
 from vitcompress.data import ImageDirectory, first_images
-from vitcompress.optimize import optimize_offline
-from vitcompress.runtime import Preprocessing, open_session
+from vitcompress.deploy.optimize import optimize_offline
+from vitcompress.deploy.runtime import Preprocessing, open_session
 
 #: Source images larger than this (in all) are not copied into the bundle.
 MAX_IMAGE_BYTES = 8 << 20

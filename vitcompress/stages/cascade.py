@@ -22,11 +22,9 @@ from torch.utils.data import DataLoader
 from vitcompress.context import RunContext
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
-from vitcompress.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session
-from vitcompress.stages import finetune
-from vitcompress.stages.export import run_metadata
-from vitcompress.stages.transform import apply_steps
-from vitcompress.stages.validate import EVAL_BATCH, latency, ort_predictions, top1
+from vitcompress.deploy.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session
+from vitcompress.evaluate import EVAL_BATCH, latency, ort_predictions, top1
+from vitcompress.pipeline import apply_steps, finetune, run_metadata
 
 SWEEP_FRACTIONS = (0.5, 0.7, 0.9)
 
@@ -39,7 +37,7 @@ def high_effort_model(ctx: RunContext):
     model = copy.deepcopy(ctx.original.model)
     steps = apply_steps(ctx, model, config.high)
     sub = dataclasses.replace(ctx, model=model, report={})
-    finetune.run(sub, checkpoints=False)
+    finetune(sub, checkpoints=False)
     return model, {"steps": steps, "finetune": sub.report["finetune"]}
 
 

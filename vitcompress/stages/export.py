@@ -17,35 +17,10 @@ from pathlib import Path
 from torch import nn
 
 from vitcompress.context import RunContext
-from vitcompress.export import CHECK_BATCHES, check_runs, export_onnx, to_deploy
+from vitcompress import moe_dispatch
+from vitcompress.export import CHECK_BATCHES, check_runs, to_deploy
 from vitcompress.quantize import quantize_onnx
-from vitcompress.runtime import preprocessing_metadata
-from vitcompress.stages import moe_dispatch, original_memo
-from vitcompress.stages.load import calibration_batches
-
-
-def run_metadata(ctx: RunContext) -> dict[str, str]:
-    """The ONNX metadata of this run's files: preprocessing, class names and the model name."""
-    metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
-    metadata["vitcompress.model"] = ctx.original.name
-    return metadata
-
-
-def export_model(ctx: RunContext, model: nn.Module, path: Path) -> Path:
-    """``model`` to ONNX at ``path`` with the recipe's export settings and this run's metadata."""
-    return export_onnx(model, path, input_size=tuple(ctx.original.data_config["input_size"]),
-                       config=ctx.recipe.export, metadata=run_metadata(ctx))
-
-
-def export_original(ctx: RunContext) -> Path:
-    """The original model's ONNX in the scratch directory, for timing side by side with the converted one (also
-    what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine). An identical
-    original exported earlier in this process is reused (:mod:`~vitcompress.stages.original_memo`)."""
-    config = ctx.recipe.export
-    key = repr((original_memo.model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
-                config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))
-    return original_memo.exported(key, ctx.original_onnx_path,
-                                  lambda path: export_model(ctx, ctx.original.model, path))
+from vitcompress.pipeline import calibration_batches, export_model, export_original
 
 
 def export_quantized(ctx: RunContext, model: nn.Module, path: Path) -> dict:

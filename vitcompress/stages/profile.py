@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vitcompress.context import RunContext
 from vitcompress.profile import profile_models
-from vitcompress.timing_lock import latency_lock
+from vitcompress.deploy.timing_lock import latency_lock
 
 
 def run(ctx: RunContext) -> None:

@@ -4,7 +4,8 @@ Each target becomes a :class:`MoELinear`: the original dense Linear and its powe
 ``Linear(C, 2)`` router (top-1, trained through the probability-scaled output) and the latency-aware
 load-balancing loss, which the fine-tune adds. ``latency_weights`` gives each expert's latency share α:
 two numbers (normalised to sum 1), or ``measure``: time each distinct layer shape's two experts in
-onnxruntime on this machine (dense MatMul vs the shift expert's deploy form, 1 thread, interleaved median).
+onnxruntime on this machine (:func:`vitcompress.measure.measure_latency_weights`: dense vs the shift expert's
+deploy form, 1 thread, interleaved median).
 ``dispatch`` picks the static export form (see :mod:`vitcompress.layers.moe_linear`); ``auto`` lets the
 export stage measure both and keep the faster.
 """
@@ -12,26 +13,18 @@ export stage measure both and keep the faster.
 from __future__ import annotations
 
 import logging
-import tempfile
-from pathlib import Path
 from typing import Literal, Union
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 from pydantic import Field, field_validator
 from torch import nn
 
 from vitcompress.layers.moe_linear import MoELinear
-from vitcompress.runtime import open_session, time_interleaved
+from vitcompress.measure import measure_latency_weights
 from vitcompress.transforms.registry import TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
 from vitcompress.transforms.shift_linear import ShiftOptions
 
 log = logging.getLogger(__name__)
-
-MEASURE_TOKENS = 400  # about 8 images of 50 tokens; the share is what matters, not the absolute time
-MEASURE_RUNS = 30
 
 
 class MoEConfig(ShiftOptions):
@@ -52,43 +45,6 @@ class MoEConfig(ShiftOptions):
         if weights != "measure" and (len(weights) != 2 or min(weights) <= 0):
             raise ValueError("give 'measure' or two positive numbers [dense, shift]")
         return weights
-
-
-def _expert_graph(in_features: int, out_features: int, int8: bool, seed: int) -> onnx.ModelProto:
-    """One expert as an ONNX graph: float MatMul + Add, or the int8 form Int8PotLinear exports to."""
-    rng = np.random.default_rng(seed)
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [MEASURE_TOKENS, in_features])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [MEASURE_TOKENS, out_features])
-    bias = numpy_helper.from_array(rng.standard_normal(out_features).astype(np.float32), "bias")
-    if int8:
-        weight = numpy_helper.from_array(rng.integers(-64, 65, (in_features, out_features)).astype(np.int8), "w")
-        scale = numpy_helper.from_array(np.full(out_features, 2.0**-10, np.float32), "w_scale")
-        nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
-                 helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"]),
-                 helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-                 helper.make_node("Mul", ["xs", "w_scale"], ["s"]),
-                 helper.make_node("Mul", ["accf", "s"], ["ys"]),
-                 helper.make_node("Add", ["ys", "bias"], ["y"])]
-        inits = [weight, scale, bias]
-    else:
-        weight = numpy_helper.from_array(rng.standard_normal((in_features, out_features)).astype(np.float32), "w")
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "bias"], ["y"])]
-        inits = [weight, bias]
-    graph = helper.make_graph(nodes, "expert", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
-def measure_latency_weights(in_features: int, out_features: int, int8: bool) -> tuple[float, float]:
-    """Median onnxruntime time (1 thread, interleaved runs) of the dense and the shift expert of one shape."""
-    with tempfile.TemporaryDirectory() as tmp:
-        sessions = {}
-        for i, (name, quantised) in enumerate((("dense", False), ("shift", int8))):
-            path = Path(tmp) / f"{name}.onnx"
-            onnx.save_model(_expert_graph(in_features, out_features, quantised, i), str(path))
-            sessions[name] = open_session(path, threads=1)
-        x = np.random.default_rng(0).standard_normal((MEASURE_TOKENS, in_features)).astype(np.float32)
-        timing = time_interleaved(sessions, dict.fromkeys(sessions, {"x": x}), runs=MEASURE_RUNS, warmup=3)
-    return timing["dense"].p50_ms / 1e3, timing["shift"].p50_ms / 1e3
 
 
 @register("shiftadd_moe", MoEConfig)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcompress.bundle import LABELS, MODEL, label_lines
+from vitcompress.deploy.bundle import LABELS, MODEL, label_lines
 from vitcompress.errors import ModelError
-from vitcompress.runtime import (
+from vitcompress.deploy.runtime import (
     CASCADE_FILE,
     CPU,
     INPUT_NAME,

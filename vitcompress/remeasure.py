@@ -4,7 +4,7 @@
 settings on top of the conversion key. When only those changed, the converted model is still right; only its
 timings are not. This stage loads the original model again (same name, weights and architecture arguments),
 exports its ONNX the way the export stage does, times it interleaved against the bundle's own ``model.onnx``
-(validation's :func:`~vitcompress.stages.validate.latency`, under the machine's latency lock), profiles both
+(:func:`~vitcompress.evaluate.latency`, under the machine's latency lock), profiles both
 again when the recipe profiles, and rewrites what depends on the timings: ``report.json`` (latency fields,
 ``validation.threads``, ``machine``, a ``remeasured`` note; everything else kept), ``report.md``, the timing
 part of ``inference.json`` and, last, ``SHA256SUMS``. ``model.onnx`` and every other file stay byte for byte.
@@ -18,14 +18,17 @@ stage's own measurements, so the batch converts it again.
 
 from __future__ import annotations
 
-from vitcompress.bundle import update_inference_timing, write_checksums
+from vitcompress.deploy.bundle import update_inference_timing, write_checksums
 from vitcompress.context import RunContext
 from vitcompress.errors import UsageError
 from vitcompress.files import replace_text
 from vitcompress.models import load_model
 from vitcompress.report import Report
-from vitcompress.stages import export, load, profile, validate
-from vitcompress.stages.report import build, markdown
+from vitcompress.evaluate import latency, latency_images
+from vitcompress.pipeline import export_original, load_data
+from vitcompress.render import markdown
+from vitcompress.report import build
+from vitcompress.stages import profile
 
 
 def check(ctx: RunContext, old: Report) -> None:
@@ -39,11 +42,11 @@ def check(ctx: RunContext, old: Report) -> None:
 def measure(ctx: RunContext) -> None:
     """Time the re-exported original against the bundle's model.onnx; the new timings go into ``ctx.report``."""
     config = ctx.recipe.validate_
-    export.export_original(ctx)
+    export_original(ctx)
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs, "
                                   f"{config.threads} threads")
-    timing = validate.latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
-                              validate.latency_images(ctx.data.val, max(config.batch_sizes)))
+    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
+                              latency_images(ctx.data.val, max(config.batch_sizes)))
     section = ctx.report["validation"]
     section["threads"] = config.threads
     for name, latency in timing.items():
@@ -59,7 +62,7 @@ def run(ctx: RunContext, machine: str, date: str, reason: str) -> Report:
     settings = ctx.settings
     ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init, settings.model_args)
     check(ctx, old)
-    ctx.data = load.load_data(ctx)
+    ctx.data = load_data(ctx)
     ctx.report = old.model_dump(mode="json")
     measure(ctx)
     ctx.report.update(machine=machine, remeasured={

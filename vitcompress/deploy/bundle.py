@@ -10,7 +10,7 @@ after it leaves the converting machine:
   outputs on them (``logits.npy`` …), the source images when they can be stored, and ``golden.json``
   (which file checks which model, and the tolerances);
 - ``inference.json``: the onnxruntime settings the latency was measured with, and any offline optimisation;
-- ``predict.py`` + ``requirements.txt``: a standalone classifier (:mod:`vitcompress.bundle_predict`);
+- ``predict.py`` + ``requirements.txt``: a standalone classifier (:mod:`vitcompress.deploy.templates.predict`);
 - ``SHA256SUMS``: every other file's SHA-256 (``sha256sum -c SHA256SUMS`` checks it too).
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from vitcompress.errors import ModelError
-from vitcompress.runtime import CASCADE_FILE, CPU, INPUT_NAME, LOGITS, Preprocessing, class_names, open_session
+from vitcompress.deploy.runtime import CASCADE_FILE, CPU, INPUT_NAME, LOGITS, Preprocessing, class_names, open_session
 
 MODEL, PREPROCESS, LABELS, INFERENCE = "model.onnx", "preprocess.json", "labels.txt", "inference.json"
 PREDICT, REQUIREMENTS, SUMS = "predict.py", "requirements.txt", "SHA256SUMS"
@@ -131,7 +131,7 @@ def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str
     _write_json(directory / INFERENCE, {
         "provider": CPU, "inter_op_threads": 1, "allow_spinning": False, "graph_optimization_level": "ORT_ENABLE_ALL",
         **inference_timing(threads, latency), "offline_optimization": []})
-    (directory / PREDICT).write_text(Path(__file__).with_name("bundle_predict.py").read_text())
+    (directory / PREDICT).write_text((Path(__file__).parent / "templates" / "predict.py").read_text())
     (directory / REQUIREMENTS).write_text(_pins())
     write_checksums(directory)
 

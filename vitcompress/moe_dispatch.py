@@ -19,7 +19,7 @@ from torch import nn
 
 from vitcompress.context import RunContext
 from vitcompress.layers.moe_linear import MoELinear
-from vitcompress.stages.validate import latency, latency_images
+from vitcompress.evaluate import latency, latency_images
 
 DISPATCH_RUNS = 10
 FORMS = ("where", "gather")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vitcompress.bundle import (
+from vitcompress.deploy.bundle import (
     GOLDEN,
     GOLDEN_SPEC,
     GRAPH_LEVELS,
@@ -35,7 +35,7 @@ from vitcompress.bundle import (
     write_checksums,
 )
 from vitcompress.errors import GateError, UsageError
-from vitcompress.runtime import INPUT_NAME, LOGITS, open_session, session_options
+from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, session_options
 
 
 def cpu_name() -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from vitcompress.distributed import Dist
+from vitcompress.training.distributed import Dist
 from vitcompress.errors import DataError, RecipeError
 
 

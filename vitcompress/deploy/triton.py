@@ -16,9 +16,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vitcompress.bundle import INFERENCE, LABELS, MODEL, cascade_models, check_checksums
+from vitcompress.deploy.bundle import INFERENCE, LABELS, MODEL, cascade_models, check_checksums
 from vitcompress.errors import ModelError, OutputError, UsageError
-from vitcompress.runtime import CASCADE_FILE, open_session
+from vitcompress.deploy.runtime import CASCADE_FILE, open_session
 
 CONFIG = "config.pbtxt"
 ONNX_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
@@ -146,5 +146,5 @@ def routing_note(bundle: Path, name: str) -> str:
             f"softmax). Keep its logits where `entropy <= {threshold!r}`; send the other images to `{name}-high` "
             f"and use its logits. The threshold was calibrated so that a fraction "
             f"{spec.get('low_effort_fraction', 'n/a')} of the validation images exits at the low model "
-            f"(vitcompress.runtime.Cascade does the same).\n")
+            f"(vitcompress.deploy.runtime.Cascade does the same).\n")
 

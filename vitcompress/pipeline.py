@@ -1,0 +1,129 @@
+"""The work that more than one stage does on a run's context: resolving its data and calibration images, exporting
+its models with the run's settings and metadata, and applying recipe steps.
+
+Stages never import each other (docs/architecture.md); what two of them share lives here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from vitcompress.context import RunContext
+from vitcompress.data import DataBundle, default_data, first_images, resolve_data
+from vitcompress.deploy.runtime import preprocessing_metadata
+from vitcompress.errors import DataError
+from vitcompress.export import export_onnx
+from vitcompress.measure import count_params
+from vitcompress.models import model_classes
+from vitcompress.original_cache import model_digest
+from vitcompress.recipe import staged_steps
+from vitcompress.training import loop
+from vitcompress.transforms import registry
+from vitcompress.transforms.registry import TransformInputs
+
+
+def load_data(ctx: RunContext) -> DataBundle:
+    """The data of ``--data``, or the model's default (:func:`default_data`), for the loaded model."""
+    settings = ctx.settings
+    spec = settings.data or default_data(ctx.original.name, settings.random_init)
+    if settings.labels is not None and spec in ("fmnist", "synthetic"):
+        raise DataError(f"--labels maps the class folders of an image directory; --data {spec} has none")
+    data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images, model_classes(ctx.original),
+                        settings.labels)
+    if len(data.val) == 0:
+        raise DataError(f"data {spec!r} has no validation images")
+    return data
+
+
+
+
+def calibration_batches(ctx: RunContext):
+    """The first ``calibration.images`` training images in batches (deterministic).
+
+    A context without data (``vitcompress plan``) loads it here, so only transforms that calibrate need it."""
+    if ctx.data is None:
+        ctx.data = load_data(ctx)
+    cal = ctx.recipe.calibration
+    return first_images(ctx.data.train, cal.images, cal.batch_size)
+
+
+def run_metadata(ctx: RunContext) -> dict[str, str]:
+    """The ONNX metadata of this run's files: preprocessing, class names and the model name."""
+    metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
+    metadata["vitcompress.model"] = ctx.original.name
+    return metadata
+
+
+def export_model(ctx: RunContext, model: nn.Module, path: Path) -> Path:
+    """``model`` to ONNX at ``path`` with the recipe's export settings and this run's metadata."""
+    return export_onnx(model, path, input_size=tuple(ctx.original.data_config["input_size"]),
+                       config=ctx.recipe.export, metadata=run_metadata(ctx))
+
+
+def export_original(ctx: RunContext) -> Path:
+    """The original model's ONNX in the scratch directory, for timing side by side with the converted one (also
+    what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine). An identical
+    original exported earlier in this process is reused (``ctx.cache``, an :class:`~vitcompress.original_cache.OriginalCache`)."""
+    config = ctx.recipe.export
+    key = repr((model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
+                config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))
+    return ctx.cache.exported(key, ctx.original_onnx_path,
+                                  lambda path: export_model(ctx, ctx.original.model, path))
+
+
+def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[dict]:
+    """Apply ``steps`` (those at ``indices``, default all) to ``model`` in place; per step what it converted
+    (and its ``details``, if any)."""
+    results = []
+    for i in range(len(steps)) if indices is None else indices:
+        step = steps[i]
+        inputs = TransformInputs(calibration_batches=lambda: calibration_batches(ctx))
+        transform = registry.get(step.transform)
+        before = count_params(model)
+        ctx.progress.stage("transform", f"step {i}: {step.transform}")
+        converted = transform.apply(model, step, inputs)
+        results.append({"step": i, "transform": step.transform, "modules": converted,
+                        "params_before": before, "params_after": count_params(model)})
+        if inputs.details:
+            results[-1]["details"] = inputs.details
+    model.eval()
+    return results
+
+
+def finetune(ctx: RunContext, checkpoints: bool = True) -> None:
+    """Fine-tune ``ctx.model`` (stage by stage with ``finetune.stages``); ``checkpoints=False`` for a second
+    model of the same conversion (the cascade's high-effort one), which is not checkpointed."""
+    config = ctx.recipe.finetune
+    if config is None:
+        ctx.report["finetune"] = None
+        return
+    saver = loop.Checkpoints(ctx, config) if checkpoints else None
+    resume = saver.resume_state() if saver else None
+    stages = staged_steps(ctx.recipe)
+    if not stages:
+        ctx.report["finetune"] = loop.train(ctx, config, saver=saver, resume=resume)
+        return
+    results: list[dict] = []
+    for number, indices in enumerate(stages):
+        ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
+        if results and results[-1]["stopped"]:
+            continue  # a stopped stage ends training, but the recipe's transforms are all still applied
+        if resume is not None and number < resume.stage:
+            results.append(resume.progress["done"][number])  # finished before the interruption
+            continue
+        results.append({"transforms": config.stages[number], **loop.train(
+            ctx, config, f"stage {number + 1}/{len(stages)}", stage=number, done=results, saver=saver,
+            resume=resume if resume is not None and resume.stage == number else None)})
+    seconds = sum(r["seconds"] for r in results)
+    steps_done = sum(r["steps_done"] for r in results)
+    last = results[-1]
+    ctx.report["finetune"] = {
+        "steps_done": steps_done, "steps_budget": config.steps * len(stages),
+        "first_loss": results[0]["first_loss"], "last_loss": last["last_loss"], "seconds": seconds,
+        "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": last["stopped"],
+        **{key: last[key] for key in ("device", "world_size", "per_rank_batch", "backend", "precision", "workers")},
+        "skipped_images": sum(r["skipped_images"] for r in results),
+        "resumed_from_step": resume.step if resume is not None else None, "stages": results,
+    }

@@ -1,0 +1,1 @@
+"""Fine-tuning: the distillation loop (explicit arguments), checkpoints, training data, torchrun processes."""
