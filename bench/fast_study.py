@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, Subset
 
 from vitcompress.api import apply_recipe
 from vitcompress.data import fmnist_dataset
+from vitcompress.measure import count_macs
 from vitcompress.models import load_model
 from vitcompress.recipe import parse_recipe
-from vitcompress.measure import count_macs
 
 MLP, ATTENTION = "re:blocks\\.\\d+\\.mlp\\.fc[12]", "re:blocks\\.\\d+\\.attn\\.(qkv|proj)"
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from vitcompress.export import export_onnx
-from vitcompress.models import load_model
-from vitcompress.recipe import ValidateConfig
+from vitcompress.data import resolve_data
 from vitcompress.deploy.runtime import open_session
-from vitcompress.data import default_data, resolve_data
-from vitcompress.models import model_classes
 from vitcompress.evaluate import latency, latency_images, ort_predictions, top1
+from vitcompress.export import export_onnx
+from vitcompress.models import default_data, load_model, model_classes
+from vitcompress.recipe import ValidateConfig
 
 MODELS = ("original", "original + ORT int8", "converted", "converted + ORT int8")
 

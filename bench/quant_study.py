@@ -27,11 +27,11 @@ from ort_int8 import quantized
 
 from vitcompress.api import apply, machine_description
 from vitcompress.data import first_images, fmnist_dataset
+from vitcompress.deploy.runtime import measure_latency, open_session
+from vitcompress.evaluate import ort_predictions, top1
 from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.quantize import quantize_onnx
-from vitcompress.deploy.runtime import measure_latency, open_session
-from vitcompress.evaluate import ort_predictions, top1
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "fast.yaml"
 OUT = Path(__file__).with_suffix(".json")

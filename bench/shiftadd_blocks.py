@@ -17,9 +17,9 @@ from torch import nn
 
 from vitcompress.api import apply, machine_description
 from vitcompress.data import fmnist_dataset
+from vitcompress.evaluate import top1, torch_logits
 from vitcompress.layers.binary_attention import BinaryAttention
 from vitcompress.models import load_model
-from vitcompress.evaluate import top1, torch_logits
 from vitcompress.transforms.shiftadd_attention import BinaryAttentionConfig
 
 

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 
 import torch
-
 from ort_int8 import quantized
+
 from vitcompress.api import apply, machine_description
+from vitcompress.deploy.runtime import measure_latency
 from vitcompress.export import export_onnx
 from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.models import load_model
 from vitcompress.recipe import parse_recipe
-from vitcompress.deploy.runtime import measure_latency
 
 ATTN_LINEARS = "re:blocks\\.\\d+\\.attn\\.(qkv|proj)"
 FC1, FC2 = "re:blocks\\.\\d+\\.mlp\\.fc1", "re:blocks\\.\\d+\\.mlp\\.fc2"

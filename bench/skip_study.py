@@ -29,10 +29,10 @@ from pathlib import Path
 from readme_block import replace_readme_block
 
 from vitcompress.api import apply_recipe, convert, machine_description
+from vitcompress.evaluate import latency
 from vitcompress.export import export_onnx
 from vitcompress.models import load_model
 from vitcompress.recipe import ValidateConfig, parse_recipe
-from vitcompress.evaluate import latency
 
 ROOT = Path(__file__).resolve().parent.parent
 COUNTS = (2, 4, 6)

@@ -19,11 +19,10 @@ import torch
 
 from vitcompress.api import apply_recipe
 from vitcompress.context import ConvertSettings, LogProgress, RunContext
-from vitcompress.data import DataBundle
-from vitcompress.data import fmnist_dataset
+from vitcompress.data import DataBundle, fmnist_dataset
 from vitcompress.models import load_model
-from vitcompress.recipe import parse_recipe
 from vitcompress.pipeline import finetune
+from vitcompress.recipe import parse_recipe
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_BLOCKS = {"targets": ["blocks.*.attn"]}

@@ -30,8 +30,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vitcompress.data import FMNIST_MEAN, FMNIST_STD, load_fmnist_arrays, normalize_uint8
-from vitcompress.models import (REFERENCE_MODEL, REFERENCE_MODELS, build_reference_architecture, load_weights,
-                                read_state_dict, reference_weights_path)
+from vitcompress.models import (
+    REFERENCE_MODEL,
+    REFERENCE_MODELS,
+    build_reference_architecture,
+    load_weights,
+    read_state_dict,
+    reference_weights_path,
+)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

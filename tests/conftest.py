@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from vitcompress.batch.runner import THREAD_ENV
+from vitcompress.deploy.runtime import CASCADE_FILE, preprocessing_metadata
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.models import REFERENCE_CFG, build_reference_architecture
-from vitcompress.deploy.runtime import CASCADE_FILE, preprocessing_metadata
 
 
 def share_the_cores_between_workers() -> None:

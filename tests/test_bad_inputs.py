@@ -15,9 +15,9 @@ from PIL import Image
 
 from tests.bad_inputs.cases import ACCEPTED, CASES, MARKER, Case
 from vitcompress.cli import main
+from vitcompress.deploy.runtime import CASCADE_FILE, preprocessing_metadata
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
-from vitcompress.deploy.runtime import CASCADE_FILE, preprocessing_metadata
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 RECIPE_FILES = sorted((CORPUS / "recipes").glob("*.yaml"))

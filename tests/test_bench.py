@@ -11,14 +11,13 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 
 from ort_int8 import quantized  # noqa: E402
 from pareto import frontier, plot  # noqa: E402
-from run import (BENCH_OVERRIDES, LATENCY_ONLY, LATENCY_ONLY_OVERRIDES, ROOT, TIMED_ELSEWHERE, int8_rows,  # noqa: E402
-                 runs_of)
+from run import BENCH_OVERRIDES, LATENCY_ONLY, LATENCY_ONLY_OVERRIDES, ROOT, TIMED_ELSEWHERE, int8_rows, runs_of  # noqa: E402
 
 from vitcompress.data import fmnist_dataset  # noqa: E402
-from vitcompress.export import export_onnx  # noqa: E402
-from vitcompress.models import load_model  # noqa: E402
 from vitcompress.deploy.runtime import open_session  # noqa: E402
 from vitcompress.evaluate import ort_predictions  # noqa: E402
+from vitcompress.export import export_onnx  # noqa: E402
+from vitcompress.models import load_model  # noqa: E402
 
 
 def test_a_no_fine_tune_run_only_for_recipes_that_fine_tune():

@@ -19,9 +19,9 @@ from PIL import Image
 
 import vitcompress
 from tests.test_cli import one_error_line
-from vitcompress.deploy.bundle import read_checksums, verify, write_bundle, write_checksums
 from vitcompress.cli import main
 from vitcompress.context import DeployOptions
+from vitcompress.deploy.bundle import read_checksums, verify, write_bundle, write_checksums
 from vitcompress.deploy.runtime import Preprocessing, open_session
 
 RECIPE = """
@@ -290,9 +290,9 @@ def test_onnxruntime_path_top1_equals_torch_on_the_reference_test_split(tmp_path
     import torch
 
     from vitcompress.data import fmnist_dataset, load_fmnist_arrays
+    from vitcompress.deploy.runtime import preprocessing_metadata, run_batches
     from vitcompress.export import export_onnx
     from vitcompress.models import load_model
-    from vitcompress.deploy.runtime import preprocessing_metadata, run_batches
 
     loaded = load_model("vit_fmnist")
     path = export_onnx(loaded.model, tmp_path / "m.onnx",

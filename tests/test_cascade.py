@@ -11,15 +11,15 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from tests.conftest import FAST
-from vitcompress.deploy.bundle import verify
 from vitcompress.cli import main
+from vitcompress.deploy.bundle import verify
+from vitcompress.deploy.runtime import CASCADE_FILE, Cascade, calibrate_threshold, preprocessing_metadata
 from vitcompress.errors import RecipeError
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy, softmax_entropy
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.models import REFERENCE_CFG
 from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.deploy.runtime import CASCADE_FILE, Cascade, calibrate_threshold, preprocessing_metadata
 
 
 @pytest.mark.parametrize("n", [1, 7, 100, 1001])

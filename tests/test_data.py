@@ -4,10 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vitcompress.data import ImageDirectory, fmnist_dataset, load_fmnist_arrays
+from vitcompress.data import ImageDirectory, fmnist_dataset, load_fmnist_arrays, resolve_data
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
-from vitcompress.data import resolve_data
 
 
 def test_fashion_mnist_splits():

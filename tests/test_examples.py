@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from vitcompress.data import FMNIST_CLASSES, fmnist_dataset, load_fmnist_arrays
-from vitcompress.export import export_onnx
 from vitcompress.deploy.runtime import Preprocessing, preprocessing_metadata
+from vitcompress.export import export_onnx
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "deploy_onnxruntime.py"
 

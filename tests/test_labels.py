@@ -4,10 +4,9 @@ import pytest
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vitcompress.data import FMNIST_CLASSES
+from vitcompress.data import FMNIST_CLASSES, resolve_data
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace, read_label_mapping
-from vitcompress.data import resolve_data
 
 CONFIG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bicubic",
           "crop_pct": 0.9, "crop_mode": "center"}

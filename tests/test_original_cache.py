@@ -7,11 +7,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import vitcompress
-from vitcompress.models import load_model
-from vitcompress import evaluate
-from vitcompress.stages import validate
-from vitcompress.original_cache import OriginalCache, model_digest
 from tests.conftest import FAST
+from vitcompress import evaluate
+from vitcompress.models import load_model
+from vitcompress.original_cache import OriginalCache, model_digest
+from vitcompress.stages import validate
 
 
 def test_digest_follows_weights_and_structure(reference_model):

@@ -12,10 +12,10 @@ from vitcompress import plan
 from vitcompress.api import apply_recipe
 from vitcompress.errors import ExportError
 from vitcompress.export import to_deploy
+from vitcompress.measure import count_macs, count_params
 from vitcompress.models import load_model
 from vitcompress.planner import compact_names, int8_mac_cost
 from vitcompress.recipe import load_recipe
-from vitcompress.measure import count_macs, count_params
 
 SKIP_THEN_SVD = """
 model: vit_fmnist

@@ -14,16 +14,16 @@ from click.testing import CliRunner
 
 from tests.conftest import FAST
 from vitcompress.api import apply
-from vitcompress.deploy.bundle import verify
 from vitcompress.cli import main
 from vitcompress.data import first_images, fmnist_dataset
+from vitcompress.deploy.bundle import verify
+from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
+from vitcompress.evaluate import ort_predictions, top1
 from vitcompress.export import export_onnx
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.models import REFERENCE_CFG, load_model
 from vitcompress.quantize import quantize_onnx
-from vitcompress.deploy.runtime import open_session, preprocessing_metadata
-from vitcompress.evaluate import ort_predictions, top1
 from vitcompress.transforms.lowrank import LowRankConfig
 
 INPUT = (1, 28, 28)

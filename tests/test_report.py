@@ -7,9 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from vitcompress.report import SCHEMA_VERSION, Report
 from vitcompress.render import markdown, side_by_side_rows
-from vitcompress.report import build
+from vitcompress.report import SCHEMA_VERSION, Report, build
 
 
 def latency(p50: float) -> dict:

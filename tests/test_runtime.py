@@ -14,11 +14,8 @@ from click.testing import CliRunner
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from vitcompress.deploy.templates import predict as bundle_predict
-from vitcompress.deploy.bundle import preprocess_spec
 from vitcompress.cli import main
-from vitcompress.errors import DataError, ModelError
-from vitcompress.models import REFERENCE_CFG, build_reference_architecture
+from vitcompress.deploy.bundle import preprocess_spec
 from vitcompress.deploy.runtime import (
     CASCADE_FILE,
     Preprocessing,
@@ -28,6 +25,9 @@ from vitcompress.deploy.runtime import (
     preprocessing_metadata,
     run_batches,
 )
+from vitcompress.deploy.templates import predict as bundle_predict
+from vitcompress.errors import DataError, ModelError
+from vitcompress.models import REFERENCE_CFG, build_reference_architecture
 
 # Real photographs of several sizes, none square, and a crop of a grey one (scikit-image's own samples).
 PHOTOS = {"coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea(), "rocket": skimage.data.rocket(),

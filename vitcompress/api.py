@@ -32,17 +32,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vitcompress import remeasure
 from vitcompress.context import ConvertSettings, DeployOptions, LogProgress, Progress, RunContext
 from vitcompress.data import UNLABELLED, DataBundle
+from vitcompress.deploy.optimize import check_options
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
-from vitcompress.models import LoadedModel, check_model_args, resolve_name
+from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
-from vitcompress.deploy.optimize import check_options
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
 from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
+from vitcompress.training import checkpoint, distributed
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
-from vitcompress.training import checkpoint, distributed
 
 STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
@@ -346,10 +346,7 @@ def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: s
         return original, ConvertSettings(model=original.name, out_dir=Path())
     if model is not None and not isinstance(model, str):
         raise ModelError(f"model: expected a name or a timm VisionTransformer module, got {type(model).__name__}")
-    name = model or recipe.model
-    if name is None:
-        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
-    resolve_name(name)
+    name = chosen_name(model, recipe.model)
     check_model_args(model_args, Path(checkpoint) if checkpoint else None, random_init)
     return None, ConvertSettings(model=name, out_dir=Path(), checkpoint=Path(checkpoint) if checkpoint else None,
                                  random_init=random_init, model_source="argument" if model else "recipe",

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from torch import nn
-from torch.utils.data import Dataset
 
-from vitcompress.training.distributed import Dist
+from vitcompress.data import DataBundle
 from vitcompress.models import LoadedModel
 from vitcompress.original_cache import OriginalCache
 from vitcompress.recipe import Recipe
+from vitcompress.training.distributed import Dist
 
 log = logging.getLogger("vitcompress")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from vitcompress.deploy.runtime import Preprocessing
+from vitcompress.deploy.runtime import IMAGE_SUFFIXES, Preprocessing
 from vitcompress.errors import DataError
 from vitcompress.labels import ClassSpace
 
@@ -33,7 +33,6 @@ FMNIST_CLASSES = (
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 UNLABELLED = -1
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def fmnist_dir() -> Path:
@@ -92,7 +91,8 @@ def fmnist_dataset(split: str, limit: int | None = None) -> TensorDataset:
 
 
 class ImageDirectory(Dataset):
-    """Images under a directory, preprocessed by the runtime's :class:`~vitcompress.deploy.runtime.Preprocessing` (timm's
+    """Images under a directory, preprocessed by the runtime's
+    :class:`~vitcompress.deploy.runtime.Preprocessing` (timm's
     eval transform, tested equal to it): calibration, fine-tune and validation see the pixels a deployed bundle sees.
 
     ``DIR/<class>/<img>`` gives labelled data, each folder labelled by ``class_index`` (folder name → the
@@ -113,7 +113,7 @@ class ImageDirectory(Dataset):
         else:
             items = [(f, UNLABELLED) for f in sorted(root.iterdir()) if _is_image(f)]
         if not items:
-            raise DataError(f"data directory {root} holds no images ({', '.join(sorted(_IMAGE_SUFFIXES))})")
+            raise DataError(f"data directory {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.items = items[:limit] if limit is not None else items
 
     def __len__(self) -> int:
@@ -139,7 +139,7 @@ def class_folders(root: Path) -> list[str]:
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
 @dataclass
@@ -157,15 +157,6 @@ class DataBundle:
 
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
-
-
-def default_data(model_name: str, random_init: bool) -> str:
-    """Data used when ``--data`` is not given: the reference model's own, noise for latency-only runs."""
-    if model_name in REFERENCE_MODELS:
-        return "fmnist"
-    if random_init:
-        return "synthetic"
-    raise DataError("no data given: pass --data DIR (ImageFolder layout), --data fmnist or --data synthetic")
 
 
 def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: ClassSpace,

@@ -22,10 +22,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session
 from vitcompress.errors import ExportError
 from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
-from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session
 
 CHECK_BATCHES = (1, 3)
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vitcompress.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
-from vitcompress.errors import ModelError
+from vitcompress.errors import DataError, ModelError
 from vitcompress.labels import ClassSpace
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ def resolve_name(name: str) -> str:
             f"({', '.join(sorted(ALIASES))}){hint}"
         )
     return resolved
+
+
+def chosen_name(model: str | None, recipe_model: str | None) -> str:
+    """The model a command converts: the one given (it wins), else the recipe's ``model:``; checked to exist
+    (:func:`resolve_name`) before anything loads. One place for ``convert``, ``plan`` and ``batch``."""
+    name = model or recipe_model
+    if name is None:
+        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
+    resolve_name(name)
+    return name
 
 
 def build_reference_architecture(name: str = REFERENCE_MODEL, **model_args: Any) -> nn.Module:
@@ -383,3 +393,12 @@ def _quiet_hub() -> Iterator[None]:
 def model_classes(loaded: LoadedModel) -> ClassSpace:
     """The class space of a loaded model: its output count and class names (ImageNet's, for a 1000-way head)."""
     return ClassSpace.of(int(loaded.model.num_classes), loaded.class_names)
+
+
+def default_data(model_name: str, random_init: bool) -> str:
+    """Data used when ``--data`` is not given: the reference model's own, noise for latency-only runs."""
+    if model_name in REFERENCE_MODELS:
+        return "fmnist"
+    if random_init:
+        return "synthetic"
+    raise DataError("no data given: pass --data DIR (ImageFolder layout), --data fmnist or --data synthetic")

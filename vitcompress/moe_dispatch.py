@@ -18,8 +18,8 @@ from pathlib import Path
 from torch import nn
 
 from vitcompress.context import RunContext
-from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.evaluate import latency, latency_images
+from vitcompress.layers.moe_linear import MoELinear
 
 DISPATCH_RUNS = 10
 FORMS = ("where", "gather")

@@ -3,8 +3,8 @@ caller passes them the same :class:`OriginalCache`.
 
 Every conversion exports the original and runs it over the validation images: the baseline the converted model
 is compared with. Converting several recipes of one model in one process (a loop over recipes in Python,
-``bench/run.py``, each ``convert(..., cache=cache)``) would repeat identical work each time — on ``vit_fmnist`` about 6 s of export and 30 s of
-10,000-image inference per conversion. Both are looked up by content, so a hit is the same result:
+``bench/run.py``, each ``convert(..., cache=cache)``) would repeat identical work each time — on ``vit_fmnist``
+about 6 s of export and 30 s of 10,000-image inference per conversion. Both are looked up by content, so a hit is the same result:
 
 - the export by the original's weights (sha256 of its state dict), its structure (every module's class and
   plain attributes, e.g. ``num_heads``), the input size, the export settings and the metadata;

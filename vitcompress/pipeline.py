@@ -11,12 +11,12 @@ from pathlib import Path
 from torch import nn
 
 from vitcompress.context import RunContext
-from vitcompress.data import DataBundle, default_data, first_images, resolve_data
+from vitcompress.data import DataBundle, first_images, resolve_data
 from vitcompress.deploy.runtime import preprocessing_metadata
 from vitcompress.errors import DataError
 from vitcompress.export import export_onnx
 from vitcompress.measure import count_params
-from vitcompress.models import model_classes
+from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
 from vitcompress.recipe import staged_steps
 from vitcompress.training import loop
@@ -65,7 +65,7 @@ def export_model(ctx: RunContext, model: nn.Module, path: Path) -> Path:
 def export_original(ctx: RunContext) -> Path:
     """The original model's ONNX in the scratch directory, for timing side by side with the converted one (also
     what ``vitcompress batch`` re-creates to re-measure a finished bundle on another machine). An identical
-    original exported earlier in this process is reused (``ctx.cache``, an :class:`~vitcompress.original_cache.OriginalCache`)."""
+    original exported earlier is reused from ``ctx.cache`` (:class:`~vitcompress.original_cache.OriginalCache`)."""
     config = ctx.recipe.export
     key = repr((model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
                 config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))

@@ -28,14 +28,13 @@ import torch
 from torch import nn
 
 from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
-from vitcompress.errors import ExportError, ModelError
-from vitcompress.export import export_onnx, to_deploy
-from vitcompress.models import LoadedModel, load_model, resolve_name
-from vitcompress.recipe import Recipe, load_recipe, staged_steps
 from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
-from vitcompress.measure import count_macs, count_params, int8_macs
+from vitcompress.errors import ExportError
+from vitcompress.export import export_onnx, to_deploy
+from vitcompress.measure import count_macs, count_params, int8_macs, measure_latency_weights
+from vitcompress.models import LoadedModel, chosen_name, load_model
 from vitcompress.pipeline import apply_steps
-from vitcompress.measure import measure_latency_weights
+from vitcompress.recipe import Recipe, load_recipe, staged_steps
 
 PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
@@ -149,10 +148,7 @@ def plan(
     if calibration_images is not None and calibration_images < recipe_images:
         budget = recipe.calibration.model_copy(update={"images": calibration_images})
         recipe = recipe.model_copy(update={"calibration": budget})
-    name = model or recipe.model
-    if name is None:
-        raise ModelError("no model given: name one (e.g. vit_fmnist, deit_s) or set `model:` in the recipe")
-    resolve_name(name)
+    name = chosen_name(model, recipe.model)
     progress = progress or LogProgress()
     progress.stage("load", name)
     loaded = load_model(name, Path(checkpoint) if checkpoint else None, random_init)

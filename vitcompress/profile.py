@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from vitcompress.errors import ModelError
 from vitcompress.deploy.runtime import input_shape, open_session, session_options
+from vitcompress.errors import ModelError
 
 KERNEL_SUFFIX = "_kernel_time"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"

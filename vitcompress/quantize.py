@@ -41,8 +41,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from vitcompress.errors import ExportError
 from vitcompress.deploy.runtime import INPUT_NAME
+from vitcompress.errors import ExportError
 
 QuantizeMode = Literal["none", "dynamic", "static"]
 Calibration = Literal["minmax", "entropy", "percentile"]

@@ -18,16 +18,15 @@ stage's own measurements, so the batch converts it again.
 
 from __future__ import annotations
 
-from vitcompress.deploy.bundle import update_inference_timing, write_checksums
 from vitcompress.context import RunContext
+from vitcompress.deploy.bundle import update_inference_timing, write_checksums
 from vitcompress.errors import UsageError
+from vitcompress.evaluate import latency, latency_images
 from vitcompress.files import replace_text
 from vitcompress.models import load_model
-from vitcompress.report import Report
-from vitcompress.evaluate import latency, latency_images
 from vitcompress.pipeline import export_original, load_data
 from vitcompress.render import markdown
-from vitcompress.report import build
+from vitcompress.report import Report, build
 from vitcompress.stages import profile
 
 
@@ -49,8 +48,8 @@ def measure(ctx: RunContext) -> None:
                               latency_images(ctx.data.val, max(config.batch_sizes)))
     section = ctx.report["validation"]
     section["threads"] = config.threads
-    for name, latency in timing.items():
-        section["models"][name]["latency"] = latency
+    for name, measured in timing.items():
+        section["models"][name]["latency"] = measured
     ctx.report.pop("profile", None)  # another machine's profile: measured again, or dropped
     profile.run(ctx)
 

@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import save_file
 
 from tests.stages.test_finetune import make_context
-from vitcompress.training import distributed
 from vitcompress.stages import finetune
+from vitcompress.training import distributed
 
 
 def tiny_vit() -> torch.nn.Module:

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from vitcompress.api import apply
+from vitcompress.deploy.runtime import open_session
 from vitcompress.export import ExportConfig, export_onnx, to_deploy
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
 from vitcompress.layers.lowrank_linear import LowRankLinear
-from vitcompress.deploy.runtime import open_session
 from vitcompress.transforms.lowrank import LowRankConfig
 
 INPUT = (1, 28, 28)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from vitcompress.deploy.runtime import open_session
 from vitcompress.export import export_onnx
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.deploy.runtime import open_session
 
 
 def _linear(out_features=48, in_features=32, seed=0) -> nn.Linear:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from vitcompress.data import FMNIST_CLASSES
+from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
 from vitcompress.export import ExportConfig, check_runs, export_onnx
 from vitcompress.recipe import ValidateConfig
-from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.stages.validate import gates, latency
 
 pytestmark = pytest.mark.export

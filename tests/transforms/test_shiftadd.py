@@ -9,15 +9,15 @@ from timm.models.vision_transformer import Attention
 
 from tests.conftest import assert_onnxruntime_matches_torch
 from vitcompress.api import apply_recipe
+from vitcompress.deploy.runtime import open_session
 from vitcompress.errors import RecipeError, TargetError
 from vitcompress.export import export_onnx, to_deploy
 from vitcompress.layers.binary_attention import BinaryAttention
 from vitcompress.layers.int8_linear import Int8PotLinear
 from vitcompress.layers.moe_linear import MoELinear
 from vitcompress.layers.shift_linear import ShiftLinear
-from vitcompress.recipe import load_recipe, parse_recipe
-from vitcompress.deploy.runtime import open_session
 from vitcompress.measure import measure_latency_weights
+from vitcompress.recipe import load_recipe, parse_recipe
 
 RECIPES = Path(__file__).parent.parent.parent / "recipes"
 MLP = "re:blocks\\.\\d+\\.mlp\\.fc[12]"

@@ -10,12 +10,12 @@ from torch import nn
 
 import vitcompress
 from vitcompress.api import apply_recipe
+from vitcompress.deploy.runtime import open_session
 from vitcompress.errors import RecipeError, TargetError
 from vitcompress.export import export_onnx
 from vitcompress.layers.skip import SkippedBlock
 from vitcompress.layers.token_merge import ToMeBlock, ToMeBlocks
 from vitcompress.recipe import parse_recipe
-from vitcompress.deploy.runtime import open_session
 from vitcompress.transforms.token_merge import TokenMergeConfig
 
 

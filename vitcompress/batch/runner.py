@@ -31,12 +31,21 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from vitcompress.batch.gates import evaluate, metrics
-from vitcompress.batch.keys import (available_cores, job_components, keys_of, latency_reasons, machine_fingerprint,
-                                    miss_reasons, package_versions, read_key_file, write_json)
+from vitcompress.batch.keys import (
+    available_cores,
+    job_components,
+    keys_of,
+    latency_reasons,
+    machine_fingerprint,
+    miss_reasons,
+    package_versions,
+    read_key_file,
+    write_json,
+)
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
-from vitcompress.report import Report
 from vitcompress.deploy.timing_lock import LOCK_ENV, WAITS_ENV
+from vitcompress.report import Report
 
 log = logging.getLogger(__name__)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

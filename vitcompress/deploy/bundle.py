@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from vitcompress.errors import ModelError
 from vitcompress.deploy.runtime import CASCADE_FILE, CPU, INPUT_NAME, LOGITS, Preprocessing, class_names, open_session
+from vitcompress.errors import ModelError
 
 MODEL, PREPROCESS, LABELS, INFERENCE = "model.onnx", "preprocess.json", "labels.txt", "inference.json"
 PREDICT, REQUIREMENTS, SUMS = "predict.py", "requirements.txt", "SHA256SUMS"

@@ -34,8 +34,8 @@ from vitcompress.deploy.bundle import (
     model_files,
     write_checksums,
 )
-from vitcompress.errors import GateError, UsageError
 from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, session_options
+from vitcompress.errors import GateError, UsageError
 
 
 def cpu_name() -> str:

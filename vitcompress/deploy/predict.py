@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 
 from vitcompress.deploy.bundle import LABELS, MODEL, label_lines
-from vitcompress.errors import ModelError
 from vitcompress.deploy.runtime import (
     CASCADE_FILE,
     CPU,
@@ -25,6 +24,7 @@ from vitcompress.deploy.runtime import (
     open_session,
     softmax,
 )
+from vitcompress.errors import ModelError
 
 
 class BundlePredictor:

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 
 from vitcompress.deploy.bundle import INFERENCE, LABELS, MODEL, cascade_models, check_checksums
-from vitcompress.errors import ModelError, OutputError, UsageError
 from vitcompress.deploy.runtime import CASCADE_FILE, open_session
+from vitcompress.errors import ModelError, OutputError, UsageError
 
 CONFIG = "config.pbtxt"
 ONNX_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",

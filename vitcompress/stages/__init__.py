@@ -1,5 +1,5 @@
-"""The stages of a conversion, one file each, each a ``run(ctx)`` on the run's :class:`~vitcompress.context.RunContext`,
-in the order :data:`vitcompress.api.STAGES` runs them:
+"""The stages of a conversion, one file each, each a ``run(ctx)`` on the run's
+:class:`~vitcompress.context.RunContext`, in the order :data:`vitcompress.api.STAGES` runs them:
 
 ``load`` → ``transform`` → ``finetune`` → ``export`` → ``validate`` → ``cascade`` → ``profile`` → ``report`` → ``bundle``
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vitcompress.deploy.bundle import GOLDEN_IMAGES, write_bundle
 from vitcompress.context import RunContext
 from vitcompress.data import ImageDirectory, first_images
+from vitcompress.deploy.bundle import GOLDEN_IMAGES, write_bundle
 from vitcompress.deploy.optimize import optimize_offline
 from vitcompress.deploy.runtime import Preprocessing, open_session
 

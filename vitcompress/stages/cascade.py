@@ -20,10 +20,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from vitcompress.context import RunContext
-from vitcompress.export import export_onnx
-from vitcompress.layers.entropy import WithEntropy
 from vitcompress.deploy.runtime import CASCADE_FILE, ENTROPY, LOGITS, Cascade, calibrate_threshold, open_session
 from vitcompress.evaluate import EVAL_BATCH, latency, ort_predictions, top1
+from vitcompress.export import export_onnx
+from vitcompress.layers.entropy import WithEntropy
 from vitcompress.pipeline import apply_steps, finetune, run_metadata
 
 SWEEP_FRACTIONS = (0.5, 0.7, 0.9)

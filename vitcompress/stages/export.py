@@ -16,11 +16,11 @@ from pathlib import Path
 
 from torch import nn
 
-from vitcompress.context import RunContext
 from vitcompress import moe_dispatch
+from vitcompress.context import RunContext
 from vitcompress.export import CHECK_BATCHES, check_runs, to_deploy
-from vitcompress.quantize import quantize_onnx
 from vitcompress.pipeline import calibration_batches, export_model, export_original
+from vitcompress.quantize import quantize_onnx
 
 
 def export_quantized(ctx: RunContext, model: nn.Module, path: Path) -> dict:

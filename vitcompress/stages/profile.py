@@ -8,8 +8,8 @@ at the first validation batch size; each node's time is attributed to its block,
 from __future__ import annotations
 
 from vitcompress.context import RunContext
-from vitcompress.profile import profile_models
 from vitcompress.deploy.timing_lock import latency_lock
+from vitcompress.profile import profile_models
 
 
 def run(ctx: RunContext) -> None:

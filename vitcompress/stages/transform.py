@@ -6,8 +6,8 @@ Steps that a staged fine-tune (``finetune.stages``) applies later are left to th
 from __future__ import annotations
 
 from vitcompress.context import RunContext
-from vitcompress.recipe import staged_steps
 from vitcompress.pipeline import apply_steps
+from vitcompress.recipe import staged_steps
 
 
 def run(ctx: RunContext) -> None:

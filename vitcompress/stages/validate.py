@@ -12,12 +12,22 @@ import onnxruntime as ort
 
 from vitcompress.context import RunContext
 from vitcompress.data import first_images
-from vitcompress.layers.moe_linear import expert_shares
-from vitcompress.recipe import ValidateConfig
 from vitcompress.deploy.runtime import open_session
-from vitcompress.original_cache import file_digest
-from vitcompress.evaluate import EVAL_BATCH, PARITY_IMAGES, Predictions, latency, latency_images, ort_predictions, top1, torch_logits
+from vitcompress.evaluate import (
+    EVAL_BATCH,
+    PARITY_IMAGES,
+    Predictions,
+    latency,
+    latency_images,
+    ort_predictions,
+    top1,
+    torch_logits,
+)
+from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.measure import count_macs, count_params
+from vitcompress.original_cache import file_digest
+from vitcompress.recipe import ValidateConfig
+
 
 def original_predictions(ctx: RunContext, session: ort.InferenceSession) -> Predictions:
     """The original's predictions on the validation data; the same file on the same built-in data set earlier

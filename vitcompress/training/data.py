@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from vitcompress.training.distributed import Dist
 from vitcompress.errors import DataError, RecipeError
+from vitcompress.training.distributed import Dist
 
 
 class SkipUnreadable(Dataset):

@@ -29,11 +29,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitcompress.cka import CKAStats
+from vitcompress.deploy.runtime import measure_latency
 from vitcompress.errors import TargetError
 from vitcompress.export import export_onnx
 from vitcompress.hooks import run_with_hooks
 from vitcompress.layers.skip import SkippedBlock
-from vitcompress.deploy.runtime import measure_latency
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
 
