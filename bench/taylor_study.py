@@ -1,9 +1,10 @@
 """Taylor attention on ``vit_fmnist``: top-1 without and after the distillation fine-tune, per key centring and
 with / without the paper's training-only sparse branch (issue 3's accuracy measurements).
 
-Each run converts every block's attention of the embedded model, fine-tunes with the real fine-tune stage
-(on a GPU when there is one) and measures top-1 in torch on the Fashion-MNIST test split. One JSON line per run
-on stdout; ``bench/taylor_study.jsonl`` holds the committed results (see README for machine and date).
+Each run converts every block's attention of the embedded model, fine-tunes with the real fine-tune loop
+(:func:`vitcompress.training.loop.train`, on a GPU when there is one) and measures top-1 in torch on the
+Fashion-MNIST test split. One JSON line per run on stdout; ``bench/taylor_study.jsonl`` holds the committed
+results (see README for machine and date).
 
     python bench/taylor_study.py > bench/taylor_study.jsonl
 """
@@ -13,16 +14,14 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from vitcompress.api import apply_recipe
-from vitcompress.context import ConvertSettings, LogProgress, RunContext
-from vitcompress.data import DataBundle, fmnist_dataset
+from vitcompress.data import fmnist_dataset
 from vitcompress.models import load_model
-from vitcompress.pipeline import finetune
 from vitcompress.recipe import parse_recipe
+from vitcompress.training import loop
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ALL_BLOCKS = {"targets": ["blocks.*.attn"]}
@@ -49,13 +48,9 @@ def study(center: str, sparse: bool, steps: int, lr: float, original, train, tes
     apply_recipe(model, recipe)
     result = {"center": center, "sparse_branch": sparse, "finetune_steps": steps, "lr": lr}
     if steps:
-        ctx = RunContext(settings=ConvertSettings(model="vit_fmnist", out_dir=Path("unused")), recipe=recipe,
-                         work_dir=Path("unused"), scratch_dir=Path("unused"), progress=LogProgress())
-        ctx.original, ctx.model = copy.deepcopy(original), model
-        ctx.data = DataBundle("fmnist", train, test, True)
         start = time.time()
-        finetune(ctx)
-        result.update(finetune_seconds=round(time.time() - start, 1), last_loss=ctx.report["finetune"]["last_loss"])
+        tuned = loop.train(model, copy.deepcopy(original.model), train, recipe.finetune)
+        result.update(finetune_seconds=round(time.time() - start, 1), last_loss=tuned.last_loss)
     result["top1"] = top1(model, *test.tensors)
     return result
 

@@ -1,8 +1,9 @@
 """The import rules of docs/architecture.md, read from the source with ast (imports inside functions count too).
 
 cli → api → stages → transforms → layers; deploy/, export, errors and the torch-only helpers are leaves that
-the rest may use. A stage imports no other stage; bench/, the CLI and the planner import no stage; nothing under
-deploy/ imports torch, timm or the ONNX exporter (checked in a fresh interpreter). No cycle anywhere.
+the rest may use. A stage imports no other stage; bench/, the CLI and the planner import no stage; training/ takes
+explicit arguments (no run context, stage or pipeline); nothing under deploy/ imports torch, timm or the ONNX
+exporter (checked in a fresh interpreter). No cycle anywhere.
 """
 
 import ast
@@ -17,6 +18,7 @@ ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "vitcompress"
 #: Modules any layer may use: they import nothing of vitcompress but each other.
 LEAVES = {"vitcompress.errors", "vitcompress.hooks", "vitcompress.cka", "vitcompress.files", "vitcompress.quantize",
+          "vitcompress.progress",
           "vitcompress.deploy", "vitcompress.deploy.runtime", "vitcompress.deploy.bundle", "vitcompress.deploy.predict",
           "vitcompress.deploy.triton", "vitcompress.deploy.optimize", "vitcompress.deploy.timing_lock",
           "vitcompress.deploy.templates.predict"}
@@ -115,6 +117,14 @@ def test_every_stage_file_is_a_stage():
     from vitcompress.api import STAGES
 
     assert sorted(stage.__name__ for stage in STAGES) == sorted(stages)
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "training")])
+def test_training_imports_no_context_stage_or_pipeline(name):
+    """The fine-tune loop and its helpers take explicit arguments: a RunContext is the stages' business."""
+    forbidden = {m for m in GRAPH[name]
+                 if in_layer(m, "stages") or m in {"vitcompress.context", "vitcompress.pipeline"}}
+    assert not forbidden, f"{name} imports {sorted(forbidden)}"
 
 
 BENCH = {f"bench.{p.stem}": p for p in sorted((ROOT / "bench").glob("*.py"))}

@@ -7,6 +7,7 @@ Stages never import each other (docs/architecture.md); what two of them share li
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -92,19 +93,26 @@ def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[in
     return results
 
 
-def finetune(ctx: RunContext, checkpoints: bool = True) -> None:
-    """Fine-tune ``ctx.model`` (stage by stage with ``finetune.stages``); ``checkpoints=False`` for a second
-    model of the same conversion (the cascade's high-effort one), which is not checkpointed."""
+def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> dict | None:
+    """Fine-tune ``ctx.model`` from the original (:func:`vitcompress.training.loop.train`); returns the report's
+    ``finetune`` section (None without a ``finetune`` recipe section).
+
+    Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its group
+    of recipe steps (added to ``ctx.report["steps"]``), then trains ``steps`` optimizer steps; the section sums the
+    stages and lists each. ``saver``: the conversion's checkpoints (and ``--resume``); None for a second model of
+    the same conversion (the cascade's high-effort one), which is not checkpointed."""
     config = ctx.recipe.finetune
     if config is None:
-        ctx.report["finetune"] = None
-        return
-    saver = loop.Checkpoints(ctx, config) if checkpoints else None
+        return None
     resume = saver.resume_state() if saver else None
+
+    def train(**where: Any) -> dict:
+        return loop.train(ctx.model, ctx.original.model, ctx.data.train, config, place=ctx.dist,
+                          progress=ctx.progress, saver=saver, **where).model_dump()
+
     stages = staged_steps(ctx.recipe)
     if not stages:
-        ctx.report["finetune"] = loop.train(ctx, config, saver=saver, resume=resume)
-        return
+        return train(resume=resume)
     results: list[dict] = []
     for number, indices in enumerate(stages):
         ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
@@ -113,13 +121,13 @@ def finetune(ctx: RunContext, checkpoints: bool = True) -> None:
         if resume is not None and number < resume.stage:
             results.append(resume.progress["done"][number])  # finished before the interruption
             continue
-        results.append({"transforms": config.stages[number], **loop.train(
-            ctx, config, f"stage {number + 1}/{len(stages)}", stage=number, done=results, saver=saver,
+        results.append({"transforms": config.stages[number], **train(
+            label=f"stage {number + 1}/{len(stages)}", stage=number, done=results,
             resume=resume if resume is not None and resume.stage == number else None)})
     seconds = sum(r["seconds"] for r in results)
     steps_done = sum(r["steps_done"] for r in results)
     last = results[-1]
-    ctx.report["finetune"] = {
+    return {
         "steps_done": steps_done, "steps_budget": config.steps * len(stages),
         "first_loss": results[0]["first_loss"], "last_loss": last["last_loss"], "seconds": seconds,
         "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": last["stopped"],

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from vitcompress.context import ConvertSettings, LogProgress, RunContext
+from vitcompress.context import ConvertSettings, RunContext
 from vitcompress.data import DataBundle
 from vitcompress.errors import RecipeError
 from vitcompress.models import LoadedModel
+from vitcompress.progress import LogProgress
 from vitcompress.recipe import parse_recipe
 from vitcompress.stages import finetune
 from vitcompress.training import loop

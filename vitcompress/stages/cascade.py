@@ -37,8 +37,7 @@ def high_effort_model(ctx: RunContext):
     model = copy.deepcopy(ctx.original.model)
     steps = apply_steps(ctx, model, config.high)
     sub = dataclasses.replace(ctx, model=model, report={})
-    finetune(sub, checkpoints=False)
-    return model, {"steps": steps, "finetune": sub.report["finetune"]}
+    return model, {"steps": steps, "finetune": finetune(sub)}
 
 
 def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

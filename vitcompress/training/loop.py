@@ -1,4 +1,8 @@
-"""The fine-tune loop: brief distillation of the converted student from the frozen original (docs/architecture.md).
+"""The fine-tune loop: brief distillation of a student from its frozen teacher, given as explicit arguments.
+
+:func:`train` takes the models, the training images, the recipe's ``finetune`` section, this process's place in
+a torchrun job and a progress sink; it knows nothing of a conversion's context (the fine-tune stage and
+:func:`vitcompress.pipeline.finetune` build the arguments from it; docs/architecture.md).
 
 Loss = ``labels_ce``·CE(labels) (labelled data only) + ``logits_kl``·T²·KL(teacher_T ‖ student_T) + every
 module's ``aux_loss`` (e.g. MoE load balance). AdamW with linear warm-up then cosine decay over a budget of
@@ -6,11 +10,9 @@ optimizer steps, gradient clipping, and two guards against divergence, both repo
 model that is kept): a step whose loss or gradient norm is not finite is not applied, training stops there and
 the last good weights are kept; when the loss (smoothed, as an exponential moving average) grows past
 ``max_loss_ratio`` × the first loss — what too high a learning rate does to AdamW, whose normalised steps keep the
-loss finite while the weights wander — training stops and the weights from before the run are restored. Training runs on
-``config.device`` (a GPU when one is there, by default); the models are back on the CPU afterwards, for export.
-
-Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its
-group of recipe steps, then trains ``steps`` optimizer steps; the report sums the stages and lists each.
+loss finite while the weights wander — training stops and the weights from before the run are restored. Training
+runs on ``config.device`` (a GPU when one is there, by default); the models are back on the CPU afterwards, for
+export.
 
 Under ``torchrun`` the same loop runs in every process with DistributedDataParallel: each rank takes
 ``batch_size / world_size`` images of the global batch (:mod:`vitcompress.training.data`), the gradients
@@ -30,18 +32,23 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
-from vitcompress.context import RunContext
 from vitcompress.errors import DataError, RecipeError, ResumeError
+from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import FinetuneConfig
+from vitcompress.report import FinetuneRun
 from vitcompress.training import checkpoint, distributed
 from vitcompress.training.data import train_batches
+from vitcompress.training.distributed import Dist
 
 log = logging.getLogger("vitcompress")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,13 +143,21 @@ def training_device(requested: str) -> torch.device:
     return torch.device("cuda" if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+@dataclass(frozen=True)
 class Checkpoints:
-    """Where and when this fine-tune saves checkpoints (rank 0), and the state a resume continues from."""
+    """Where and when a fine-tune saves checkpoints (rank 0), and the state a resume continues from.
 
-    def __init__(self, ctx: RunContext, config: FinetuneConfig) -> None:
-        self.ctx = ctx
-        self.every = config.checkpoint_every
-        self.directory = ctx.checkpoint_dir
+    Attributes:
+        directory: where checkpoints go; None: none are saved or read.
+        every: save one every this many optimizer steps (and on SIGTERM); None: none are saved.
+        resume: continue from the checkpoint in ``directory`` (``convert --resume``).
+        place: this process's place in the torchrun job (rank 0 reads and writes, every rank waits for it).
+    """
+
+    directory: Path | None
+    every: int | None
+    resume: bool = False
+    place: Dist = field(default_factory=Dist)
 
     @property
     def enabled(self) -> bool:
@@ -153,11 +168,10 @@ class Checkpoints:
 
     def resume_state(self) -> checkpoint.TrainState | None:
         """The checkpoint to continue from (read by rank 0, sent to every rank); None without ``--resume``."""
-        if not (self.ctx.settings.resume and self.directory is not None):
+        if not (self.resume and self.directory is not None):
             return None
-        place = self.ctx.dist
-        state = [checkpoint.load(self.directory) if place.is_main else None]
-        if place.enabled:
+        state = [checkpoint.load(self.directory) if self.place.is_main else None]
+        if self.place.enabled:
             torch_dist.broadcast_object_list(state, src=0)
         if state[0] is None:
             raise ResumeError(f"--resume: no checkpoint in {self.directory}: run without --resume")
@@ -165,11 +179,10 @@ class Checkpoints:
 
     def save(self, state: checkpoint.TrainState) -> None:
         """Rank 0 writes ``state``; every rank waits for it, so none exits while the checkpoint is half-written."""
-        place = self.ctx.dist
-        if place.is_main:
+        if self.place.is_main:
             path = checkpoint.save(self.directory, state)
             log.info("checkpoint: %s", path)
-        if place.enabled:
+        if self.place.enabled:
             torch_dist.barrier()
 
 
@@ -191,7 +204,7 @@ class HeldSigterm:
         raise SystemExit(128 + signal.SIGTERM)
 
     @contextlib.contextmanager
-    def held(self, enabled: bool) -> Iterator["HeldSigterm"]:
+    def held(self, enabled: bool) -> Iterator[HeldSigterm]:
         usable = enabled and threading.current_thread() is threading.main_thread()
         self.previous = signal.getsignal(signal.SIGTERM) if usable else None
         if not usable or self.previous is signal.SIG_IGN:
@@ -239,11 +252,26 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: int = 0, done: list[dict] | None = None,
-          saver: Checkpoints | None = None, resume: checkpoint.TrainState | None = None) -> dict:
-    """Distil ``ctx.model`` from the original for ``config.steps`` optimizer steps; returns the run's summary."""
-    place = ctx.dist
-    student, teacher = ctx.model, ctx.original.model
+def train(student: nn.Module, teacher: nn.Module, data: Dataset, config: FinetuneConfig, *, place: Dist | None = None,
+          progress: Progress | None = None, label: str = "", stage: int = 0, done: list[dict] | None = None,
+          saver: Checkpoints | None = None, resume: checkpoint.TrainState | None = None) -> FinetuneRun:
+    """Distil ``student`` from ``teacher`` for ``config.steps`` optimizer steps; returns the run's summary.
+
+    Args:
+        student: the model to train, in place; afterwards on the CPU, in eval mode, without gradients.
+        teacher: the frozen model whose logits (and final tokens, for ``tokens_mse``) the student learns.
+        data: the training set of ``(image, label)`` pairs, label -1 where there is none.
+        config: the recipe's ``finetune`` section.
+        place: this process's place in a torchrun job (default: alone).
+        progress: where the run reports its steps (default: :class:`~vitcompress.progress.LogProgress`).
+        label: what the progress line calls this run (e.g. ``stage 1/2``).
+        stage: this run's index among ``finetune.stages``, recorded in its checkpoints.
+        done: the summaries of the stages finished before this one, recorded in its checkpoints.
+        saver: where and when to checkpoint (None: never, and SIGTERM is left alone).
+        resume: a checkpoint of this very run to continue from (:meth:`Checkpoints.resume_state`).
+    """
+    place = Dist() if place is None else place
+    progress = LogProgress() if progress is None else progress
     device = distributed.device_for(place) or training_device(config.device)
     torch.manual_seed(config.seed)
     for name, param in student.named_parameters():
@@ -255,18 +283,18 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     precision = resolve_precision(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    batches = train_batches(ctx.data.train, config.batch_size, place, config.seed, config.workers,
+    batches = train_batches(data, config.batch_size, place, config.seed, config.workers,
                             pin_memory=device.type == "cuda")
-    progress = {"losses": [], "seen": 0, "seconds": 0.0, "skipped": 0}
+    run = {"losses": [], "seen": 0, "seconds": 0.0, "skipped": 0}
     if resume is not None:
         before = _resume_into(student, optimizer, scheduler, scaler, guard, resume)
-        progress = dict(resume.progress["run"])
+        run = dict(resume.progress["run"])
     start = resume.step if resume is not None else 0
     where = f"{place.world_size} processes ({place.backend}), {batches.per_rank_batch} images each, " \
         if place.enabled else ""
-    ctx.progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
-                                   f"{where}lr {config.lr:g}, {precision}, on {device}"
-                                   + (f", resumed at step {start}" if resume is not None else ""))
+    progress.stage("finetune", f"{label + ': ' if label else ''}{config.steps} steps, batch {config.batch_size}, "
+                               f"{where}lr {config.lr:g}, {precision}, on {device}"
+                               + (f", resumed at step {start}" if resume is not None else ""))
     student.to(device)
     teacher.to(device)
     net = TokensAndLogits(student)
@@ -276,19 +304,19 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
                                     find_unused_parameters=routed) if place.enabled else net
     teacher_net = TokensAndLogits(teacher)
     autocast = torch.autocast(device.type, dtype=AUTOCAST_DTYPES.get(precision), enabled=precision != "fp32")
-    ctx.progress.start("finetune", config.steps)
+    progress.start("finetune", config.steps)
     if start:
-        ctx.progress.advance("finetune", start)
+        progress.advance("finetune", start)
     student.train()
-    losses, stopped = progress["losses"], None
-    t0 = time.perf_counter() - progress["seconds"]
+    losses, stopped = run["losses"], None
+    t0 = time.perf_counter() - run["seconds"]
     stream = batches.from_step(start)
     with HeldSigterm().held(saver is not None and saver.enabled) as terminating:
         for step in range(start, config.steps):
             images, labels, dropped = next(stream)
             for reason in dropped:
                 log.warning("fine-tune: skipped an unreadable image: %s", reason)
-            progress["skipped"] += len(dropped)
+            run["skipped"] += len(dropped)
             if images is None:
                 raise DataError(f"fine-tune step {step}: no image of the batch could be read ({dropped[0]})")
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -316,33 +344,33 @@ def train(ctx: RunContext, config: FinetuneConfig, label: str = "", *, stage: in
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            progress["seen"] += round(shared[1].item() * place.world_size)
+            run["seen"] += round(shared[1].item() * place.world_size)
             losses.append(shared[0].item())
-            ctx.progress.advance("finetune", loss=losses[-1], img_s=progress["seen"] / (time.perf_counter() - t0))
+            progress.advance("finetune", loss=losses[-1], img_s=run["seen"] / (time.perf_counter() - t0))
             sigterm = shared[2].item() > 0
             if saver is not None and (saver.due(step + 1, config.steps) or (sigterm and saver.enabled)):
-                progress["seconds"] = time.perf_counter() - t0
+                run["seconds"] = time.perf_counter() - t0
                 saver.save(checkpoint.TrainState(
                     stage=stage, step=step + 1, student=student.state_dict(), before=before,
                     optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                     rng=checkpoint.rng_states(),
-                    progress={"run": {**progress, "guard": [guard.first, guard.smoothed]}, "done": done or []}))
+                    progress={"run": {**run, "guard": [guard.first, guard.smoothed]}, "done": done or []}))
             if sigterm:
                 terminating.redeliver()
-    ctx.progress.finish("finetune")
+    progress.finish("finetune")
     student.cpu()
     teacher.cpu()
     student.eval()
     student.requires_grad_(False)
     seconds = time.perf_counter() - t0
-    return {
-        "steps_done": len(losses), "steps_budget": config.steps, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "seconds": seconds,
-        "images_per_second": progress["seen"] / max(seconds, 1e-9), "stopped": stopped, "device": str(device),
-        "world_size": place.world_size, "per_rank_batch": batches.per_rank_batch, "backend": place.backend,
-        "precision": precision, "workers": batches.workers, "skipped_images": progress["skipped"],
-        "resumed_from_step": resume.step if resume is not None else None,
-    }
+    return FinetuneRun(
+        steps_done=len(losses), steps_budget=config.steps, first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None, seconds=seconds,
+        images_per_second=run["seen"] / max(seconds, 1e-9), stopped=stopped, device=str(device),
+        world_size=place.world_size, per_rank_batch=batches.per_rank_batch, backend=place.backend,
+        precision=precision, workers=batches.workers, skipped_images=run["skipped"],
+        resumed_from_step=resume.step if resume is not None else None,
+    )
 
 
 def _resume_into(student: nn.Module, optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
