@@ -55,7 +55,7 @@ def study(center: str, sparse: bool, steps: int, lr: float, original, train, tes
         ctx.data = DataBundle("fmnist", train, test, True)
         start = time.time()
         finetune(ctx)
-        result.update(finetune_seconds=round(time.time() - start, 1), last_loss=ctx.report["finetune"]["last_loss"])
+        result.update(finetune_seconds=round(time.time() - start, 1), last_loss=ctx.report.finetune.last_loss)
     result["top1"] = top1(model, *test.tensors)
     return result
 

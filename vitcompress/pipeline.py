@@ -19,6 +19,7 @@ from vitcompress.measure import count_params
 from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
 from vitcompress.recipe import staged_steps
+from vitcompress.report import Finetune, Step
 from vitcompress.training import loop
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformInputs
@@ -69,11 +70,10 @@ def export_original(ctx: RunContext) -> Path:
     config = ctx.recipe.export
     key = repr((model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
                 config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))
-    return ctx.cache.exported(key, ctx.original_onnx_path,
-                                  lambda path: export_model(ctx, ctx.original.model, path))
+    return ctx.cache.exported(key, ctx.original_onnx_path, lambda path: export_model(ctx, ctx.original.model, path))
 
 
-def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[dict]:
+def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[Step]:
     """Apply ``steps`` (those at ``indices``, default all) to ``model`` in place; per step what it converted
     (and its ``details``, if any)."""
     results = []
@@ -84,10 +84,8 @@ def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[in
         before = count_params(model)
         ctx.progress.stage("transform", f"step {i}: {step.transform}")
         converted = transform.apply(model, step, inputs)
-        results.append({"step": i, "transform": step.transform, "modules": converted,
-                        "params_before": before, "params_after": count_params(model)})
-        if inputs.details:
-            results[-1]["details"] = inputs.details
+        results.append(Step(step=i, transform=step.transform, modules=converted, params_before=before,
+                            params_after=count_params(model), details=inputs.details or None))
     model.eval()
     return results
 
@@ -97,17 +95,17 @@ def finetune(ctx: RunContext, checkpoints: bool = True) -> None:
     model of the same conversion (the cascade's high-effort one), which is not checkpointed."""
     config = ctx.recipe.finetune
     if config is None:
-        ctx.report["finetune"] = None
+        ctx.report.finetune = None
         return
     saver = loop.Checkpoints(ctx, config) if checkpoints else None
     resume = saver.resume_state() if saver else None
     stages = staged_steps(ctx.recipe)
     if not stages:
-        ctx.report["finetune"] = loop.train(ctx, config, saver=saver, resume=resume)
+        ctx.report.finetune = Finetune.model_validate(loop.train(ctx, config, saver=saver, resume=resume))
         return
     results: list[dict] = []
     for number, indices in enumerate(stages):
-        ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
+        ctx.report.steps += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
         if results and results[-1]["stopped"]:
             continue  # a stopped stage ends training, but the recipe's transforms are all still applied
         if resume is not None and number < resume.stage:
@@ -119,11 +117,11 @@ def finetune(ctx: RunContext, checkpoints: bool = True) -> None:
     seconds = sum(r["seconds"] for r in results)
     steps_done = sum(r["steps_done"] for r in results)
     last = results[-1]
-    ctx.report["finetune"] = {
+    ctx.report.finetune = Finetune.model_validate({
         "steps_done": steps_done, "steps_budget": config.steps * len(stages),
         "first_loss": results[0]["first_loss"], "last_loss": last["last_loss"], "seconds": seconds,
         "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": last["stopped"],
         **{key: last[key] for key in ("device", "world_size", "per_rank_batch", "backend", "precision", "workers")},
         "skipped_images": sum(r["skipped_images"] for r in results),
         "resumed_from_step": resume.step if resume is not None else None, "stages": results,
-    }
+    })
