@@ -73,5 +73,5 @@ def measure(originals: Originals, name: str, random_init: bool, bundle: Path, ru
         accuracy[model] = {"top1": top1(predicted.classes, predicted.labels), "predictions": predicted.classes}
     reference = originals.predictions(original, data, threads).classes
     agreement = {m: float(np.mean(a["predictions"] == reference)) for m, a in accuracy.items()}
-    return {"latency": timing,
+    return {"latency": {model: {f"b{batch}": t for batch, t in per_batch.items()} for model, per_batch in timing.items()},
             "top1": {m: a["top1"] for m, a in accuracy.items()}, "agreement": agreement, "runs": runs}

@@ -69,7 +69,7 @@ def latency_study(work: Path) -> dict:
     quantize_onnx(fast_fp32, paths["fast + static (layer outputs quantised)"], "static",
                   calibration=gaussian(32, shape), quantised_outputs=True)
     timing = measure_latency(paths, batch_sizes=BATCHES, threads=THREADS, runs=RUNS, warmup=WARMUP)
-    return {name: {batch: {"p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"],
+    return {name: {f"b{batch}": {"p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"],
                            "speedup_vs_fp32": timing["fp32"][batch]["p50_ms"] / t["p50_ms"]}
                    for batch, t in timing[name].items()} for name in paths}
 

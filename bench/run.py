@@ -177,7 +177,7 @@ def summarise(label: str, model: str, report: Report) -> dict:
         row["moe_dispatch"] = report.export.moe_dispatch.model_dump()
     for batch, ms in converted.latency.items():
         base = original.latency[batch]
-        row["latency"][batch] = {"original_p50_ms": base.p50_ms, "original_p90_ms": base.p90_ms,
+        row["latency"][f"b{batch}"] = {"original_p50_ms": base.p50_ms, "original_p90_ms": base.p90_ms,
                                  "p50_ms": ms.p50_ms, "p90_ms": ms.p90_ms, "spread": ms.spread,
                                  "speedup": base.p50_ms / ms.p50_ms}
     return row

@@ -106,7 +106,9 @@ def main() -> None:
             paths[name] = export_onnx(model, work / f"variant{i}.onnx", input_size=size)
             print(f"exported {name}", flush=True)
         start = time.perf_counter()
-        timing = measure_latency(paths, batch_sizes=[1, 8], threads=args.threads, runs=args.runs, warmup=3)
+        timing = {name: {f"b{batch}": t for batch, t in per_batch.items()}  # the results file's "b8" keys
+                  for name, per_batch in measure_latency(paths, batch_sizes=[1, 8], threads=args.threads,
+                                                         runs=args.runs, warmup=3).items()}
         seconds = time.perf_counter() - start
     print(f"\n{args.model}, {machine_description()}, {args.threads} threads, {args.runs} interleaved runs "
           f"({seconds:.0f} s)\n")

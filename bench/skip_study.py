@@ -84,7 +84,7 @@ def deit_latency(args, work: Path) -> dict:
         apply_recipe(model, parse_recipe({"steps": [{"transform": "attention_skip", "blocks": blocks}]}, "study"))
         paths[f"{count} skips"] = export_onnx(model, work / f"skip{count}.onnx", input_size=input_size)
     timing = latency(paths, ValidateConfig(batch_sizes=[1, 8], latency_runs=args.runs))
-    return {name: {batch: {**ms, "ratio": timing["original"][batch]["p50_ms"] / ms["p50_ms"]}
+    return {name: {f"b{batch}": {**ms, "ratio": timing["original"][batch]["p50_ms"] / ms["p50_ms"]}
                    for batch, ms in per_batch.items()} for name, per_batch in timing.items()}
 
 

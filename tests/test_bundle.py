@@ -233,7 +233,7 @@ def test_cascade_bundle_verifies_predicts_and_exports_two_triton_models(tiny_vit
     preprocessing = Preprocessing.from_session(open_session(directory / "model.onnx"))
     pngs = [(f"{i}.png", (source / f"{i}.png").read_bytes()) for i in range(3)]
     write_bundle(directory, preprocessing.load([source / f"{i}.png" for i in range(3)]), pngs, threads=1,
-                 latency={"b1": {"p50_ms": 1.0}, "b8": {"p50_ms": 2.0}})
+                 latency={1: {"p50_ms": 1.0}, 8: {"p50_ms": 2.0}})
     result = verify(directory)
     assert result.ok and {"golden low.onnx", "golden high.onnx", "preprocessing"} <= {c.name for c in result.checks}
     assert (directory / "labels.txt").read_text().split("\n")[5] == "sandal"

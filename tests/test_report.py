@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from vitcompress.render import markdown, side_by_side_rows
-from vitcompress.report import SCHEMA_VERSION, Report, build
+from vitcompress.report import SCHEMA_VERSION, Report, Sections, build
 
 
 def latency(p50: float) -> dict:
@@ -43,15 +43,20 @@ def stage_sections() -> dict:
     }
 
 
+def built(sections: dict) -> Report:
+    """The report of ``sections`` as the stages would assign them (each section validated), then built."""
+    return build(Sections.model_validate(sections))
+
+
 def test_build_validates_the_sections_and_lists_the_failed_gates():
-    report = build(stage_sections())
+    report = built(stage_sections())
     assert report.schema_version == SCHEMA_VERSION and report.failed_gates == ["max_top1_drop"]
     assert report.validation.models["converted"].latency["b1"].p50_ms == 1.6
     assert report.cascade is None and report.profile is None and report.export.moe_dispatch is None
 
 
 def test_report_json_loads_back_equal(tmp_path):
-    report = build(stage_sections())
+    report = built(stage_sections())
     (tmp_path / "report.json").write_text(report.dump_json())
     assert Report.load(tmp_path / "report.json") == report == Report.load(tmp_path)
     assert json.loads(report.dump_json())["schema_version"] == SCHEMA_VERSION
@@ -65,29 +70,29 @@ def test_an_unknown_key_anywhere_is_an_error(path):
         node = node[key]
     node["colour"] = "red"
     with pytest.raises(ValidationError, match="colour\n.*Extra inputs are not permitted"):
-        build(sections)
+        built(sections)
 
 
 def test_a_wrong_type_or_a_missing_section_is_an_error():
     sections = stage_sections()
     sections["validation"]["models"]["converted"]["params"] = "many"
     with pytest.raises(ValidationError, match="validation.models.converted.params"):
-        build(sections)
+        built(sections)
     sections = stage_sections()
     del sections["export"]
     with pytest.raises(ValidationError, match="export\n.*Field required"):
-        build(sections)
+        built(sections)
 
 
 def test_another_schema_version_does_not_load(tmp_path):
-    data = json.loads(build(stage_sections()).dump_json())
+    data = json.loads(built(stage_sections()).dump_json())
     (tmp_path / "report.json").write_text(json.dumps({**data, "schema_version": 2}))
     with pytest.raises(ValidationError, match="schema_version"):
         Report.load(tmp_path)
 
 
 def test_markdown_renders_the_table_the_cka_scores_and_every_gate():
-    report = build(stage_sections())
+    report = built(stage_sections())
     text = markdown(report)
     assert "# vitcompress report: vit_fmnist" in text and "- weights: in-memory module" in text
     assert "| ORT latency b1 p50 / p90 | 2.00 / 2.20 ms | 1.60 / 1.76 ms (1.25×) |" in text
@@ -101,7 +106,7 @@ def test_no_top1_row_without_labels():
     sections = copy.deepcopy(stage_sections())
     for model in sections["validation"]["models"].values():
         model["top1"] = None
-    assert not any(row[0].startswith("top-1 (%)") for row in side_by_side_rows(build(sections)))
+    assert not any(row[0].startswith("top-1 (%)") for row in side_by_side_rows(built(sections)))
 
 
 def test_markdown_of_a_finetune_stopped_before_its_first_step():
@@ -109,5 +114,5 @@ def test_markdown_of_a_finetune_stopped_before_its_first_step():
     sections = copy.deepcopy(stage_sections())
     sections["finetune"].update(steps_done=0, first_loss=None, last_loss=None,
                                 stopped="non-finite loss or gradient at step 0: stopped, kept the weights from before the fine-tune")
-    text = markdown(build(sections))
+    text = markdown(built(sections))
     assert "fine-tune: 0/3 steps, 12 img/s" in text and "non-finite loss or gradient at step 0" in text

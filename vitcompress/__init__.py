@@ -6,7 +6,7 @@ Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)
 
     vitcompress.apply(model, vitcompress.TaylorConfig())            # transform in place, returns the model
     result = vitcompress.convert("vit_fmnist", "recipes/fast.yaml")  # the whole pipeline → ConvertResult
-    result.report.validation.models["converted"].latency["b1"].p50_ms
+    result.report.validation.models["converted"].latency[1].p50_ms
 
 Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``export_onnx``, ``load_model`` and the transform
 configs ``LowRankConfig``, ``TaylorConfig``, ``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``,

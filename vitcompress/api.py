@@ -452,11 +452,11 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
     ctx.work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:  # from here on, a SIGTERM (raised as an exception) or any error removes the partial directory
         ctx.work_dir.chmod(0o755)
-        ctx.report.update(recipe=recipe_source,
-                          date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                          machine=machine_description(),
-                          versions={"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
-                                    "timm": _version("timm"), "onnx": _version("onnx")})
+        ctx.report.recipe = recipe_source
+        ctx.report.date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        ctx.report.machine = machine_description()
+        ctx.report.versions = {"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
+                               "timm": _version("timm"), "onnx": _version("onnx")}
         identity = checkpoint.run_identity(dump_recipe(recipe), settings.model, settings.checkpoint,
                                            settings.random_init, settings.data, place.world_size, settings.model_args)
         enabled = recipe.finetune is not None and recipe.finetune.checkpoint_every is not None

@@ -17,6 +17,7 @@ from vitcompress.models import LoadedModel
 from vitcompress.original_cache import OriginalCache
 from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import Recipe
+from vitcompress.report import Sections
 from vitcompress.training.distributed import Dist
 
 __all__ = ["ConvertSettings", "DeployOptions", "LogProgress", "Progress", "RunContext"]
@@ -61,7 +62,7 @@ class RunContext:
     original: LoadedModel | None = None
     model: nn.Module | None = None
     data: DataBundle | None = None
-    report: dict[str, Any] = field(default_factory=dict)
+    report: Sections = field(default_factory=Sections)
     #: this process's place in a torchrun job (one process by default)
     dist: Dist = field(default_factory=Dist)
     #: where the fine-tune saves checkpoints (rank 0) and a resume reads them; None: no checkpoints

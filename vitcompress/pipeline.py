@@ -20,6 +20,7 @@ from vitcompress.measure import count_params
 from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
 from vitcompress.recipe import staged_steps
+from vitcompress.report import Finetune, Step
 from vitcompress.training import loop
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformInputs
@@ -70,11 +71,10 @@ def export_original(ctx: RunContext) -> Path:
     config = ctx.recipe.export
     key = repr((model_digest(ctx.original.model), tuple(ctx.original.data_config["input_size"]),
                 config.opset, config.dynamic_batch, sorted(run_metadata(ctx).items())))
-    return ctx.cache.exported(key, ctx.original_onnx_path,
-                                  lambda path: export_model(ctx, ctx.original.model, path))
+    return ctx.cache.exported(key, ctx.original_onnx_path, lambda path: export_model(ctx, ctx.original.model, path))
 
 
-def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[dict]:
+def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[Step]:
     """Apply ``steps`` (those at ``indices``, default all) to ``model`` in place; per step what it converted
     (and its ``details``, if any)."""
     results = []
@@ -85,20 +85,18 @@ def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[in
         before = count_params(model)
         ctx.progress.stage("transform", f"step {i}: {step.transform}")
         converted = transform.apply(model, step, inputs)
-        results.append({"step": i, "transform": step.transform, "modules": converted,
-                        "params_before": before, "params_after": count_params(model)})
-        if inputs.details:
-            results[-1]["details"] = inputs.details
+        results.append(Step(step=i, transform=step.transform, modules=converted, params_before=before,
+                            params_after=count_params(model), details=inputs.details or None))
     model.eval()
     return results
 
 
-def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> dict | None:
+def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> Finetune | None:
     """Fine-tune ``ctx.model`` from the original (:func:`vitcompress.training.loop.train`); returns the report's
     ``finetune`` section (None without a ``finetune`` recipe section).
 
     Staged (``finetune.stages``, as ShiftAddViT's attention-then-MoE schedule): each stage first applies its group
-    of recipe steps (added to ``ctx.report["steps"]``), then trains ``steps`` optimizer steps; the section sums the
+    of recipe steps (added to ``ctx.report.steps``), then trains ``steps`` optimizer steps; the section sums the
     stages and lists each. ``saver``: the conversion's checkpoints (and ``--resume``); None for a second model of
     the same conversion (the cascade's high-effort one), which is not checkpointed."""
     config = ctx.recipe.finetune
@@ -112,10 +110,10 @@ def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> dict | N
 
     stages = staged_steps(ctx.recipe)
     if not stages:
-        return train(resume=resume)
+        return Finetune.model_validate(train(resume=resume))
     results: list[dict] = []
     for number, indices in enumerate(stages):
-        ctx.report["steps"] += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
+        ctx.report.steps += apply_steps(ctx, ctx.model, ctx.recipe.model_steps, indices)
         if results and results[-1]["stopped"]:
             continue  # a stopped stage ends training, but the recipe's transforms are all still applied
         if resume is not None and number < resume.stage:
@@ -127,11 +125,11 @@ def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> dict | N
     seconds = sum(r["seconds"] for r in results)
     steps_done = sum(r["steps_done"] for r in results)
     last = results[-1]
-    return {
+    return Finetune.model_validate({
         "steps_done": steps_done, "steps_budget": config.steps * len(stages),
         "first_loss": results[0]["first_loss"], "last_loss": last["last_loss"], "seconds": seconds,
         "images_per_second": steps_done * config.batch_size / max(seconds, 1e-9), "stopped": last["stopped"],
         **{key: last[key] for key in ("device", "world_size", "per_rank_batch", "backend", "precision", "workers")},
         "skipped_images": sum(r["skipped_images"] for r in results),
         "resumed_from_step": resume.step if resume is not None else None, "stages": results,
-    }
+    })

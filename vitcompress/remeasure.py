@@ -26,7 +26,7 @@ from vitcompress.files import replace_text
 from vitcompress.models import load_model
 from vitcompress.pipeline import export_original, load_data
 from vitcompress.render import markdown
-from vitcompress.report import Report, build
+from vitcompress.report import Remeasured, Report, Sections, build
 from vitcompress.stages import profile
 
 
@@ -45,12 +45,12 @@ def measure(ctx: RunContext) -> None:
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs, "
                                   f"{config.threads} threads")
     timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
-                              latency_images(ctx.data.val, max(config.batch_sizes)))
-    section = ctx.report["validation"]
-    section["threads"] = config.threads
+                     latency_images(ctx.data.val, max(config.batch_sizes)))
+    section = ctx.report.validation
+    section.threads = config.threads
     for name, measured in timing.items():
-        section["models"][name]["latency"] = measured
-    ctx.report.pop("profile", None)  # another machine's profile: measured again, or dropped
+        section.models[name].latency = measured
+    ctx.report.profile = None  # another machine's profile: measured again, or dropped
     profile.run(ctx)
 
 
@@ -62,15 +62,15 @@ def run(ctx: RunContext, machine: str, date: str, reason: str) -> Report:
     ctx.original = load_model(settings.model, settings.checkpoint, settings.random_init, settings.model_args)
     check(ctx, old)
     ctx.data = load_data(ctx)
-    ctx.report = old.model_dump(mode="json")
+    ctx.report = Sections.of(old.model_copy(deep=True))
     measure(ctx)
-    ctx.report.update(machine=machine, remeasured={
-        "date": date, "reason": reason, "converted_on": old.machine, "converted_date": old.date})
-    ctx.report.pop("failed_gates")
+    ctx.report.machine = machine
+    ctx.report.remeasured = Remeasured(date=date, reason=reason, converted_on=old.machine, converted_date=old.date)
     report = build(ctx.report)
     replace_text(ctx.work_dir / "report.json", report.dump_json())
     replace_text(ctx.work_dir / "report.md", markdown(report))
+    converted = report.validation.models["converted"].latency
     update_inference_timing(ctx.work_dir, ctx.recipe.validate_.threads,
-                            ctx.report["validation"]["models"]["converted"]["latency"])
+                            {batch: timing.model_dump() for batch, timing in converted.items()})
     write_checksums(ctx.work_dir)
     return report

@@ -20,7 +20,7 @@ def side_by_side_rows(report: Report) -> list[tuple[str, str, str]]:
     ]
     for batch in original.latency:
         o, c = original.latency[batch], converted.latency[batch]
-        rows.append((f"ORT latency {batch} p50 / p90", f"{o.p50_ms:.2f} / {o.p90_ms:.2f} ms",
+        rows.append((f"ORT latency b{batch} p50 / p90", f"{o.p50_ms:.2f} / {o.p90_ms:.2f} ms",
                      f"{c.p50_ms:.2f} / {c.p90_ms:.2f} ms ({o.p50_ms / c.p50_ms:.2f}×)"))
     if original.top1 is not None:
         rows.append(("top-1 (%)", f"{original.top1:.2f}", f"{converted.top1:.2f}"))
@@ -81,7 +81,7 @@ def markdown(report: Report) -> str:
                      f"{step.params_before:,} → {step.params_after:,}")
     if report.export.moe_dispatch:
         d = report.export.moe_dispatch
-        measured = "; ".join(f"{form} " + ", ".join(f"{b} {ms:.2f} ms" for b, ms in times.items())
+        measured = "; ".join(f"{form} " + ", ".join(f"b{b} {ms:.2f} ms" for b, ms in times.items())
                              for form, times in d.latency.items())
         lines.append(f"- MoE export form: **{d.chosen}** for {d.layers} layers (onnxruntime p50 over "
                      f"{d.runs} interleaved runs: {measured})")

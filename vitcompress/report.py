@@ -1,9 +1,10 @@
 """The conversion report: a pydantic model with a ``schema_version``, dumped as ``report.json``.
 
-The stages write their sections into ``RunContext.report`` (a plain dict); the report stage validates that dict
-into :class:`Report` (unknown keys and wrong types are errors, so the schema is enforced where it is made) and
-writes ``report.json`` from it. Readers (the CLI, ``report.md``, the bench) load it with :meth:`Report.load`
-and use attributes, e.g. ``report.validation.models["converted"].latency["b1"].p50_ms``.
+The stages assign typed sections to ``RunContext.report`` (a :class:`Sections`, validated on every assignment, so
+the schema is enforced where a section is made); the report stage turns it into :class:`Report` (:func:`build`)
+and writes ``report.json`` from it. Readers (the CLI, ``report.md``, the bench) load it with :meth:`Report.load`
+and use attributes, e.g. ``report.validation.models["converted"].latency[1].p50_ms`` (batch sizes are ``int`` keys in
+Python; ``report.json`` writes them as ``"b1"``).
 
 A leaf module: pydantic and the standard library only (no torch), so reading a report is cheap.
 """
@@ -11,15 +12,27 @@ A leaf module: pydantic and the standard library only (no torch), so reading a r
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
 SCHEMA_VERSION = 1
 
 
+def _batch_size(key: object) -> object:
+    """``"b8"`` (a batch size as ``report.json`` writes it) → 8; anything else is left to int validation."""
+    return int(key[1:]) if isinstance(key, str) and key[:1] == "b" and key[1:].isdigit() else key
+
+
+#: A batch size: an ``int`` inside the program, ``"b8"`` in ``report.json`` (and in ``model_dump()``).
+BatchSize = Annotated[int, BeforeValidator(_batch_size), PlainSerializer(lambda batch: f"b{batch}", return_type=str)]
+V = TypeVar("V")
+#: Values per batch size.
+ByBatch = dict[BatchSize, V]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelInfo(_Section):
@@ -92,7 +105,7 @@ class MoEDispatch(_Section):
     chosen: str
     gather_over_where: float
     runs: int
-    latency: dict[str, dict[str, float]]
+    latency: dict[str, ByBatch[float]] = Field(description="p50 ms per export form and batch size")
 
 
 class Quantization(_Section):
@@ -142,7 +155,7 @@ class ModelMetrics(_Section):
     params: int
     macs: int
     top1: Optional[float]
-    latency: dict[str, Latency] = Field(description="per batch size key, e.g. 'b1'")
+    latency: ByBatch[Latency] = Field(description="per batch size ('b1' in JSON, 1 in Python)")
     parity: Parity
     agreement: float = Field(description="top-1 agreement with the original model in onnxruntime")
 
@@ -175,7 +188,7 @@ class OperatingPoint(_Section):
     threshold: float
     early_fraction: float
     top1: Optional[float]
-    expected_ms: dict[str, ExpectedCost]
+    expected_ms: ByBatch[ExpectedCost]
 
 
 class CascadeHigh(_Section):
@@ -193,8 +206,8 @@ class Cascade(_Section):
     top1: Optional[float]
     top1_low: Optional[float]
     top1_high: Optional[float]
-    expected_ms: dict[str, ExpectedCost]
-    latency: dict[str, dict[str, Latency]]
+    expected_ms: ByBatch[ExpectedCost]
+    latency: dict[str, ByBatch[Latency]]
     high: CascadeHigh
     sweep: list[OperatingPoint]
 
@@ -246,7 +259,34 @@ class Report(_Section):
         return cls.model_validate_json((path / "report.json" if path.is_dir() else path).read_text())
 
 
-def build(report: dict) -> Report:
-    """Validate the stages' sections into a :class:`Report`, with the names of the gates that failed."""
-    failed = [g["gate"] for g in report["validation"]["gates"] if g["passed"] is False]
-    return Report.model_validate({**report, "failed_gates": failed})
+class Sections(_Section):
+    """The report while a conversion makes it: each stage assigns its typed section (validated on assignment);
+    :func:`build` checks that every required one was assigned."""
+
+    recipe: Optional[str] = None
+    date: Optional[str] = None
+    machine: Optional[str] = None
+    versions: Optional[dict[str, str]] = None
+    model: Optional[ModelInfo] = None
+    data: Optional[DataInfo] = None
+    steps: list[Step] = Field(default_factory=list)
+    finetune: Optional[Finetune] = None
+    export: Optional[Export] = None
+    validation: Optional[Validation] = None
+    cascade: Optional[Cascade] = None
+    profile: Optional[dict[str, Any]] = None
+    remeasured: Optional[Remeasured] = None
+
+    @classmethod
+    def of(cls, report: Report) -> "Sections":
+        """The sections of a finished report (to re-measure and rebuild it)."""
+        return cls(**{name: getattr(report, name) for name in cls.model_fields})
+
+
+def build(sections: Sections) -> Report:
+    """The finished :class:`Report` of ``sections``, with the names of the gates that failed. Only the sections
+    that were assigned are passed on, so one that its stage never assigned is "Field required" (a stage that ran
+    and found nothing to report, e.g. no fine-tune, assigns None)."""
+    failed = [g.gate for g in sections.validation.gates if g.passed is False] if sections.validation else []
+    assigned = {name: getattr(sections, name) for name in sections.model_fields_set}
+    return Report(**assigned, failed_gates=failed)

@@ -6,7 +6,6 @@ Usage: ddp_worker.py OUT_DIR [finetune.key=value ...]
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,7 @@ def main(out: Path, overrides: list[str]) -> None:
     if ctx.dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out / "student.safetensors"))
-        (out / "finetune.json").write_text(json.dumps(ctx.report["finetune"]))
+        (out / "finetune.json").write_text(ctx.report.finetune.model_dump_json())
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_distillation_moves_student_towards_teacher(reference_model):
     before = kl_to_teacher(student, reference_model, images)
     ctx = make_context(reference_model, student, images, labels, steps=15, lr=1e-3)
     finetune.run(ctx)
-    assert ctx.report["finetune"]["steps_done"] == 15 and ctx.report["finetune"]["stopped"] is None
+    assert ctx.report.finetune.steps_done == 15 and ctx.report.finetune.stopped is None
     assert kl_to_teacher(student, reference_model, images) < 0.5 * before
     assert not student.training
 
@@ -70,8 +70,8 @@ def test_nan_guard_keeps_last_good_weights(reference_model):
     weights = copy.deepcopy(student.state_dict())
     ctx = make_context(reference_model, student, images, labels, steps=5)
     finetune.run(ctx)
-    assert ctx.report["finetune"]["steps_done"] == 0
-    assert "non-finite" in ctx.report["finetune"]["stopped"]
+    assert ctx.report.finetune.steps_done == 0
+    assert "non-finite" in ctx.report.finetune.stopped
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value, weights[key], equal_nan=True)
 
@@ -80,7 +80,7 @@ def test_no_finetune_section_skips(reference_model):
     ctx = make_context(reference_model, reference_model, torch.zeros(8, 1, 28, 28), torch.zeros(8).long())
     ctx.recipe = parse_recipe({}, "test")
     finetune.run(ctx)
-    assert ctx.report["finetune"] is None
+    assert ctx.report.finetune is None
 
 
 def test_cosine_schedule_with_warmup():
@@ -96,7 +96,7 @@ def test_auto_device_is_cpu_without_gpu_and_models_end_on_cpu(reference_model):
     ctx = make_context(reference_model, student, images, labels, steps=1)
     finetune.run(ctx)
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert ctx.report["finetune"]["device"].startswith(expected)
+    assert ctx.report.finetune.device.startswith(expected)
     assert all(p.device.type == "cpu" for p in [*student.parameters(), *reference_model.parameters()])
 
 
@@ -122,12 +122,12 @@ def test_staged_finetune_applies_each_group_then_trains_it(reference_model):
     ctx = make_context(reference_model, student, images, labels, recipe_steps=steps, steps=3, lr=1e-2,
                        stages=[["shiftadd_attention"], ["shiftadd_moe"]])
     transform.run(ctx)
-    assert ctx.report["steps"] == [] and not isinstance(student.blocks[0].attn, BinaryAttention)
+    assert ctx.report.steps == [] and not isinstance(student.blocks[0].attn, BinaryAttention)
     torch.manual_seed(0)
     finetune.run(ctx)
     assert isinstance(student.blocks[0].attn, BinaryAttention) and isinstance(student.blocks[0].mlp.fc1, MoELinear)
-    assert [s["transform"] for s in ctx.report["steps"]] == ["shiftadd_attention", "shiftadd_moe"]
-    report = ctx.report["finetune"]
+    assert [s.transform for s in ctx.report.steps] == ["shiftadd_attention", "shiftadd_moe"]
+    report = ctx.report.finetune.model_dump()
     assert [s["transforms"] for s in report["stages"]] == [["shiftadd_attention"], ["shiftadd_moe"]]
     assert report["steps_done"] == 6 and report["steps_budget"] == 6 and report["stopped"] is None
     fresh = MoELinear.from_linear(reference_model.blocks[0].mlp.fc1, levels=7)
@@ -142,7 +142,7 @@ def test_divergence_guard_restores_the_weights_from_before_the_run(reference_mod
     weights = copy.deepcopy(student.state_dict())
     ctx = make_context(reference_model, student, images, labels, steps=30, lr=10.0, warmup_steps=0)
     finetune.run(ctx)
-    run = ctx.report["finetune"]
+    run = ctx.report.finetune.model_dump()
     assert run["stopped"].startswith("diverged at step") and 0 < run["steps_done"] < 30
     for key, value in student.state_dict().items():
         torch.testing.assert_close(value, weights[key])

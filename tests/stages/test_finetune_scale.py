@@ -23,7 +23,7 @@ def test_bf16_autocast_trains_on_cpu_and_the_report_says_so(reference_model):
     ctx = make_context(reference_model, student, images, labels, steps=2, lr=1e-3, precision="bf16", workers=0)
     finetune.run(ctx)
     hook.remove()
-    assert ctx.report["finetune"]["precision"] == "bf16" and ctx.report["finetune"]["steps_done"] == 2
+    assert ctx.report.finetune.precision == "bf16" and ctx.report.finetune.steps_done == 2
     assert seen == [torch.bfloat16, torch.bfloat16], "the student's linears ran in bf16 under autocast"
     assert all(p.dtype == torch.float32 for p in student.parameters()), "the weights stay fp32"
     assert not torch.equal(student.blocks[0].attn.qkv.weight, reference_model.blocks[0].attn.qkv.weight)
@@ -42,7 +42,7 @@ def test_workers_skip_an_unreadable_image_and_count_it(tmp_path, reference_model
                        steps=3, batch_size=13, workers=1)
     ctx.data.train = data  # 13 images: every step reads them all, the broken one included
     finetune.run(ctx)
-    run = ctx.report["finetune"]
+    run = ctx.report.finetune.model_dump()
     assert run["workers"] == 1 and run["steps_done"] == 3 and run["skipped_images"] == 3
     assert sum("broken.png" in r.getMessage() for r in caplog.records) == 3
 
@@ -97,7 +97,7 @@ def test_checkpoint_then_resume_equals_an_uninterrupted_run(tmp_path, reference_
     monkeypatch.setattr(checkpoint, "save", real_save)
     assert saved == [2, 4] and checkpoint.load(tmp_path / "b").step == 4
     ctx, resumed = run_with_checkpoints(reference_model, tmp_path / "b", 7, resume=True)
-    assert ctx.report["finetune"]["resumed_from_step"] == 4 and ctx.report["finetune"]["steps_done"] == 7
+    assert ctx.report.finetune.resumed_from_step == 4 and ctx.report.finetune.steps_done == 7
     for name, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
 
@@ -152,4 +152,4 @@ def test_auto_precision_run_reports_what_it_resolved_to(reference_model):
     ctx = make_context(reference_model, perturbed(reference_model), images, labels, steps=1, precision="auto",
                        workers=0)
     finetune.run(ctx)
-    assert ctx.report["finetune"]["precision"] == loop.resolve_precision("auto", torch.device("cpu"))
+    assert ctx.report.finetune.precision == loop.resolve_precision("auto", torch.device("cpu"))

@@ -45,9 +45,9 @@ def metrics(report: Report) -> dict[str, Any]:
         "agreement": converted.agreement, "max_abs_diff": converted.parity.max_abs_diff,
     }
     for batch, timing in converted.latency.items():
-        result[f"latency_{batch}_ms"] = timing.p50_ms
-        result[f"latency_{batch}_original_ms"] = original.latency[batch].p50_ms
-        result[f"speedup_{batch}"] = original.latency[batch].p50_ms / timing.p50_ms
+        result[f"latency_b{batch}_ms"] = timing.p50_ms
+        result[f"latency_b{batch}_original_ms"] = original.latency[batch].p50_ms
+        result[f"speedup_b{batch}"] = original.latency[batch].p50_ms / timing.p50_ms
     return result
 
 
@@ -77,7 +77,7 @@ def evaluate(job: Job, report: Report) -> list[GateResult]:
                             note=no_labels))
     if v.min_agreement is not None:
         result.append(gate_result("min_agreement", "recipe", m["agreement"], v.min_agreement, False, "agreement"))
-    result += manifest_gates(job.gates, m, list(report.validation.models["converted"].latency))
+    result += manifest_gates(job.gates, m, [f"b{batch}" for batch in report.validation.models["converted"].latency])
     return result
 
 

@@ -92,7 +92,7 @@ def _pins() -> str:
 
 
 def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str, bytes]] = (), *,
-                 threads: int, latency: Mapping[str, dict] | None = None) -> None:
+                 threads: int, latency: Mapping[int, dict] | None = None) -> None:
     """Write the bundle files next to the exported models in ``directory``, then ``SHA256SUMS`` over all files.
 
     Args:
@@ -101,7 +101,7 @@ def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str
         images: ``(file name, bytes)`` of the image files ``inputs`` were preprocessed from, in order, when
             they can be stored (empty otherwise; ``verify`` then skips the preprocessing check).
         threads: onnxruntime intra-op threads the latency was measured with.
-        latency: the converted model's measured latency per batch size (``{"b1": {"p50_ms": …}, …}``).
+        latency: the converted model's measured latency per batch size (``{1: {"p50_ms": …}, …}``).
     """
     inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     session = open_session(directory / MODEL, threads)
@@ -136,13 +136,14 @@ def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str
     write_checksums(directory)
 
 
-def inference_timing(threads: int, latency: Mapping[str, dict] | None) -> dict:
-    """The part of ``inference.json`` that a latency measurement decides (threads, ORT version, timings)."""
-    return {"intra_op_threads": threads, "onnxruntime": ort.__version__,
-            "batch_sizes": sorted(int(b[1:]) for b in (latency or {})), "latency": dict(latency or {})}
+def inference_timing(threads: int, latency: Mapping[int, dict] | None) -> dict:
+    """The part of ``inference.json`` that a latency measurement decides (threads, ORT version, timings per batch
+    size, written ``"b8"``)."""
+    return {"intra_op_threads": threads, "onnxruntime": ort.__version__, "batch_sizes": sorted(latency or {}),
+            "latency": {f"b{batch}": timing for batch, timing in sorted((latency or {}).items())}}
 
 
-def update_inference_timing(directory: Path, threads: int, latency: Mapping[str, dict]) -> None:
+def update_inference_timing(directory: Path, threads: int, latency: Mapping[int, dict]) -> None:
     """Replace the timing part of a bundle's ``inference.json`` (latency measured again; the rest kept).
     ``SHA256SUMS`` is then stale: call :func:`write_checksums` after the bundle's last change."""
     path = directory / INFERENCE

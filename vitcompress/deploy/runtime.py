@@ -142,8 +142,8 @@ def input_shape(session: ort.InferenceSession) -> tuple[int, ...]:
 
 
 def measure_latency(paths: Mapping[str, str | Path], *, batch_sizes: Sequence[int], threads: int, runs: int,
-                    warmup: int, images: np.ndarray | None = None) -> dict[str, dict[str, dict]]:
-    """Per model and batch size (``"b8"``), the :class:`Timing` (as a dict) of interleaved onnxruntime runs.
+                    warmup: int, images: np.ndarray | None = None) -> dict[str, dict[int, dict]]:
+    """Per model and batch size, the :class:`Timing` (as a dict) of interleaved onnxruntime runs.
 
     Args:
         paths: name → ONNX file; each gets a session with ``threads`` non-spinning intra-op threads.
@@ -156,13 +156,13 @@ def measure_latency(paths: Mapping[str, str | Path], *, batch_sizes: Sequence[in
     """
     sessions = {name: open_session(path, threads) for name, path in paths.items()}
     shape = input_shape(next(iter(sessions.values())))
-    results: dict[str, dict[str, dict]] = {name: {} for name in sessions}
+    results: dict[str, dict[int, dict]] = {name: {} for name in sessions}
     for batch in batch_sizes:
         x = (np.random.default_rng(batch).standard_normal((batch, *shape), dtype=np.float32) if images is None
              else np.ascontiguousarray(np.resize(images, (batch, *images.shape[1:])), dtype=np.float32))
         feeds = {name: {s.get_inputs()[0].name: x} for name, s in sessions.items()}
         for name, timing in time_interleaved(sessions, feeds, runs=runs, warmup=warmup).items():
-            results[name][f"b{batch}"] = timing.as_dict()
+            results[name][batch] = timing.as_dict()
     return results
 
 

@@ -60,8 +60,9 @@ def run(ctx: RunContext) -> None:
     preprocessing = Preprocessing.from_session(open_session(ctx.onnx_path))
     images = source_images(ctx.data.val, inputs, preprocessing)
     validate = ctx.recipe.validate_
-    latency = ctx.report.get("validation", {}).get("models", {}).get("converted", {}).get("latency")
-    write_bundle(ctx.work_dir, inputs, images, threads=validate.threads, latency=latency)
+    latency = ctx.report.validation.models["converted"].latency
+    write_bundle(ctx.work_dir, inputs, images, threads=validate.threads,
+                 latency={batch: timing.model_dump() for batch, timing in latency.items()})
     deploy = ctx.settings.deploy
     if deploy.optimize_offline or deploy.ort_format:
         ctx.progress.stage("optimize", f"offline: {deploy.optimize_offline or 'no'} model.opt.onnx, "

@@ -25,6 +25,8 @@ from vitcompress.evaluate import EVAL_BATCH, latency, ort_predictions, top1
 from vitcompress.export import export_onnx
 from vitcompress.layers.entropy import WithEntropy
 from vitcompress.pipeline import apply_steps, finetune, run_metadata
+from vitcompress.report import Cascade as CascadeSection
+from vitcompress.report import CascadeHigh, Sections
 
 SWEEP_FRACTIONS = (0.5, 0.7, 0.9)
 
@@ -33,11 +35,11 @@ def high_effort_model(ctx: RunContext):
     """The high-effort model and what was done to it (steps, fine-tune), or the original itself."""
     config = ctx.recipe.cascade
     if config.high == "original":
-        return ctx.original.model, {"steps": "original", "finetune": None}
+        return ctx.original.model, CascadeHigh(steps="original", finetune=None)
     model = copy.deepcopy(ctx.original.model)
     steps = apply_steps(ctx, model, config.high)
-    sub = dataclasses.replace(ctx, model=model, report={})
-    return model, {"steps": steps, "finetune": finetune(sub)}
+    sub = dataclasses.replace(ctx, model=model, report=Sections())
+    return model, CascadeHigh(steps=steps, finetune=finetune(sub))
 
 
 def outputs(path, dataset, threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,10 +95,10 @@ def run(ctx: RunContext) -> None:
     timing = latency({"original": ctx.original_onnx_path, **paths}, validate)
     fractions = sorted({*SWEEP_FRACTIONS, config.low_effort_fraction})
     point = operating_point(config.low_effort_fraction, low, high_classes, timing)
-    ctx.report["cascade"] = {
+    ctx.report.cascade = CascadeSection.model_validate({
         "low_effort_fraction": config.low_effort_fraction, "threshold": threshold,
         "early_fraction": float(early.mean()), "images": len(data),
         "top1": top1(classes, labels), "top1_low": top1(low[0], labels), "top1_high": top1(high_classes, labels),
         "expected_ms": point["expected_ms"], "latency": timing, "high": high_info,
         "sweep": [operating_point(f, low, high_classes, timing) for f in fractions],
-    }
+    })

@@ -21,6 +21,7 @@ from vitcompress.context import RunContext
 from vitcompress.export import CHECK_BATCHES, check_runs, to_deploy
 from vitcompress.pipeline import calibration_batches, export_model, export_original
 from vitcompress.quantize import quantize_onnx
+from vitcompress.report import Export, MoEDispatch, Quantization
 
 
 def export_quantized(ctx: RunContext, model: nn.Module, path: Path) -> dict:
@@ -61,10 +62,8 @@ def run(ctx: RunContext) -> None:
         export(ctx.model, ctx.onnx_path)
     state = {k: v.contiguous() for k, v in ctx.model.state_dict().items()}
     save_file(state, str(ctx.work_dir / "model.safetensors"), metadata={"model": ctx.original.name})
-    ctx.report["export"] = {"opset": config.opset, "dynamic_batch": config.dynamic_batch,
-                            "checked_batches": list(CHECK_BATCHES if config.dynamic_batch else (2,)),
-                            "onnx_bytes": ctx.onnx_path.stat().st_size}
-    if dispatch is not None:
-        ctx.report["export"]["moe_dispatch"] = dispatch
-    if quantized:
-        ctx.report["export"]["quantize"] = quantized
+    ctx.report.export = Export(
+        opset=config.opset, dynamic_batch=config.dynamic_batch,
+        checked_batches=list(CHECK_BATCHES if config.dynamic_batch else (2,)), onnx_bytes=ctx.onnx_path.stat().st_size,
+        moe_dispatch=MoEDispatch.model_validate(dispatch) if dispatch is not None else None,
+        quantize=Quantization.model_validate(quantized) if quantized else None)

@@ -14,4 +14,4 @@ def run(ctx: RunContext) -> None:
     config = ctx.recipe.finetune
     saver = None if config is None else Checkpoints(ctx.checkpoint_dir, config.checkpoint_every,
                                                     resume=ctx.settings.resume, place=ctx.dist)
-    ctx.report["finetune"] = finetune(ctx, saver)
+    ctx.report.finetune = finetune(ctx, saver)

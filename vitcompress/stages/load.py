@@ -9,6 +9,7 @@ import copy
 from vitcompress.context import RunContext
 from vitcompress.models import load_model
 from vitcompress.pipeline import load_data
+from vitcompress.report import DataInfo, ModelInfo
 
 
 def run(ctx: RunContext) -> None:
@@ -18,9 +19,8 @@ def run(ctx: RunContext) -> None:
     ctx.original.model.requires_grad_(False)
     ctx.model = copy.deepcopy(ctx.original.model)
     ctx.data = ctx.data or load_data(ctx)
-    ctx.report["model"] = {"name": ctx.original.name, "weights": ctx.original.weights,
-                           "input_size": list(ctx.original.data_config["input_size"]), "source": settings.model_source,
-                           "model_args": settings.model_args or None}
-    ctx.report["data"] = {"name": ctx.data.name, "train_images": len(ctx.data.train),
-                          "val_images": len(ctx.data.val), "labelled": ctx.data.labelled,
-                          "classes": ctx.data.classes}
+    ctx.report.model = ModelInfo(name=ctx.original.name, weights=ctx.original.weights,
+                                 input_size=list(ctx.original.data_config["input_size"]),
+                                 source=settings.model_source, model_args=settings.model_args or None)
+    ctx.report.data = DataInfo(name=ctx.data.name, train_images=len(ctx.data.train), val_images=len(ctx.data.val),
+                               labelled=ctx.data.labelled, classes=ctx.data.classes)

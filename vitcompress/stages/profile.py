@@ -19,6 +19,7 @@ def run(ctx: RunContext) -> None:
     batch = config.batch_sizes[0]
     ctx.progress.stage("profile", f"onnxruntime profiler, batch {batch}, {config.profile_runs} runs per model")
     with latency_lock("profile"):
-        ctx.report["profile"] = profile_models(
-            {"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, {"converted": ctx.report["steps"]},
+        ctx.report.profile = profile_models(
+            {"original": ctx.original_onnx_path, "converted": ctx.onnx_path},
+            {"converted": [step.model_dump() for step in ctx.report.steps]},
             batch_size=batch, runs=config.profile_runs, warmup_runs=config.warmup_runs, threads=config.threads)

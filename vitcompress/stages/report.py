@@ -1,8 +1,8 @@
 """Stage 6 — report: ``report.json`` (everything measured) and ``report.md`` (the side-by-side table).
 
-The earlier stages leave their sections in ``ctx.report``; this stage validates them into the
-:class:`~vitcompress.report.Report` schema (:func:`~vitcompress.report.build`), so a stage that writes an unknown
-or mistyped key fails here instead of producing a report that readers cannot parse.
+The earlier stages assign their typed sections to ``ctx.report`` (:class:`~vitcompress.report.Sections`); this stage
+builds the :class:`~vitcompress.report.Report` from them (:func:`~vitcompress.report.build`), which fails when a
+required section is missing instead of producing a report that readers cannot parse.
 """
 
 from __future__ import annotations

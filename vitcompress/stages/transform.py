@@ -13,4 +13,4 @@ from vitcompress.recipe import staged_steps
 def run(ctx: RunContext) -> None:
     steps = ctx.recipe.model_steps
     later = {i for stage in staged_steps(ctx.recipe) for i in stage}
-    ctx.report["steps"] = apply_steps(ctx, ctx.model, steps, [i for i in range(len(steps)) if i not in later])
+    ctx.report.steps = apply_steps(ctx, ctx.model, steps, [i for i in range(len(steps)) if i not in later])

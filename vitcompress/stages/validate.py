@@ -27,6 +27,7 @@ from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.measure import count_macs, count_params
 from vitcompress.original_cache import file_digest
 from vitcompress.recipe import ValidateConfig
+from vitcompress.report import Gate, ModelMetrics, Validation
 
 
 def original_predictions(ctx: RunContext, session: ort.InferenceSession) -> Predictions:
@@ -75,30 +76,28 @@ def run(ctx: RunContext) -> None:
     agreement = float((predictions["converted"].classes == predictions["original"].classes).mean())
     table["converted"]["agreement"] = agreement
     table["original"]["agreement"] = 1.0
-    ctx.report["validation"] = {"images": len(data), "threads": config.threads, "models": table,
-                                "gates": gates(table, config)}
     shares = expert_shares(ctx.model, first_images(data, PARITY_IMAGES, EVAL_BATCH))
-    if shares is not None:
-        ctx.report["validation"]["expert_shares"] = {"images": min(PARITY_IMAGES, len(data)), **shares}
+    metrics = {name: ModelMetrics.model_validate(row) for name, row in table.items()}
+    ctx.report.validation = Validation(
+        images=len(data), threads=config.threads, models=metrics, gates=gates(metrics, config),
+        expert_shares={"images": min(PARITY_IMAGES, len(data)), **shares} if shares is not None else None)
 
 
-def gates(table: dict, config: ValidateConfig) -> list[dict]:
+def gates(models: dict[str, ModelMetrics], config: ValidateConfig) -> list[Gate]:
     """Each configured gate with its measured value and whether it passed."""
-    converted, original = table["converted"], table["original"]
-    result = [{"gate": "max_abs_diff", "limit": config.max_abs_diff,
-               "value": converted["parity"]["max_abs_diff"],
-               "passed": converted["parity"]["max_abs_diff"] <= config.max_abs_diff}]
-    onnx = converted["parity"].get("onnx", "float32")
-    if onnx != "float32":
-        result[0]["note"] = f"torch float32 vs the {onnx} ONNX model"
-    if config.max_top1_drop is not None and original["top1"] is None:
-        result.append({"gate": "max_top1_drop", "limit": config.max_top1_drop, "value": None, "passed": None,
-                       "note": "skipped: the validation data has no labels"})
+    converted, original = models["converted"], models["original"]
+    diff = converted.parity.max_abs_diff
+    onnx = converted.parity.onnx
+    result = [Gate(gate="max_abs_diff", limit=config.max_abs_diff, value=diff, passed=diff <= config.max_abs_diff,
+                   note=f"torch float32 vs the {onnx} ONNX model" if onnx != "float32" else None)]
+    if config.max_top1_drop is not None and original.top1 is None:
+        result.append(Gate(gate="max_top1_drop", limit=config.max_top1_drop, value=None, passed=None,
+                           note="skipped: the validation data has no labels"))
     elif config.max_top1_drop is not None:
-        drop = original["top1"] - converted["top1"]
-        result.append({"gate": "max_top1_drop", "limit": config.max_top1_drop, "value": drop,
-                       "passed": drop <= config.max_top1_drop})
+        drop = original.top1 - converted.top1
+        result.append(Gate(gate="max_top1_drop", limit=config.max_top1_drop, value=drop,
+                           passed=drop <= config.max_top1_drop))
     if config.min_agreement is not None:
-        result.append({"gate": "min_agreement", "limit": config.min_agreement, "value": converted["agreement"],
-                       "passed": converted["agreement"] >= config.min_agreement})
+        result.append(Gate(gate="min_agreement", limit=config.min_agreement, value=converted.agreement,
+                           passed=converted.agreement >= config.min_agreement))
     return result

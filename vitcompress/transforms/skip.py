@@ -93,7 +93,7 @@ def onnx_latency_ms(model: nn.Module, input_size: tuple[int, ...], config: SkipC
         path = export_onnx(model, Path(tmp) / "candidate.onnx", input_size=input_size)
         timing = measure_latency({"candidate": path}, batch_sizes=[config.latency_batch],
                                  threads=config.latency_threads, runs=config.latency_runs, warmup=3)
-    return timing["candidate"][f"b{config.latency_batch}"]["p50_ms"]
+    return timing["candidate"][config.latency_batch]["p50_ms"]
 
 
 def _greedy(model: nn.Module, config: SkipConfig, inputs: TransformInputs, names: list[str]) -> list[dict]:
