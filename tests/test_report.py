@@ -51,7 +51,7 @@ def built(sections: dict) -> Report:
 def test_build_validates_the_sections_and_lists_the_failed_gates():
     report = built(stage_sections())
     assert report.schema_version == SCHEMA_VERSION and report.failed_gates == ["max_top1_drop"]
-    assert report.validation.models["converted"].latency["b1"].p50_ms == 1.6
+    assert report.validation.models["converted"].latency[1].p50_ms == 1.6
     assert report.cascade is None and report.profile is None and report.export.moe_dispatch is None
 
 

@@ -111,14 +111,14 @@ def plan_steps(ctx: RunContext, input_size: tuple[int, ...], original: dict) -> 
         applied = apply_steps(ctx, ctx.model, ctx.recipe.model_steps, [i])[0]
         t1 = time.perf_counter()
         params_after, macs_after, cost_after = deployed_cost(ctx.model, input_size)
-        steps.append({"step": i, "transform": applied["transform"], "matched": len(applied["modules"]),
-                      "modules": applied["modules"], "params_before": params, "params_after": params_after,
+        steps.append({"step": i, "transform": applied.transform, "matched": len(applied.modules),
+                      "modules": applied.modules, "params_before": params, "params_after": params_after,
                       "macs_before": macs, "macs_after": macs_after, "cost_before": cost, "cost_after": cost_after,
                       "speedup": cost / cost_after, "cumulative_speedup": original["cost"] / cost_after,
                       "mac_speedup": macs / macs_after,
                       "seconds": {"apply": t1 - t0, "measure": time.perf_counter() - t1}})
-        if "details" in applied:
-            steps[-1]["details"] = applied["details"]
+        if applied.details:
+            steps[-1]["details"] = applied.details
         params, macs, cost = params_after, macs_after, cost_after
     return steps
 

@@ -10,6 +10,7 @@ from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
 from vitcompress.export import ExportConfig, check_runs, export_onnx
 from vitcompress.recipe import ValidateConfig
+from vitcompress.report import ModelMetrics, Parity
 from vitcompress.stages.validate import gates, latency
 
 pytestmark = pytest.mark.export
@@ -53,25 +54,30 @@ def test_latency_is_measured_interleaved_for_each_batch(exported):
     config = ValidateConfig(batch_sizes=[1, 2], latency_runs=4, warmup_runs=1, threads=1)
     result = latency({"a": exported, "b": exported}, config)
     for name in ("a", "b"):
-        assert set(result[name]) == {"b1", "b2"}
-        assert result[name]["b1"]["runs"] == 4
-        assert 0 < result[name]["b1"]["p50_ms"] <= result[name]["b1"]["p90_ms"]
+        assert set(result[name]) == {1, 2}
+        assert result[name][1]["runs"] == 4
+        assert 0 < result[name][1]["p50_ms"] <= result[name][1]["p90_ms"]
+
+
+def metrics(top1: float | None, agreement: float = 1.0, max_abs_diff: float = 0.0,
+            onnx: str = "float32") -> ModelMetrics:
+    """The fields of a model's metrics that the gates read (the rest left unset)."""
+    return ModelMetrics.model_construct(top1=top1, agreement=agreement,
+                                        parity=Parity.model_construct(max_abs_diff=max_abs_diff, onnx=onnx))
 
 
 def test_gates():
-    table = {"original": {"top1": 90.0}, "converted": {"top1": 88.5, "agreement": 0.96,
-                                                       "parity": {"max_abs_diff": 2e-5}}}
-    result = {g["gate"]: g["passed"] for g in gates(table, ValidateConfig(max_top1_drop=1.0, min_agreement=0.95))}
+    table = {"original": metrics(90.0), "converted": metrics(88.5, 0.96, 2e-5)}
+    result = {g.gate: g.passed for g in gates(table, ValidateConfig(max_top1_drop=1.0, min_agreement=0.95))}
     assert result == {"max_abs_diff": True, "max_top1_drop": False, "min_agreement": True}
-    table["original"]["top1"] = None
+    table["original"] = metrics(None)
     skipped = gates(table, ValidateConfig(max_top1_drop=1.0))
-    assert skipped[1]["passed"] is None and "no labels" in skipped[1]["note"]
+    assert skipped[1].passed is None and "no labels" in skipped[1].note
 
 
 def test_parity_gate_of_an_int8_model_says_what_it_compares():
-    table = {"original": {"top1": 90.0}, "converted": {"top1": 89.9, "agreement": 0.99,
-                                                       "parity": {"max_abs_diff": 0.2, "onnx": "int8 static"}}}
+    table = {"original": metrics(90.0), "converted": metrics(89.9, 0.99, 0.2, "int8 static")}
     gate = gates(table, ValidateConfig(max_abs_diff=0.5))[0]
-    assert gate["passed"] and gate["note"] == "torch float32 vs the int8 static ONNX model"
-    table["converted"]["parity"]["onnx"] = "float32"
-    assert "note" not in gates(table, ValidateConfig())[0]
+    assert gate.passed and gate.note == "torch float32 vs the int8 static ONNX model"
+    table["converted"] = metrics(89.9, 0.99, 0.2)
+    assert gates(table, ValidateConfig())[0].note is None
