@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from tests.conftest import FAST
 from vitcompress.cli import main
+from vitcompress.deploy.bundle import write_checksums
 
 TINY_SVD = """
 steps:
@@ -94,6 +95,7 @@ def test_force_replaces_an_earlier_bundle(tmp_path, svd_recipe):
     out.mkdir()
     (out / "old.txt").write_text("x")
     (out / "report.json").write_text('{"schema_version": 1}')
+    write_checksums(out)  # a bundle lists every file in its SHA256SUMS: --force replaces nothing else
     result = invoke("convert", "test_vit", "--recipe", svd_recipe, "--random-init", "--out", out, "--force",
                     *sets("calibration.images=16", "finetune=null", "validate.batch_sizes=[1]", "validate.images=8"))
     assert result.exit_code == 0, result.output

@@ -15,7 +15,7 @@ HEAVY = {"torch", "timm", "torchvision", "onnx", "onnxruntime", "numpy"}
 MAX_LINES = 450
 #: Modules still over MAX_LINES, with their size when they were listed: a listed module may shrink, never grow,
 #: and leaves the list once it is under the limit.
-OVER_THE_LIMIT = {"vitcompress/api.py": 541}
+OVER_THE_LIMIT: dict[str, int] = {}
 
 
 def test_help_imports_no_heavy_library_and_loads_the_cli_in_under_a_second():

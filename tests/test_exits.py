@@ -82,7 +82,7 @@ def test_force_never_replaces_the_working_directory_or_other_files(tmp_path, out
 
 
 def test_a_second_conversion_to_the_same_output_is_refused_while_the_first_runs(tmp_path):
-    from vitcompress.api import output_lock
+    from vitcompress.outdir import output_lock
 
     with output_lock(tmp_path / "run"):
         result = run_force("run", tmp_path)

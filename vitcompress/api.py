@@ -4,23 +4,20 @@
 ``convert`` runs load → transform → finetune → export → validate → report, like llm-compressor's ``oneshot``:
 on a model name or an in-memory timm ViT (never changed), writing into ``out_dir`` or a temporary directory.
 
-The output directory is written atomically: all files go to a hidden sibling directory that is renamed to
-``out_dir`` only when every stage has finished, so a failed or interrupted run leaves nothing half-written.
+The output directory is written atomically (:class:`~vitcompress.outdir.OutputTransaction`): all files go to a
+hidden sibling directory that is renamed to ``out_dir`` only when every stage has finished, so a failed or
+interrupted run leaves nothing half-written.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
-import fcntl
-import json
-import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -37,6 +34,7 @@ from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
+from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
 from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
@@ -216,7 +214,8 @@ def convert(
             None: a new temporary directory (``result.out_dir``; deleting it is the caller's business).
         checkpoint: weights file for a model name (.safetensors, .pth or .pt).
         overrides: ``key.path=value`` changes to the recipe (as the CLI's ``--set``), for a recipe file.
-        force: replace an existing ``out_dir``.
+        force: replace an existing ``out_dir``: an empty directory, or an earlier bundle whose ``SHA256SUMS``
+            lists every file in it (anything else is refused and left untouched).
         random_init: random weights for a model name (latency-only work; the report says so).
         labels: a YAML or JSON file mapping the image directory's class folders to the model's class indices or
             names, for folders named otherwise (see :mod:`vitcompress.labels`).
@@ -253,22 +252,18 @@ def convert(
     bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
     place = distributed.from_env(cuda=_trains_on_cuda(recipe))
     check_world_size(recipe, place.world_size)
-    temporary = out_dir is None
-    if not temporary and place.is_main:
-        _check_out_dir(Path(out_dir), force)
-    if temporary and resume:
-        raise OutputError("--resume continues a conversion into its output directory: name it (out_dir)")
-    out_dir = Path(tempfile.mkdtemp(prefix="vitcompress-")) if temporary else Path(out_dir)
-    settings = dataclasses.replace(settings, out_dir=out_dir, data=data if isinstance(data, str) else None,
+    output = OutputTransaction(out_dir, force=force, resume=resume)
+    if place.is_main:
+        output.check()  # bad --out fails before any work; checked again under the output's lock
+    settings = dataclasses.replace(settings, out_dir=output.out_dir, data=data if isinstance(data, str) else None,
                                    deploy=deploy or DeployOptions(),
                                    force=force, labels=label_mapping, resume=resume)
     try:
         place = distributed.setup(cuda=_trains_on_cuda(recipe))
         return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress(), place,
-                           checkpointed=not temporary, cache=cache or OriginalCache())
+                           output, cache=cache or OriginalCache())
     except BaseException:
-        if temporary:
-            shutil.rmtree(out_dir, ignore_errors=True)
+        output.discard()
         raise
     finally:
         distributed.teardown()
@@ -284,7 +279,7 @@ def preflight(model: str | None, recipe: str | Path, *, world_size: int, out_dir
     loaded = load_recipe(recipe, overrides)
     _, settings = _model_settings(model, loaded, weights, random_init, model_args)
     check_world_size(loaded, world_size)
-    _check_out_dir(Path(out_dir), force)
+    check_out_dir(Path(out_dir), force)
     if resume:
         identity = checkpoint.run_identity(dump_recipe(loaded), settings.model, settings.checkpoint, random_init,
                                            data, world_size, settings.model_args)
@@ -306,8 +301,6 @@ def remeasure_latency(bundle_dir: str | Path, model: str | None, recipe: str | P
         OutputError: ``bundle_dir`` is not a finished bundle; UsageError: a cascade bundle, or another model's.
     """
     bundle_dir = Path(bundle_dir)
-    if not is_bundle(bundle_dir) or not (bundle_dir / "model.onnx").is_file():
-        raise OutputError(f"{bundle_dir} is not a finished vitcompress bundle (report.json and model.onnx)")
     loaded = load_recipe(recipe, overrides)
     _, settings = _model_settings(model, loaded, checkpoint, random_init, model_args)
     settings = dataclasses.replace(settings, out_dir=bundle_dir, data=data,
@@ -318,6 +311,9 @@ def remeasure_latency(bundle_dir: str | Path, model: str | None, recipe: str | P
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     try:
         with output_lock(bundle_dir):
+            if not is_bundle(bundle_dir):
+                raise OutputError(f"{bundle_dir} is not a finished vitcompress bundle (report.json and model.onnx, "
+                                  "every file listed in SHA256SUMS)")
             return remeasure.run(ctx, machine_description(), date, reason)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -401,57 +397,24 @@ def _data_bundle(data: Dataset | tuple[Dataset, Dataset], val_limit: int | None)
     return DataBundle(name, train, val, labelled=val[0][1] != UNLABELLED)
 
 
-def is_bundle(directory: Path) -> bool:
-    """Whether ``directory`` holds a ``report.json`` that vitcompress wrote (what ``--force`` may replace)."""
-    try:
-        report = json.loads((directory / "report.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(report, dict) and ("schema_version" in report or {"model", "validation"} <= set(report))
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    """``out_dir`` may be written: new, or (with ``force``) an empty directory or an earlier vitcompress bundle —
-    never the working directory, one of its parents, or a directory of other files."""
-    if not out_dir.exists():
-        return
-    if not force:
-        raise OutputError(f"output directory {out_dir} exists: pass --force to replace it")
-    if not out_dir.is_dir():
-        raise OutputError(f"output path {out_dir} exists and is not a directory")
-    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        raise OutputError(f"--out {out_dir} is the working directory or one of its parents: --force never "
-                          "replaces it; name a new directory")
-    if any(out_dir.iterdir()) and not is_bundle(out_dir):
-        raise OutputError(f"--out {out_dir} holds files that are not a vitcompress bundle (no report.json of "
-                          "ours): --force only replaces an empty directory or an earlier bundle")
-
-
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
-                data: DataBundle | None, progress: Progress, place: distributed.Dist = distributed.Dist(),
-                checkpointed: bool = True, cache: OriginalCache | None = None) -> ConvertResult:
-    """Every stage in a hidden work directory, renamed to ``settings.out_dir`` when all have finished.
+                data: DataBundle | None, progress: Progress, place: distributed.Dist, output: OutputTransaction,
+                cache: OriginalCache | None = None) -> ConvertResult:
+    """Every stage, writing into ``output``'s work directory, which becomes ``output.out_dir`` when all have
+    finished.
 
     In a torchrun job, ranks other than 0 run only the training stages, in a scratch directory, and write
     nothing; every rank checks after the transform and after the fine-tune that it holds rank 0's model."""
-    out_dir = settings.out_dir
+    out_dir = output.out_dir
     scratch_dir = Path(tempfile.mkdtemp(prefix="vitcompress-"))
-    checkpoints = checkpoint.directory_for(out_dir) if checkpointed else None
     ctx = RunContext(settings=settings, recipe=recipe, work_dir=scratch_dir, scratch_dir=scratch_dir,
-                     progress=progress, original=original, data=data, dist=place, checkpoint_dir=checkpoints,
+                     progress=progress, original=original, data=data, dist=place, checkpoint_dir=output.checkpoint_dir,
                      cache=cache or OriginalCache())
-    if not place.is_main:
-        ctx.progress = LogProgress()  # rank 0 shows the progress; the others log it (at INFO)
-        try:
+    try:
+        if not place.is_main:
+            ctx.progress = LogProgress()  # rank 0 shows the progress; the others log it (at INFO)
             _train(ctx)
-        finally:
-            shutil.rmtree(scratch_dir, ignore_errors=True)
-        return ConvertResult(model=ctx.model, report=None, onnx_path=out_dir / "model.onnx", out_dir=out_dir)
-    created = _make_parents(out_dir)
-    ctx.work_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:  # from here on, a SIGTERM (raised as an exception) or any error removes the partial directory
-        ctx.work_dir.chmod(0o755)
+            return ConvertResult(model=ctx.model, report=None, onnx_path=out_dir / "model.onnx", out_dir=out_dir)
         ctx.report.recipe = recipe_source
         ctx.report.date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         ctx.report.machine = machine_description()
@@ -459,19 +422,12 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
                                "timm": _version("timm"), "onnx": _version("onnx")}
         identity = checkpoint.run_identity(dump_recipe(recipe), settings.model, settings.checkpoint,
                                            settings.random_init, settings.data, place.world_size, settings.model_args)
-        enabled = recipe.finetune is not None and recipe.finetune.checkpoint_every is not None
-        with output_lock(out_dir), checkpoint.lifetime(checkpoints, identity, settings.resume, enabled):
+        checkpointing = recipe.finetune is not None and recipe.finetune.checkpoint_every is not None
+        with output.writing(identity, checkpointing) as ctx.work_dir:
             (ctx.work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
             _train(ctx)
             for stage in STAGES[len(TRAINING_STAGES):]:
                 stage.run(ctx)
-            _replace(out_dir, ctx.work_dir)
-    except BaseException:
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
-        for directory in created:  # the parents this run made, deepest first, if still empty
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
@@ -485,51 +441,6 @@ def _train(ctx: RunContext) -> None:
         stage.run(ctx)
         if stage is not load:
             distributed.check_identical(ctx.model, ctx.dist, f"after the {stage.__name__.rpartition('.')[2]} stage")
-
-
-def _make_parents(out_dir: Path) -> list[Path]:
-    """Create the missing parents of ``out_dir``; returns those created, deepest first (removed on failure)."""
-    missing = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {out_dir.parent}: {exc.strerror}") from None
-    return missing
-
-
-@contextlib.contextmanager
-def output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out_dir`` for a whole conversion: a second conversion to the same directory
-    fails at once with an OutputError instead of mixing its files into the bundle."""
-    lock_path = out_dir.parent / f".{out_dir.name}.lock"
-    descriptor = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(f"another vitcompress convert is writing {out_dir} now: wait for it, or choose "
-                              "another --out") from None
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
-    finally:
-        os.close(descriptor)
-
-
-def _replace(out_dir: Path, work_dir: Path) -> None:
-    """Move the finished ``work_dir`` to ``out_dir``; an existing bundle (checked again now) is moved aside
-    first and deleted only once the new one is in place."""
-    if not out_dir.exists():
-        work_dir.rename(out_dir)
-        return
-    if any(out_dir.iterdir()) and not is_bundle(out_dir):
-        raise OutputError(f"--out {out_dir} changed during the conversion and is no longer a vitcompress bundle: "
-                          "left as it is")
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    out_dir.rename(old / "bundle")
-    work_dir.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _version(package: str) -> str:
