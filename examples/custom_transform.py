@@ -8,13 +8,15 @@ built-in transform. The pruned layers stay plain ``nn.Linear``s with zeros in th
 any Linear (the zeros cost as much as any weight on a dense kernel: this shows the mechanism, not a speed-up).
 
 Run as a script, it applies the transform from Python, then runs the recipe through both commands on a
-two-block random-init copy of ``vit_fmnist`` with synthetic data (about a minute on 2 CPU cores)::
+two-block random-init copy of ``vit_fmnist`` with synthetic data (about a minute on 2 CPU cores); each
+``--set`` is passed on to both commands::
 
-    python examples/custom_transform.py [OUT_DIR]
+    python examples/custom_transform.py [OUT_DIR] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
@@ -57,7 +59,7 @@ def magnitude_prune(model: nn.Module, config: MagnitudePruneConfig, inputs: Tran
 TINY = ["--random-init", "--model-arg", "depth=2", "--data", "synthetic"]
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, overrides: list[str]) -> None:
     import vitcompress
 
     model = vitcompress.load_model("vit_fmnist", random_init=True, model_args={"depth": 2}).model
@@ -65,17 +67,22 @@ def main(out_dir: Path) -> None:
     zeros = sum(int((model.get_submodule(name).weight == 0).sum()) for name in pruned)
     print(f"apply: {len(pruned)} Linears pruned, {zeros:,} weights set to zero")
 
+    sets = [arg for item in overrides for arg in ("--set", item)]
     convert = [sys.executable, "-m", "vitcompress", "convert", "vit_fmnist", "--recipe",
-               str(HERE / "custom_transform.yaml"), "--out", str(out_dir / "convert"), *TINY]
+               str(HERE / "custom_transform.yaml"), "--out", str(out_dir / "convert"), *TINY, *sets]
     subprocess.run(convert, check=True)
     batch = [sys.executable, "-m", "vitcompress", "batch", str(HERE / "custom_transform_batch.yaml"),
-             "--out", str(out_dir / "batch"), "--smoke"]
+             "--out", str(out_dir / "batch"), "--smoke", *sets]
     subprocess.run(batch, check=True)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description="magnitude_prune from Python, vitcompress convert and batch")
+    parser.add_argument("out_dir", nargs="?", type=Path, help="where the outputs go (default: a temporary folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    if args.out_dir is not None:
+        main(args.out_dir, args.overrides)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            main(Path(tmp))
+            main(Path(tmp), args.overrides)

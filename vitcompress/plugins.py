@@ -1,17 +1,13 @@
-"""Third-party transforms: load the modules that register them, from a recipe's ``plugins:`` or entry points.
+"""Recipe plugins: import the modules a recipe's ``plugins:`` names, which register third-party transforms.
 
 A plugin is a Python module that defines a :class:`~vitcompress.transforms.registry.TransformConfig` subclass
-and registers its function with ``@register(Config)`` when imported. Two ways bring it in:
-
-* a recipe's top-level ``plugins:`` list, imported before the steps are validated: a module name (looked up
-  in the recipe file's folder first, then on ``sys.path``) or the path of a ``.py`` file relative to the
-  recipe file;
-* an installed distribution's entry point in the group ``vitcompress.transforms`` (``name = module`` or
-  ``name = module:attribute``), loaded at the first registry lookup.
+and registers its function with ``@register(Config)`` when imported. A recipe's top-level ``plugins:`` list
+is imported before its steps are validated: each item is a module name (looked up in the recipe file's folder
+first, then on ``sys.path``) or the path of a ``.py`` file relative to the recipe file. (Installed plugins come
+in by entry points instead: :func:`vitcompress.transforms.registry.load_entry_points`.)
 
 A plugin that cannot be imported, or that registers a transform name already taken, is a
-:class:`~vitcompress.errors.RecipeError` naming the plugin; it then leaves nothing registered. This module
-imports neither torch nor onnx itself.
+:class:`~vitcompress.errors.RecipeError` naming the plugin; it then leaves nothing registered.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ import importlib
 import importlib.util
 import re
 import sys
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,7 +24,6 @@ from typing import Any
 from vitcompress.errors import RecipeError
 from vitcompress.transforms import registry
 
-ENTRY_POINT_GROUP = "vitcompress.transforms"
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -54,39 +48,6 @@ def load_recipe_plugins(plugins: Any, base_dir: Path, source: str) -> None:
             raise RecipeError(f"{where}: plugin {spec!r} registers {exc}") from None
         except Exception as exc:  # noqa: BLE001 (any failure of the plugin's own code is reported the same way)
             raise RecipeError(f"{where}: cannot import plugin {spec!r}: {type(exc).__name__}: {exc}") from None
-
-
-def load_entry_points() -> None:
-    """Load every installed entry point of the group ``vitcompress.transforms``: its module registers its
-    transforms on import; an entry point naming a config class or a function must name a registered one."""
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        where = f"entry point {entry_point.name} = {entry_point.value} (group {ENTRY_POINT_GROUP}{_dist(entry_point)})"
-        try:
-            with registry.rollback_on_error():
-                _check_registered(entry_point.load(), where)
-        except RecipeError:
-            raise
-        except registry.TransformNameTaken as exc:
-            raise RecipeError(f"{where}: registers {exc}") from None
-        except Exception as exc:  # noqa: BLE001 (any failure of the plugin's own code is reported the same way)
-            raise RecipeError(f"{where}: cannot load it: {type(exc).__name__}: {exc}") from None
-
-
-def _dist(entry_point: EntryPoint) -> str:
-    """``, from <distribution>`` when the entry point knows its distribution."""
-    dist = getattr(entry_point, "dist", None)
-    return f", from {dist.name}" if dist is not None else ""
-
-
-def _check_registered(loaded: Any, where: str) -> None:
-    """An entry point names a module, or a config class or function that its module registered on import."""
-    if isinstance(loaded, ModuleType):
-        return
-    transforms = registry.available().values()
-    if any(loaded is t.config or loaded is t.apply for t in transforms):
-        return
-    raise RecipeError(f"{where}: names {loaded!r}, which is not registered: decorate the function with "
-                      "@register(Config) in the module the entry point names")
 
 
 def _is_path(spec: str) -> bool:

@@ -113,15 +113,15 @@ class CascadeConfig(_Strict):
 
 class Recipe(_Strict):
     model: Optional[str] = Field(None, description="model used when the CLI names none")
-    plugins: list[str] = Field(default_factory=list, description="modules registering third-party transforms, "
-                               "imported before the steps are validated: module names (the recipe's folder is "
-                               "searched first) or .py paths relative to the recipe file")
     steps: list[SerializeAsAny[TransformConfig]] = Field(default_factory=list)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     finetune: Optional[FinetuneConfig] = None
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     cascade: Optional[CascadeConfig] = None
+    plugins: list[str] = Field(default_factory=list, description="modules registering third-party transforms, "
+                               "imported before the steps are validated: module names (the recipe's folder is "
+                               "searched first) or .py paths relative to the recipe file")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

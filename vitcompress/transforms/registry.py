@@ -4,19 +4,24 @@ The registry is keyed by the config class (as torchao keys its module handlers b
 module decorates its function with ``@register(ConfigClass)``, and the transform's name is the default of the
 config's ``transform: Literal["..."]`` field. Recipe parsing looks up the config class by a step's
 ``transform:`` name (:func:`get`), :func:`for_config` finds the function of a config instance. Third-party
-transforms register the same way from outside the package (:mod:`vitcompress.plugins`); installed
-``vitcompress.transforms`` entry points are loaded at the first lookup.
+transforms register the same way from outside the package: a recipe's ``plugins:`` imports them
+(:mod:`vitcompress.plugins`), and installed ``vitcompress.transforms`` entry points are loaded at the first
+lookup (:func:`load_entry_points`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from contextlib import contextmanager
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from vitcompress.errors import RecipeError
 
 
 class TransformConfig(BaseModel):
@@ -73,6 +78,7 @@ class TransformNameTaken(ValueError):
     """A config class registers a transform name that another config class already holds."""
 
 
+ENTRY_POINT_GROUP = "vitcompress.transforms"
 _TRANSFORMS: dict[type[TransformConfig], Transform] = {}
 _entry_points_loaded = False
 
@@ -124,9 +130,40 @@ def _load_entry_points() -> None:
     global _entry_points_loaded
     if not _entry_points_loaded:
         _entry_points_loaded = True
-        from vitcompress.plugins import load_entry_points
-
         load_entry_points()
+
+
+def load_entry_points() -> None:
+    """Load every installed entry point of the group ``vitcompress.transforms``: its module registers its
+    transforms on import; an entry point naming a config class or a function must name a registered one."""
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        where = (f"entry point {entry_point.name} = {entry_point.value} "
+                 f"(group {ENTRY_POINT_GROUP}{_dist(entry_point)})")
+        try:
+            with rollback_on_error():
+                _check_registered(entry_point.load(), where)
+        except RecipeError:
+            raise
+        except TransformNameTaken as exc:
+            raise RecipeError(f"{where}: registers {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (any failure of the plugin's own code is reported the same way)
+            raise RecipeError(f"{where}: cannot load it: {type(exc).__name__}: {exc}") from None
+
+
+def _dist(entry_point: EntryPoint) -> str:
+    """``, from <distribution>`` when the entry point knows its distribution."""
+    dist = getattr(entry_point, "dist", None)
+    return f", from {dist.name}" if dist is not None else ""
+
+
+def _check_registered(loaded: Any, where: str) -> None:
+    """An entry point names a module, or a config class or function that its module registered on import."""
+    if isinstance(loaded, ModuleType):
+        return
+    if any(loaded is t.config or loaded is t.apply for t in _TRANSFORMS.values()):
+        return
+    raise RecipeError(f"{where}: names {loaded!r}, which is not registered: decorate the function with "
+                      "@register(Config) in the module the entry point names")
 
 
 def get(name: str) -> Transform | None:
