@@ -103,10 +103,11 @@ def apply_recipe(model: nn.Module, steps: Steps, calibration: Calibration = None
     converted = []
     try:
         for i, step in enumerate(recipe.steps):
-            transform = registry.get(step.transform)
+            transform = registry.for_config(step)
             if transform is None:
                 known = ", ".join(registry.available())
-                raise RecipeError(f"step {i}: unknown transform {step.transform!r} (known: {known})")
+                raise RecipeError(f"step {i}: {type(step).__qualname__} ({step.transform!r}) is not a registered "
+                                  f"transform config (known: {known})")
             batches = _calibration_batches(calibration, recipe.calibration, f"step {i} ({step.transform})")
             converted.append(transform.apply(model, step, TransformInputs(calibration_batches=batches)))
     finally:

@@ -3,6 +3,8 @@
 A recipe lists transform ``steps`` (each validated by the config class its ``transform:`` names in the
 registry) and the ``calibration``, ``finetune``, ``export`` and ``validate`` settings. Everything is strict
 (``extra="forbid"``): an unknown key, a wrong type or an out-of-range value is a :class:`RecipeError`.
+Its ``plugins:`` (modules that register third-party transforms, :mod:`vitcompress.plugins`) are imported
+before the steps are validated, so a plugin's transform is checked as strictly as a built-in one.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, SerializerFunctionWrapHandler, ValidationError,
+                      model_serializer, model_validator)
 
 from vitcompress.errors import RecipeError
 from vitcompress.export import ExportConfig
+from vitcompress.plugins import load_recipe_plugins
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig
 
@@ -115,6 +119,9 @@ class Recipe(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     cascade: Optional[CascadeConfig] = None
+    plugins: list[str] = Field(default_factory=list, description="modules registering third-party transforms, "
+                               "imported before the steps are validated: module names (the recipe's folder is "
+                               "searched first) or .py paths relative to the recipe file")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -138,6 +145,14 @@ class Recipe(_Strict):
         if self.finetune is not None and self.finetune.steps == 0:
             self.finetune = None
         return self
+
+    @model_serializer(mode="wrap")
+    def _no_empty_plugins(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The dump leaves out ``plugins: []``, so a recipe without plugins dumps (and keys batch jobs) as before."""
+        data = handler(self)
+        if not self.plugins:
+            data.pop("plugins", None)
+        return data
 
     @property
     def model_steps(self) -> list[TransformConfig]:
@@ -178,10 +193,13 @@ def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return current
 
 
-def parse_recipe(data: Any, source: str) -> Recipe:
-    """Validate a recipe mapping; ``source`` names the file in error messages."""
+def parse_recipe(data: Any, source: str, base_dir: Path | None = None) -> Recipe:
+    """Validate a recipe mapping; ``source`` names the file in error messages, ``base_dir`` is the folder its
+    ``plugins:`` are relative to (default: the working directory). The plugins are imported first."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a mapping with 'steps' and settings, got {type(data).__name__}")
+    if data.get("plugins") is not None:
+        load_recipe_plugins(data["plugins"], Path.cwd() if base_dir is None else base_dir, source)
     steps = _parse_steps(data.get("steps", []), source, "steps")
     cascade = data.get("cascade")
     if isinstance(cascade, dict):
@@ -247,7 +265,8 @@ def _parse_steps(raw_steps: Any, source: str, where: str) -> list[TransformConfi
         if transform is None:
             known = ", ".join(registry.available())
             raise RecipeError(
-                f"{source}: {where}.{i}.transform: unknown transform {step['transform']!r} (known: {known})")
+                f"{source}: {where}.{i}.transform: unknown transform {step['transform']!r} (known: {known}; a "
+                "third-party transform comes from the recipe's `plugins:` or an installed plugin)")
         try:
             steps.append(transform.config.model_validate(step))
         except ValidationError as exc:
@@ -392,7 +411,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a mapping, got {type(data).__name__}")
         data = apply_overrides(data, overrides, str(path))
-    return parse_recipe(data, str(path))
+    return parse_recipe(data, str(path), path.parent)
 
 
 def dump_recipe(recipe: Recipe) -> str:

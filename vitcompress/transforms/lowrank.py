@@ -71,7 +71,7 @@ def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.
     return grams
 
 
-@register("svd_lowrank", LowRankConfig)
+@register(LowRankConfig)
 def apply_lowrank(model: nn.Module, config: LowRankConfig, inputs: TransformInputs) -> list[str]:
     """Factor each target Linear W (out×in) into two Linears by truncated SVD, W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ);
     `whitening: pca | cholesky` uses calibration activations (SVD-LLM) to minimise the output error instead."""

@@ -1,17 +1,27 @@
 """Registry of recipe transforms: each is a pydantic config class plus a function that swaps modules.
 
-A transform module registers itself with :func:`register`; recipe parsing looks up the config class by the
-step's ``transform:`` name, and the transform stage calls the function.
+The registry is keyed by the config class (as torchao keys its module handlers by config type): a transform
+module decorates its function with ``@register(ConfigClass)``, and the transform's name is the default of the
+config's ``transform: Literal["..."]`` field. Recipe parsing looks up the config class by a step's
+``transform:`` name (:func:`get`), :func:`for_config` finds the function of a config instance. Third-party
+transforms register the same way from outside the package: a recipe's ``plugins:`` imports them
+(:mod:`vitcompress.plugins`), and installed ``vitcompress.transforms`` entry points are loaded at the first
+lookup (:func:`load_entry_points`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Protocol
+from contextlib import contextmanager
+from importlib.metadata import EntryPoint, entry_points
+from types import ModuleType
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from vitcompress.errors import RecipeError
 
 
 class TransformConfig(BaseModel):
@@ -48,34 +58,128 @@ class TransformInputs:
 
 
 class TransformFn(Protocol):
+    """A transform's function: converts the modules of ``model`` that ``config`` selects, in place, and returns
+    their names."""
+
     def __call__(self, model: nn.Module, config: TransformConfig, inputs: TransformInputs) -> list[str]: ...
 
 
 @dataclass(frozen=True)
 class Transform:
+    """A registered transform: its recipe name, config class, function and one-line description."""
+
     name: str
     config: type[TransformConfig]
     apply: TransformFn
     doc: str
 
 
-_TRANSFORMS: dict[str, Transform] = {}
+class TransformNameTaken(ValueError):
+    """A config class registers a transform name that another config class already holds."""
 
 
-def register(name: str, config: type[TransformConfig]) -> Callable[[TransformFn], TransformFn]:
-    """Decorator: register ``fn(model, config, inputs) -> converted module names`` under ``name``."""
+ENTRY_POINT_GROUP = "vitcompress.transforms"
+_TRANSFORMS: dict[type[TransformConfig], Transform] = {}
+_entry_points_loaded = False
+
+
+def transform_name(config: type[TransformConfig]) -> str:
+    """The recipe name of ``config``: the default of its ``transform`` field (``transform: Literal["x"] = "x"``)."""
+    if not (isinstance(config, type) and issubclass(config, TransformConfig)):
+        raise TypeError(f"a transform's config is a subclass of TransformConfig, got {config!r}")
+    name = config.model_fields["transform"].default
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{config.__module__}.{config.__qualname__} gives its `transform` field no name: declare "
+                        f'transform: Literal["my_name"] = "my_name"')
+    return name
+
+
+def register(config: type[TransformConfig]) -> Callable[[TransformFn], TransformFn]:
+    """Decorator: register ``fn(model, config, inputs) -> converted module names`` as the function of ``config``,
+    under the name its ``transform`` field gives. Registering ``config`` again replaces its function; a name
+    that another config class holds is a :class:`TransformNameTaken`."""
+    name = transform_name(config)
+    holder = next((t.config for t in _TRANSFORMS.values() if t.name == name and t.config is not config), None)
+    if holder is not None:
+        raise TransformNameTaken(f"transform {name!r} ({config.__module__}.{config.__qualname__}), a name already "
+                                 f"taken by {holder.__module__}.{holder.__qualname__}")
 
     def wrap(fn: TransformFn) -> TransformFn:
-        _TRANSFORMS[name] = Transform(name=name, config=config, apply=fn, doc=" ".join((fn.__doc__ or "").split()))
+        doc = " ".join((fn.__doc__ or "").split())
+        _TRANSFORMS[config] = Transform(name=name, config=config, apply=fn, doc=doc)
         return fn
 
     return wrap
 
 
+@contextmanager
+def rollback_on_error() -> Iterator[None]:
+    """Undo the registrations made inside the block when it raises: a plugin that fails half-way registers
+    nothing."""
+    saved = dict(_TRANSFORMS)
+    try:
+        yield
+    except BaseException:
+        _TRANSFORMS.clear()
+        _TRANSFORMS.update(saved)
+        raise
+
+
+def _load_entry_points() -> None:
+    """Load the installed ``vitcompress.transforms`` entry points, once per process (at the first lookup)."""
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        load_entry_points()
+
+
+def load_entry_points() -> None:
+    """Load every installed entry point of the group ``vitcompress.transforms``: its module registers its
+    transforms on import; an entry point naming a config class or a function must name a registered one."""
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        where = (f"entry point {entry_point.name} = {entry_point.value} "
+                 f"(group {ENTRY_POINT_GROUP}{_dist(entry_point)})")
+        try:
+            with rollback_on_error():
+                _check_registered(entry_point.load(), where)
+        except RecipeError:
+            raise
+        except TransformNameTaken as exc:
+            raise RecipeError(f"{where}: registers {exc}") from None
+        except Exception as exc:  # noqa: BLE001 (any failure of the plugin's own code is reported the same way)
+            raise RecipeError(f"{where}: cannot load it: {type(exc).__name__}: {exc}") from None
+
+
+def _dist(entry_point: EntryPoint) -> str:
+    """``, from <distribution>`` when the entry point knows its distribution."""
+    dist = getattr(entry_point, "dist", None)
+    return f", from {dist.name}" if dist is not None else ""
+
+
+def _check_registered(loaded: Any, where: str) -> None:
+    """An entry point names a module, or a config class or function that its module registered on import."""
+    if isinstance(loaded, ModuleType):
+        return
+    if any(loaded is t.config or loaded is t.apply for t in _TRANSFORMS.values()):
+        return
+    raise RecipeError(f"{where}: names {loaded!r}, which is not registered: decorate the function with "
+                      "@register(Config) in the module the entry point names")
+
+
 def get(name: str) -> Transform | None:
-    """The transform registered as ``name`` (the built-ins register when ``vitcompress.transforms`` is imported)."""
-    return _TRANSFORMS.get(name)
+    """The transform registered as ``name`` (the built-ins register when ``vitcompress.transforms`` is imported,
+    installed plugins at the first lookup)."""
+    _load_entry_points()
+    return next((t for t in _TRANSFORMS.values() if t.name == name), None)
+
+
+def for_config(config: TransformConfig | type[TransformConfig]) -> Transform | None:
+    """The transform registered for ``config``'s class (an instance or the class itself)."""
+    _load_entry_points()
+    return _TRANSFORMS.get(config if isinstance(config, type) else type(config))
 
 
 def available() -> dict[str, Transform]:
-    return dict(sorted(_TRANSFORMS.items()))
+    """Every registered transform by name, sorted."""
+    _load_entry_points()
+    return {t.name: t for t in sorted(_TRANSFORMS.values(), key=lambda t: t.name)}

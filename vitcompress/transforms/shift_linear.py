@@ -41,7 +41,7 @@ class ShiftConfig(ShiftOptions):
     transform: Literal["shift_linear"] = "shift_linear"
 
 
-@register("shift_linear", ShiftConfig)
+@register(ShiftConfig)
 def apply_shift(model: nn.Module, config: ShiftConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target Linear by a power-of-two (shift) Linear, W_pot = sign(W)·2^round(log2|W|) with
     `levels` exponents per output channel (ShiftAddViT / DeepShift-PS); exported as exact int8 when `int8`."""

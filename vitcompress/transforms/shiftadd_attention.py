@@ -26,7 +26,7 @@ class BinaryAttentionConfig(TransformConfig):
     targets: list[str] = default_targets(ATTENTIONS, "every block's attention")
 
 
-@register("shiftadd_attention", BinaryAttentionConfig)
+@register(BinaryAttentionConfig)
 def apply_binary_attention(model: nn.Module, config: BinaryAttentionConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target attention by ShiftAddViT's add-only attention over binary Q/K codes,
     out = (½·v + (1/π)·B_q(B_kᵀV)) / (½ + (1/π)·B_q(B_kᵀ1)), O(n) in the token count."""

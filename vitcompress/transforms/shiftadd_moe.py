@@ -47,7 +47,7 @@ class MoEConfig(ShiftOptions):
         return weights
 
 
-@register("shiftadd_moe", MoEConfig)
+@register(MoEConfig)
 def apply_moe(model: nn.Module, config: MoEConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target Linear by a token-routed mixture of two experts from its weight, dense and
     power-of-two (ShiftAddViT): top-1 router trained through the probability-scaled output, latency-aware

@@ -124,7 +124,7 @@ def _greedy(model: nn.Module, config: SkipConfig, inputs: TransformInputs, names
     return rounds
 
 
-@register(STEP, SkipConfig)
+@register(SkipConfig)
 def apply_skip(model: nn.Module, config: SkipConfig, inputs: TransformInputs) -> list[str]:
     """Remove the attention branch of chosen blocks, keeping their MLP (PIVOT, DAC'24): `blocks: [..]`, or
     `select: cka` with `count` (greedy by linear CKA between a block's input and its attention output,

@@ -43,7 +43,7 @@ class TaylorConfig(TransformConfig):
     sparse_branch: SparseBranchConfig = Field(default_factory=SparseBranchConfig)
 
 
-@register("taylor_attention", TaylorConfig)
+@register(TaylorConfig)
 def apply_taylor(model: nn.Module, config: TaylorConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target attention by ViTALiTy's linear Taylor attention (HPCA'23),
     out_i = (1ᵀV + s·q_i K̂ᵀV) / (n + s·q_i·1ᵀK̂) with mean-centred keys, O(n) in the token count;

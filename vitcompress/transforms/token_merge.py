@@ -66,7 +66,7 @@ def _per_block_r(config: TokenMergeConfig, names: list[str]) -> dict[str, int]:
     return dict(zip(names, config.r))
 
 
-@register(STEP, TokenMergeConfig)
+@register(TokenMergeConfig)
 def apply_token_merge(model: nn.Module, config: TokenMergeConfig, inputs: TransformInputs) -> list[str]:
     """Merge `r` similar tokens per block (ToMe, ICLR'23): bipartite soft matching on the attention keys, the
     class token never merged, size-weighted averages and proportional attention (log size added to the logits);
