@@ -39,8 +39,8 @@ from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_reci
 from vitcompress.report import Report
 from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.training import checkpoint, distributed
-from vitcompress.transforms import registry
-from vitcompress.transforms.registry import TransformConfig, TransformInputs
+from vitcompress.transforms.apply import apply_steps
+from vitcompress.transforms.registry import TransformConfig
 
 STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
@@ -100,19 +100,12 @@ def apply_recipe(model: nn.Module, steps: Steps, calibration: Calibration = None
     """:func:`apply`, returning instead the names of the modules each step converted (same arguments)."""
     recipe = _as_recipe(steps)
     was_training = model.training
-    converted = []
     try:
-        for i, step in enumerate(recipe.steps):
-            transform = registry.for_config(step)
-            if transform is None:
-                known = ", ".join(registry.available())
-                raise RecipeError(f"step {i}: {type(step).__qualname__} ({step.transform!r}) is not a registered "
-                                  f"transform config (known: {known})")
-            batches = _calibration_batches(calibration, recipe.calibration, f"step {i} ({step.transform})")
-            converted.append(transform.apply(model, step, TransformInputs(calibration_batches=batches)))
+        applied = apply_steps(model, recipe.steps,
+                              lambda where: _calibration_batches(calibration, recipe.calibration, where))
     finally:
         model.train(was_training)
-    return converted
+    return [step.modules for step in applied]
 
 
 def _as_recipe(steps: Steps) -> Recipe:
@@ -327,9 +320,8 @@ def _trains_on_cuda(recipe: Recipe) -> bool:
 
 def check_world_size(recipe: Recipe, world_size: int) -> None:
     """``finetune.batch_size`` is the global batch: it must divide evenly among ``world_size`` processes."""
-    if recipe.finetune is not None and recipe.finetune.batch_size % world_size:
-        raise RecipeError(f"finetune.batch_size {recipe.finetune.batch_size} is the global batch and does not "
-                          f"divide among {world_size} processes: use a multiple of {world_size}")
+    if recipe.finetune is not None:
+        distributed.check_global_batch(recipe.finetune.batch_size, world_size)
 
 
 def _model_settings(model: str | nn.Module | None, recipe: Recipe, checkpoint: str | Path | None,

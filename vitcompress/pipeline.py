@@ -16,14 +16,12 @@ from vitcompress.data import DataBundle, first_images, resolve_data
 from vitcompress.deploy.runtime import preprocessing_metadata
 from vitcompress.errors import DataError
 from vitcompress.export import export_onnx
-from vitcompress.measure import count_params
 from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
 from vitcompress.recipe import staged_steps
 from vitcompress.report import Finetune, Step
 from vitcompress.training import loop
-from vitcompress.transforms import registry
-from vitcompress.transforms.registry import TransformInputs
+from vitcompress.transforms import apply as transforms_apply
 
 
 def load_data(ctx: RunContext) -> DataBundle:
@@ -75,18 +73,10 @@ def export_original(ctx: RunContext) -> Path:
 
 
 def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[int] | None = None) -> list[Step]:
-    """Apply ``steps`` (those at ``indices``, default all) to ``model`` in place; per step what it converted
-    (and its ``details``, if any)."""
-    results = []
-    for i in range(len(steps)) if indices is None else indices:
-        step = steps[i]
-        inputs = TransformInputs(calibration_batches=lambda: calibration_batches(ctx))
-        transform = registry.get(step.transform)
-        before = count_params(model)
-        ctx.progress.stage("transform", f"step {i}: {step.transform}")
-        converted = transform.apply(model, step, inputs)
-        results.append(Step(step=i, transform=step.transform, modules=converted, params_before=before,
-                            params_after=count_params(model), details=inputs.details or None))
+    """Apply ``steps`` (those at ``indices``, default all) to ``model`` in place with this run's calibration images
+    (:func:`vitcompress.transforms.apply.apply_steps`), then put it in eval mode; per step what it converted."""
+    results = transforms_apply.apply_steps(model, steps, lambda where: lambda: calibration_batches(ctx),
+                                           indices=indices, progress=ctx.progress)
     model.eval()
     return results
 

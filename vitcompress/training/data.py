@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from vitcompress.errors import DataError, RecipeError
-from vitcompress.training.distributed import Dist
+from vitcompress.errors import DataError
+from vitcompress.training.distributed import Dist, check_global_batch
 
 
 class SkipUnreadable(Dataset):
@@ -100,9 +100,7 @@ def train_batches(dataset: Dataset, global_batch: int, place: Dist, seed: int, w
                   pin_memory: bool) -> TrainBatches:
     """Batches of this rank's share of ``dataset``: ``global_batch / world_size`` images each (at most the
     split's size), seeded by ``seed``, decoded in ``workers`` processes (None: :func:`default_workers`)."""
-    if global_batch % place.world_size:
-        raise RecipeError(f"finetune.batch_size {global_batch} is the global batch and does not divide among "
-                          f"{place.world_size} processes: use a multiple of {place.world_size}")
+    check_global_batch(global_batch, place.world_size)
     per_rank = min(global_batch, len(dataset)) // place.world_size
     if per_rank == 0:
         raise DataError(f"the train split has {len(dataset)} images: too few for {place.world_size} processes")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vitcompress.errors import VitCompressError
+from vitcompress.errors import RecipeError, VitCompressError
 
 
 class RankMismatchError(VitCompressError):
@@ -113,3 +113,11 @@ def mean(values: torch.Tensor, place: Dist) -> torch.Tensor:
     total = values.detach().clone()
     dist.all_reduce(total)
     return total / place.world_size
+
+
+def check_global_batch(global_batch: int, world_size: int) -> None:
+    """``finetune.batch_size`` is the global batch: it must divide evenly among ``world_size`` processes (checked
+    before anything loads, and again where the batches are made)."""
+    if global_batch % world_size:
+        raise RecipeError(f"finetune.batch_size {global_batch} is the global batch and does not divide among "
+                          f"{world_size} processes: use a multiple of {world_size}")

@@ -11,8 +11,8 @@ lookup (:func:`load_entry_points`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol

@@ -1,0 +1,46 @@
+"""Apply recipe steps to a model: the one loop that ``vitcompress.apply()``, the transform and fine-tune stages,
+the cascade and the planner run, each step dispatched by its config's type (:func:`registry.for_config`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+
+from vitcompress.errors import RecipeError
+from vitcompress.measure import count_params
+from vitcompress.progress import Progress
+from vitcompress.report import Step
+from vitcompress.transforms import registry
+from vitcompress.transforms.registry import TransformConfig, TransformInputs
+
+#: Calibration images for the step described by its argument (e.g. "step 2 (svd_lowrank)"): a function returning
+#: fresh batches, called only by a step that calibrates.
+CalibrationFor = Callable[[str], Callable[[], Iterable]]
+
+
+def apply_steps(model: nn.Module, steps: Sequence[TransformConfig], calibration: CalibrationFor, *,
+                indices: Sequence[int] | None = None, progress: Progress | None = None) -> list[Step]:
+    """Apply ``steps`` (those at ``indices``, default all, in that order) to ``model`` in place; per step what it
+    converted, its parameter counts before and after, and its ``details`` (e.g. CKA rounds).
+
+    Raises:
+        RecipeError: a step whose config type no transform is registered for.
+    """
+    results = []
+    for i in range(len(steps)) if indices is None else indices:
+        step = steps[i]
+        transform = registry.for_config(step)
+        if transform is None:
+            known = ", ".join(registry.available())
+            raise RecipeError(f"step {i}: {type(step).__qualname__} ({step.transform!r}) is not a registered "
+                              f"transform config (known: {known})")
+        where = f"step {i} ({step.transform})"
+        inputs = TransformInputs(calibration_batches=calibration(where))
+        before = count_params(model)
+        if progress is not None:
+            progress.stage("transform", f"step {i}: {step.transform}")
+        converted = transform.apply(model, step, inputs)
+        results.append(Step(step=i, transform=step.transform, modules=converted, params_before=before,
+                            params_after=count_params(model), details=inputs.details or None))
+    return results
