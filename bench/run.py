@@ -57,7 +57,7 @@ LATENCY_ONLY_OVERRIDES = ["calibration.images=64", "calibration.batch_size=32"]
 TIMED_ELSEWHERE = ["validate.latency_runs=3", "validate.warmup_runs=1"]
 NO_GATES = ["finetune=null", "validate.max_top1_drop=null", "validate.min_agreement=null"]
 # export.quantize=static makes model.onnx int8: its parity with the torch fp32 model is int8 rounding, so the
-# variant's parity gate is the one README's int8 section suggests, 0.5.
+# variant's parity gate is the one docs/transforms/quantize.md suggests, 0.5.
 _STATIC_INT8 = ("export.quantize: static", ["export.quantize=static", "validate.max_abs_diff=0.5"])
 # Extra accuracy variants a recipe's issue asks to measure: (label suffix, overrides).
 EXTRA_VARIANTS = {
