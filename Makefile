@@ -27,5 +27,15 @@ demo: install data
 test: install data
 	$(PY) -m pytest
 
+# Every benchmark number of README.md and docs/, on this machine in one run: the studies whose results files feed a
+# generated block, the bench of every shipped recipe, then bench/pages.py renders every block from the results files.
 bench: install data
+	$(PY) bench/skip_study.py
+	$(PY) bench/token_count.py
+	$(PY) bench/quant_study.py
+	$(PY) bench/shiftadd_study.py --runs 15 --shift-share 0.87
+	$(PY) bench/shiftadd_blocks.py
+	$(PY) bench/deploy.py
+	$(PY) bench/finetune_throughput.py
 	$(PY) bench/run.py
+	$(PY) bench/pages.py

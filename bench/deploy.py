@@ -7,7 +7,7 @@ same with it), adds ``model.opt.onnx`` (basic) and ``model.ort``, then measures:
 of ``vitcompress verify`` (a fresh process, as a user runs it, and the checks alone), ``vitcompress predict``'s
 images/s (decode + preprocess + onnxruntime) at batch 1 and 32 on Fashion-MNIST test images saved as PNG, and
 the start-up time (session creation + first run) of model.onnx, model.opt.onnx and model.ort, interleaved.
-Writes bench/deploy.json and prints the markdown table README quotes.
+Writes bench/deploy.json (its table in docs/deploy.md is rendered by bench/pages.py) and prints a summary.
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    from pages import source_commit
+
     from vitcompress.deploy.bundle import verify
     from vitcompress.deploy.predict import BundlePredictor
     from vitcompress.deploy.runtime import INPUT_NAME, open_session
-
+    commit = source_commit()  # before this run rewrites its results file
     bundle = args.out / "bundle"
     convert(bundle)
     sizes = {p.relative_to(bundle).as_posix(): p.stat().st_size for p in bundle.rglob("*") if p.is_file()}
@@ -97,7 +99,7 @@ def main() -> None:
             open_session(bundle / name, args.threads).run(None, {INPUT_NAME: one})
             startup[name].append((time.perf_counter() - start) * 1e3)
     result = {
-        "date": datetime.date.today().isoformat(), "cpu": cpu(), "threads": args.threads,
+        "date": datetime.date.today().isoformat(), "cpu": cpu(), "threads": args.threads, "commit": commit,
         "load_average_1min": os.getloadavg()[0],
         "model": "vit_fmnist + recipes/svd.yaml (finetune skipped)", "images": args.images,
         "bundle_bytes": sum(sizes.values()), "files": sizes,

@@ -54,9 +54,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     args = parser.parse_args()
     out = ROOT / "bench" / "finetune_throughput.jsonl"
+    from pages import source_commit
+    commit = source_commit()  # before this run appends to its results file
     with out.open("a") as file:
         for name, nproc, precision in CONFIGS:
-            row = measure(name, nproc, precision, args.steps, args.batch)
+            row = {**measure(name, nproc, precision, args.steps, args.batch), "commit": commit}
             print(json.dumps(row), flush=True)
             file.write(json.dumps(row) + "\n")
 

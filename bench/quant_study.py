@@ -98,12 +98,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", choices=["latency", "calibration"], default=["latency", "calibration"])
     args = parser.parse_args()
+    from pages import source_commit
+    commit = source_commit()  # before this run rewrites its results file
     result = json.loads(OUT.read_text()) if OUT.exists() else {}
     with tempfile.TemporaryDirectory() as scratch:
         for part in args.parts:
             study = latency_study if part == "latency" else calibration_study
             result[part] = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
-                            "platform": platform.platform(), "threads": THREADS, "runs": RUNS, "warmup": WARMUP,
+                            "platform": platform.platform(), "commit": commit,
+                            "threads": THREADS, "runs": RUNS, "warmup": WARMUP,
                             **study(Path(scratch))}
             OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

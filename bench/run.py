@@ -12,12 +12,13 @@ models is cut to 3 runs), and no bench run profiles: the time goes to the measur
 
 Each recipe's rows go to ``bench/results/<recipe>.json`` (with the date, machine, commit, package versions and
 ONNX opset they were measured with, and the wall time of the recipe and of each run: ``wall_s``, ``int8_wall_s`` for
-the int8 comparison), so a recipe can be re-measured alone; ``bench/results.md`` and the table in
-README.md (between the ``bench:start`` / ``bench:end`` markers) are then rebuilt from all of those files.
+the int8 comparison), so a recipe can be re-measured alone; ``bench/results.json``, ``bench/results.md`` and
+``bench/pareto.png`` are then rebuilt from all of those files, and ``bench/pages.py`` (the one renderer of the tables) rewrites the blocks of
+README.md and docs/ that come from them.
 
     python bench/run.py                      # every recipe
     python bench/run.py --recipes svd        # re-measure one recipe, rebuild the tables
-    python bench/run.py --tables-only        # rebuild results.md and README from bench/results/
+    python bench/run.py --tables-only        # rebuild results.md and the pages from bench/results/
 """
 
 from __future__ import annotations
@@ -27,14 +28,14 @@ import datetime
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pages
 from ort_int8 import Originals, measure
+from pages import bench_table, gate_cell, gates_table  # noqa: F401 (the renderers; gate_cell for callers)
 from pareto import plot
-from readme_block import replace_readme_block
 
 from vitcompress.api import convert, machine_description
 from vitcompress.export import ExportConfig
@@ -57,7 +58,7 @@ LATENCY_ONLY_OVERRIDES = ["calibration.images=64", "calibration.batch_size=32"]
 TIMED_ELSEWHERE = ["validate.latency_runs=3", "validate.warmup_runs=1"]
 NO_GATES = ["finetune=null", "validate.max_top1_drop=null", "validate.min_agreement=null"]
 # export.quantize=static makes model.onnx int8: its parity with the torch fp32 model is int8 rounding, so the
-# variant's parity gate is the one README's int8 section suggests, 0.5.
+# variant's parity gate is the one docs/transforms/quantize.md suggests, 0.5.
 _STATIC_INT8 = ("export.quantize: static", ["export.quantize=static", "validate.max_abs_diff=0.5"])
 # Extra accuracy variants a recipe's issue asks to measure: (label suffix, overrides).
 EXTRA_VARIANTS = {
@@ -87,14 +88,11 @@ def recipe_sha256(recipe: Path) -> str:
 
 def source_commit() -> str:
     """The git commit the bench ran on, ``+dirty`` when tracked files differ from it (what a results file was
-    measured with is then not exactly that commit); ``unknown`` outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty else "")
+    measured with is then not exactly that commit); ``unknown`` outside a git checkout. What the bench and
+    ``bench/pages.py`` themselves write (every non-Python file under bench/, README.md, docs/) does not count:
+    :func:`main` records the commit once, at the start of the run, and a run rewriting its own results files is
+    not a change to what was measured."""
+    return pages.source_commit(ROOT)
 
 
 def runs_of(recipe: Path) -> list[tuple[str, str, list[str], dict]]:
@@ -185,89 +183,17 @@ def summarise(label: str, model: str, report: Report) -> dict:
 
 
 
-def gate_cell(row: dict) -> str:
-    """✓ and how many gates passed, or ✗ and each failed gate's value against its limit; — where none ran (rows
-    measured before the bench kept each gate's value have only the names of the failed ones)."""
-    if "gates" not in row:
-        return "✓" if row["failed_gates"] == [] else "✗ " + ", ".join(row["failed_gates"])
-    gates = row["gates"]
-    if gates is None:
-        return "—"
-    failed = [g for g in gates if g["passed"] is False]
-    if not failed:
-        return f"✓ {sum(g['passed'] is True for g in gates)}/{len(gates)}"
-    return "✗ " + "; ".join(f"{g['gate']} {g['value']:.4g} vs {g['limit']:g}" for g in failed)
-
-
-def spread_cell(timing: dict) -> str:
-    """`` (±x %)``: the converted model's (p90 − p10) / p50 over the runs, where the row recorded it."""
-    return f" (±{timing['spread'] * 50:.0f} %)" if "spread" in timing else ""
-
-
-def row_line(r: dict) -> str:
-    b1, b8 = r["latency"].get("b1"), r["latency"].get("b8")
-    versus = " / ".join(f"{r['vs_ort_int8'][b]:.2f}×" for b in ("b1", "b8")) if "vs_ort_int8" in r else "—"
-    top1 = f"{r['top1_original']:.2f} → {r['top1']:.2f}" if r["top1"] is not None else "n/a (random init)"
-    agreement = f"{r['agreement'] * 100:.2f} %" if r["top1"] is not None else "n/a"
-    return (f"| {r['model']} | {r['variant']} | {r['params_original'] / 1e6:.2f} → {r['params'] / 1e6:.2f} M "
-            f"| {r['macs_original'] / 1e6:.0f} → {r['macs'] / 1e6:.0f} M | {r['mac_ideal_speedup']:.2f}× "
-            f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f}{spread_cell(b1)} | {b1['speedup']:.2f}× "
-            f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f}{spread_cell(b8)} | {b8['speedup']:.2f}× | {versus} "
-            f"| {top1} | {agreement} "
-            f"| {gate_cell(r)} |")
-
-
-def markdown(results: dict[str, dict]) -> str:
-    """One table over every recipe's results (``{recipe: results}``), saying when and where each was measured."""
-    when: dict[tuple[str, str, str], list[str]] = {}
-    for recipe, res in results.items():
-        threads = "/".join(map(str, res["threads"]))
-        when.setdefault((res["date"], res["machine"], threads), []).append(recipe)
-    lines = [f"Measured {date} on {machine}; onnxruntime CPU, {threads} intra-op threads ({', '.join(names)})."
-             for (date, machine, threads), names in sorted(when.items())]
-    lines += ["", "Median of interleaved runs (± half the converted model's p10–p90 range, as a % of its median, "
-              "where recorded); speed-up = original p50 / converted p50. *vs ORT int8*: speed over "
-              "the original quantised with onnxruntime's `quantize_dynamic` (int8 weights, dynamic uint8 "
-              "activations), b1 / b8, from one interleaved run of original, original + int8, converted "
-              "and converted + int8, which is also where an as-shipped row's own latency comes from; a `+ ORT int8` "
-              "row is the converted model quantised the same way "
-              "(its latency is from that run). *gates*: the recipe's own gates on that run (✓ passed/ran, "
-              "or ✗ with each failed gate's value vs its limit); deit_s rows have random weights, so only the "
-              "parity gate (`max_abs_diff`) runs there; `+ ORT int8` rows are the bench's, not gated.", "",
-              "| model | variant | params | MACs | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
-              "| b8 p50 ms (orig → conv) | b8 speed-up | vs ORT int8 (b1 / b8) | top-1 orig → conv | agreement | gates |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [row_line(r) for res in results.values() for r in res["rows"]]
-    return "\n".join(lines) + "\n"
-
-
-def gates_table(results: dict[str, dict]) -> str:
-    """Per shipped recipe and model, its as-shipped run's gates: each one's value against its limit."""
-    lines = ["| recipe | model | measured | gates (value vs limit) | result |", "|---|---|---|---|---|"]
-    for recipe, res in results.items():
-        for row in (r for r in res["rows"] if r["variant"] == recipe):
-            if "gates" in row:
-                cells = ", ".join(f"{g['gate']} {g['value']:.4g} {'≤' if g['gate'].startswith('max') else '≥'} "
-                                  f"{g['limit']:g}" for g in row["gates"] if g["value"] is not None)
-            else:  # measured before rows kept their gates: the values, and which gates failed
-                cells = f"max_abs_diff {row['max_abs_diff']:.4g}" + (
-                    f", top-1 drop {row['top1_original'] - row['top1']:.4g}, agreement {row['agreement']:.4g}"
-                    if row["top1"] is not None else "")
-            lines.append(f"| {recipe} | {row['model']} | {res['date']}, {res['machine']} | {cells} | {gate_cell(row)} |")
-    return "\n".join(lines) + "\n"
-
-
 def rebuild_tables(out: Path) -> str:
-    """Rebuild ``results.json`` (all recipes), ``results.md``, ``pareto.png`` and README's table from every
-    ``results/<recipe>.json``; returns the table."""
+    """Rebuild ``results.json`` (all recipes), ``results.md`` and ``pareto.png`` from every ``results/<recipe>.json``,
+    then, when ``out`` is this repository's bench/, the pages' blocks (``bench/pages.py``); returns the table."""
     results = {path.stem: json.loads(path.read_text()) for path in sorted((out / "results").glob("*.json"))
                if not path.stem.endswith(".partial")}
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    table = markdown(results)
-    image = "\n![accuracy vs latency on vit_fmnist]({})\n" if plot(results, out / "pareto.png") else ""
-    (out / "results.md").write_text(table + image.format("pareto.png"))
-    replace_readme_block("bench", table + image.format("bench/pareto.png"))
-    replace_readme_block("gates", gates_table(results))
+    table = bench_table(results)
+    image = "\n![accuracy vs latency on vit_fmnist](pareto.png)\n" if plot(results, out / "pareto.png") else ""
+    (out / "results.md").write_text(table + image)
+    if out.resolve() == (ROOT / "bench").resolve():
+        pages.write(ROOT)
     return table
 
 
@@ -276,7 +202,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", help=f"recipe names under recipes/, or {BASELINE} (default: {BASELINE} and every recipe)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--runs", type=int, default=30, help="interleaved latency runs per model and batch size")
-    parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and README's table")
+    parser.add_argument("--tables-only", action="store_true", help="only rebuild results.md and the pages' tables")
     parser.add_argument("--latency-only", action="store_true",
                         help="only the latency runs (random weights), not the reference model's accuracy runs")
     parser.add_argument("--shipped-only", action="store_true",
@@ -291,9 +217,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     originals = Originals(work)
     cache = OriginalCache()  # every recipe's conversion of a model shares its original's export and predictions
+    commit = source_commit()  # once, before this run rewrites any results file
     for recipe in [] if args.tables_only else recipes:
         rows, partial, measured = [], args.out / "results" / f"{recipe.stem}.partial.json", set()
-        commit, versions, started = source_commit(), {}, time.perf_counter()
+        versions, started = {}, time.perf_counter()
         for model, label, overrides, kwargs in runs_of(recipe):
             if args.latency_only and kwargs != LATENCY_ONLY or args.shipped_only and model in measured:
                 continue

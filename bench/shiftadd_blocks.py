@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shiftadd_blocks.json")
     args = parser.parse_args()
+    from pages import source_commit
+    commit = source_commit()  # before this run rewrites its results file
     test = fmnist_dataset("test", args.images)
     labels = test.tensors[1].numpy()
 
@@ -36,7 +38,8 @@ def main() -> None:
 
     original = load_model("vit_fmnist").model.eval()
     depth = len(original.blocks)
-    result = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "images": len(labels),
+    result = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "commit": commit,
+              "images": len(labels),
               "original": accuracy(original), "binary_attention_in_block": {}}
     for block in range(depth):
         model = apply(copy.deepcopy(original), BinaryAttentionConfig(targets=[f"blocks.{block}.attn"]))

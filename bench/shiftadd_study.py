@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shiftadd_study.json")
     args = parser.parse_args()
+    from pages import source_commit
+    commit = source_commit()  # before this run rewrites its results file
     chosen = [name.strip() for name in args.variants.split(",")]
     original = load_model(args.model, random_init=True)
     size = tuple(original.data_config["input_size"])
@@ -121,6 +123,7 @@ def main() -> None:
         print(f"| {name} | {cells[0]} | {cells[1]} | {ratio['original']} | {ratio['original + ORT int8']} |")
     args.out.write_text(json.dumps({"model": args.model, "machine": machine_description(), "threads": args.threads,
                                     "runs": args.runs, "shift_share": args.shift_share, "date": time.strftime("%Y-%m-%d"),
+                                    "commit": commit,
                                     "latency": timing}, indent=1))
 
 

@@ -8,8 +8,8 @@
 3. ``deit_s`` (random weights: latency only): onnxruntime latency of 2 / 4 / 6 skips vs the original,
    b1 / b8, all four models interleaved in one run.
 
-Writes ``bench/skip_study.json`` and ``bench/skip_study.md``, and copies the tables into README.md between the
-``skip_study:start`` / ``skip_study:end`` markers.
+Writes ``bench/skip_study.json`` and ``bench/skip_study.md``, then has ``bench/pages.py`` (the tables' one renderer)
+rewrite the pages' ``skip_study`` block.
 
     python bench/skip_study.py --steps 100 --images 10000
 """
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from readme_block import replace_readme_block
+import pages
 
 from vitcompress.api import apply_recipe, convert, machine_description
 from vitcompress.evaluate import latency
@@ -88,37 +88,7 @@ def deit_latency(args, work: Path) -> dict:
                    for batch, ms in per_batch.items()} for name, per_batch in timing.items()}
 
 
-def markdown(results: dict) -> str:
-    s = results["settings"]
-    lines = [f"Measured {results['date']} on {results['machine']} (CPU shared with other work); onnxruntime CPU, "
-             f"2 intra-op threads. Accuracy on the first {s['images']} Fashion-MNIST test images; fine-tune "
-             f"{s['steps']} steps, batch 64, for every variant.", "",
-             "**CKA vs random choice of skipped blocks (vit_fmnist, same fine-tune budget)**", "",
-             "| skips | rule | blocks | top-1 (orig → skipped) | agreement |", "|---|---|---|---|---|"]
-    for r in results["skip"]:
-        blocks = ", ".join(b.split(".")[1] for b in r["blocks"])
-        lines.append(f"| {r['skips']} | {r['rule']} | {blocks} | {r['top1_original']:.2f} → {r['top1']:.2f} "
-                     f"| {r['agreement'] * 100:.2f} % |")
-    first = next(r["rounds"][0]["cka"] for r in results["skip"] if r["rounds"])
-    lines += ["", "First-round CKA(block input, attention output) per block: "
-              + ", ".join(f"{b.split('.')[1]}: {v:.3f}" for b, v in first.items()), ""]
-    c = results["cascade"]
-    lines += [f"**Cascade (vit_fmnist): low = {len(c['low_blocks'])} CKA skips (top-1 {c['top1_low']:.2f}), "
-              f"high = original (top-1 {c['top1_high']:.2f})**; threshold calibrated on the same images; expected "
-              "latency per image = c_low + (1 − f)·c_high at batch 1 and 8, components measured interleaved.", "",
-              "| low_effort_fraction | exit early | cascade top-1 | b1 ms (orig → cascade) | b1 speed-up "
-              "| b8 ms/batch (orig → cascade) | b8 speed-up |", "|---|---|---|---|---|---|---|"]
-    for p in c["sweep"]:
-        b1, b8 = p["expected_ms"]["b1"], p["expected_ms"]["b8"]
-        lines.append(f"| {p['low_effort_fraction']:g} | {p['early_fraction'] * 100:.1f} % | {p['top1']:.2f} "
-                     f"| {b1['original']:.2f} → {b1['cascade']:.2f} | {b1['speedup']:.2f}× "
-                     f"| {b8['original']:.1f} → {b8['cascade']:.1f} | {b8['speedup']:.2f}× |")
-    lines += ["", "**deit_s (random weights) onnxruntime latency with skipped attention branches**", "",
-              "| model | b1 p50 ms | b1 speed-up | b8 p50 ms | b8 speed-up |", "|---|---|---|---|---|"]
-    for name, t in results["deit_s"].items():
-        lines.append(f"| {name} | {t['b1']['p50_ms']:.2f} | {t['b1']['ratio']:.2f}× | {t['b8']['p50_ms']:.1f} "
-                     f"| {t['b8']['ratio']:.2f}× |")
-    return "\n".join(lines) + "\n"
+markdown = pages.skip_study_tables
 
 
 def main() -> None:
@@ -135,6 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     path = args.out / "skip_study.json"
     results = json.loads(path.read_text()) if path.exists() else {}
+    commit = pages.source_commit(ROOT)  # before this run rewrites its results file
     work = Path(tempfile.mkdtemp(prefix="skip-study-"))
     try:
         parts = {"skip": skip_runs, "cascade": cascade_run, "deit_s": deit_latency}
@@ -142,7 +113,7 @@ def main() -> None:
             results[part] = parts[part](args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results.update(date=datetime.date.today().isoformat(), machine=machine_description(),
+    results.update(date=datetime.date.today().isoformat(), machine=machine_description(), commit=commit,
                    settings={"steps": args.steps, "images": args.images, "runs": args.runs, "seed": args.seed,
                              "random_draws": args.random_draws})
     args.out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +121,7 @@ def main() -> None:
     if {"skip", "cascade", "deit_s"} <= set(results):
         (args.out / "skip_study.md").write_text(markdown(results))
         if args.out.resolve() == (ROOT / "bench").resolve():
-            replace_readme_block("skip_study", markdown(results))
+            pages.write(ROOT)
         print(markdown(results))
 
 

@@ -4,8 +4,8 @@ DeiT-Tiny widths and the same Fashion-MNIST test images, through the real pipeli
 
 Each variant is one shipped recipe with overrides, run on both models with the same fine-tune budget; the rows
 hold top-1, agreement and the onnxruntime b1 / b8 latency of the converted model against its own original
-(interleaved, 2 threads). Writes ``bench/token_count.json`` and its table into README.md between the
-``token_count:start`` / ``token_count:end`` markers.
+(interleaved, 2 threads). Writes ``bench/token_count.json``, then has ``bench/pages.py`` (the table's one renderer)
+rewrite the pages' ``token_count`` block.
 
     python bench/token_count.py --images 2000 --steps 50
 """
@@ -19,7 +19,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from readme_block import replace_readme_block
+import pages
 from run import summarise
 
 from vitcompress.api import convert, machine_description
@@ -43,19 +43,7 @@ def variants(steps: int) -> list[tuple[str, str, list[str]]]:
             (f"skip blocks 2, 4, {steps} fine-tune steps (bf16)", "skip", [*tuned, "finetune.precision=bf16"])]
 
 
-def markdown(results: dict) -> str:
-    lines = [f"Measured {results['date']} on {results['machine']}; onnxruntime CPU, 2 intra-op threads; top-1 on the "
-             f"first {results['images']} Fashion-MNIST test images; latency: median of {results['runs']} interleaved "
-             "runs against the model's own original.", "",
-             "| variant | model | top-1 orig → conv | agreement | MAC-ideal | b1 p50 ms (orig → conv) | b1 speed-up "
-             "| b8 p50 ms (orig → conv) | b8 speed-up |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        b1, b8 = r["latency"]["b1"], r["latency"]["b8"]
-        lines.append(f"| {r['variant']} | {r['model']} | {r['top1_original']:.2f} → {r['top1']:.2f} "
-                     f"| {r['agreement'] * 100:.2f} % | {r['mac_ideal_speedup']:.2f}× "
-                     f"| {b1['original_p50_ms']:.2f} → {b1['p50_ms']:.2f} | {b1['speedup']:.2f}× "
-                     f"| {b8['original_p50_ms']:.1f} → {b8['p50_ms']:.1f} | {b8['speedup']:.2f}× |")
-    return "\n".join(lines) + "\n"
+markdown = pages.token_count_table
 
 
 def main() -> None:
@@ -68,6 +56,7 @@ def main() -> None:
     work = args.out.parent / "token_count_runs"
     common = [*NO_GATES, f"validate.images={args.images}", f"validate.latency_runs={args.runs}",
               "validate.profile_runs=0"]
+    commit = pages.source_commit(ROOT)  # before this run rewrites its results file
     rows = []
     for label, recipe, overrides in variants(args.steps):
         for model in MODELS:
@@ -76,10 +65,12 @@ def main() -> None:
                              overrides=[*common, *overrides]).report
             rows.append(summarise(label, model, report))
     shutil.rmtree(work, ignore_errors=True)
-    results = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "images": args.images,
+    results = {"date": datetime.date.today().isoformat(), "machine": machine_description(), "commit": commit,
+               "images": args.images,
                "steps": args.steps, "runs": args.runs, "rows": rows}
     args.out.write_text(json.dumps(results, indent=2))
-    replace_readme_block("token_count", markdown(results))
+    if args.out.resolve() == (ROOT / "bench" / "token_count.json").resolve():
+        pages.write(ROOT)
     print(markdown(results))
 
 

@@ -11,7 +11,8 @@ from vitcompress.errors import ExportError
 from vitcompress.export import ExportConfig, check_runs, export_onnx
 from vitcompress.recipe import ValidateConfig
 from vitcompress.report import ModelMetrics, Parity
-from vitcompress.stages.validate import gates, latency
+from vitcompress.evaluate import latency
+from vitcompress.stages.validate import gates
 
 pytestmark = pytest.mark.export
 

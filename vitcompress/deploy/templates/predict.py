@@ -7,8 +7,8 @@ The model, its preprocessing (``preprocess.json``) and its class names (``labels
 file; a cascade bundle (``cascade.json``) runs the low-effort model and sends the images whose softmax entropy
 is above the calibrated threshold on to the high-effort one. Prints each image's top classes by name.
 
-vitcompress writes this file into every bundle (it is ``vitcompress/bundle_predict.py``). It imports nothing
-of vitcompress, so its preprocessing is a copy of ``vitcompress.deploy.runtime.Preprocessing`` (timm's eval
+vitcompress writes this file into every bundle (it is ``vitcompress/deploy/templates/predict.py``). It imports
+nothing of vitcompress, so its preprocessing is a copy of ``vitcompress.deploy.runtime.Preprocessing`` (timm's eval
 transform: resize the short side to size / crop_pct, centre crop, scale to [0, 1], normalise); the test suite
 checks that both give the same arrays, and ``vitcompress verify`` that they give the exported model's inputs.
 """
