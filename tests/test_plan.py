@@ -54,18 +54,18 @@ def test_svd_plan_equals_the_converted_model(quiet_dir):
     recipe = load_recipe(SVD)
     reference = load_model("vit_fmnist").model
     want_macs = count_macs(reference, (1, 28, 28))
-    assert result["original"] == {"params": count_params(reference), "macs": want_macs, "cost": want_macs}
+    assert result.original.model_dump() == {"params": count_params(reference), "macs": want_macs, "cost": want_macs}
     apply_recipe(reference, recipe, lambda: [torch.randn(16, 1, 28, 28)])
     reference = to_deploy(reference)
-    (step,) = result["steps"]
-    assert step["transform"] == "svd_lowrank" and step["matched"] == 24 == len(step["modules"])
-    assert step["params_after"] == result["final"]["params"] == count_params(reference)
-    assert step["macs_after"] == result["final"]["macs"] == count_macs(reference, (1, 28, 28))
-    assert step["speedup"] == step["cumulative_speedup"] == step["mac_speedup"] == want_macs / step["macs_after"] > 1.5
-    assert result["calibration"] == {"data": "fmnist", "images": 32, "recipe_images": 512}
-    assert result["export"]["exportable"] and result["export"]["error"] is None
-    assert result["export"]["output_shape"] == [1, 10] and result["export"]["max_abs_diff"] < 1e-4
-    assert set(result["seconds"]) == {"load", "measure", "steps", "export", "check", "total"}
+    (step,) = result.steps
+    assert step.transform == "svd_lowrank" and step.matched == 24 == len(step.modules)
+    assert step.params_after == result.final.params == count_params(reference)
+    assert step.macs_after == result.final.macs == count_macs(reference, (1, 28, 28))
+    assert step.speedup == step.cumulative_speedup == step.mac_speedup == want_macs / step.macs_after > 1.5
+    assert result.calibration.model_dump() == {"data": "fmnist", "images": 32, "recipe_images": 512}
+    assert result.export.exportable and result.export.error is None
+    assert result.export.output_shape == [1, 10] and result.export.max_abs_diff < 1e-4
+    assert set(result.seconds) == {"load", "measure", "steps", "export", "check", "total"}
 
 
 @pytest.mark.export
@@ -91,13 +91,13 @@ def test_int8_macs_count_at_their_measured_cost(quiet_dir):
     """A shift recipe keeps every MAC but runs the MLP's on int8 kernels: the plan predicts it faster than the
     MAC ratio (1×) says, by the cost onnxruntime measured for those MACs here."""
     result = plan("vit_fmnist", "shift_mlp", overrides=["finetune=null"])
-    (step,) = result["steps"]
-    assert step["mac_speedup"] == pytest.approx(1.0, abs=0.01)
+    (step,) = result.steps
+    assert step.mac_speedup == pytest.approx(1.0, abs=0.01)
     mlp = 12 * 50 * 2 * 192 * 768
     costs = {shape: int8_mac_cost(*shape) for shape in ((192, 768), (768, 192))}
     assert all(0 < cost < 1 for cost in costs.values()), costs
-    want = step["macs_after"] - mlp + mlp / 2 * sum(costs.values())
-    assert step["cost_after"] == pytest.approx(want) and step["speedup"] > 1.1
+    want = step.macs_after - mlp + mlp / 2 * sum(costs.values())
+    assert step.cost_after == pytest.approx(want) and step.speedup > 1.1
 
 
 @pytest.mark.export

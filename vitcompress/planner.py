@@ -22,9 +22,11 @@ import functools
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
@@ -38,6 +40,86 @@ from vitcompress.recipe import Recipe, load_recipe, staged_steps
 
 PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
+
+
+class _PlanPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PlannedModel(_PlanPart):
+    name: str
+    weights: str
+    input_size: list[int]
+
+
+class Cost(_PlanPart):
+    """A model's size and cost per image: ``cost`` counts an int8 MAC at its measured cost in float MACs."""
+
+    params: int
+    macs: int
+    cost: float
+
+
+class FinalCost(Cost):
+    speedup: float = Field(description="the original's cost / this one's")
+    mac_speedup: float = Field(description="the original's MACs / this one's (int8 MACs counted as float)")
+
+
+class PlanCalibration(_PlanPart):
+    data: str
+    images: int = Field(description="calibration images the plan used")
+    recipe_images: int = Field(description="the recipe's calibration.images")
+
+
+class StepSeconds(_PlanPart):
+    apply: float
+    measure: float
+
+
+class PlannedStep(_PlanPart):
+    """One recipe step: what it matched and the deployed params, MACs and cost before and after it."""
+
+    step: int
+    transform: str
+    matched: int
+    modules: list[str]
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    cost_before: float
+    cost_after: float
+    speedup: float
+    cumulative_speedup: float
+    mac_speedup: float
+    seconds: StepSeconds
+    details: Optional[dict[str, Any]] = None
+
+
+class ExportCheck(_PlanPart):
+    """Whether the planned model exports and runs in onnxruntime at batch 1 (``error`` says why not)."""
+
+    exportable: bool
+    error: Optional[str]
+    opset: int
+    dynamic_batch: bool
+    onnx_bytes: Optional[int] = None
+    output_shape: Optional[list[int]] = None
+    max_abs_diff: Optional[float] = None
+
+
+class Plan(_PlanPart):
+    """What :func:`plan` found: per step what it converts and saves, the final predicted speed-up, the export."""
+
+    model: PlannedModel
+    recipe: str
+    calibration: Optional[PlanCalibration]
+    planned: str = Field(description="'steps', or which model of a cascade recipe was planned")
+    original: Cost
+    steps: list[PlannedStep]
+    final: FinalCost
+    export: ExportCheck
+    seconds: dict[str, Optional[float]] = Field(description="load, measure, steps, export, check, total")
 
 
 def step_order(recipe: Recipe) -> list[int]:
@@ -133,13 +215,13 @@ def plan(
     random_init: bool = False,
     calibration_images: int | None = PLAN_CALIBRATION_IMAGES,
     progress: Progress | None = None,
-) -> dict:
-    """Apply ``recipe`` to ``model`` step by step and check that the result exports; returns the plan.
+) -> Plan:
+    """Apply ``recipe`` to ``model`` step by step and check that the result exports; returns the :class:`Plan`.
 
     Arguments are ``convert``'s (``data`` is opened only when a step calibrates), plus ``calibration_images``:
     the most calibration images used (None: the recipe's ``calibration.images``). Bad input raises the
     same :class:`~vitcompress.errors.VitCompressError` as ``convert``; an export failure is reported in
-    ``result["export"]`` (``exportable`` False, ``error``).
+    ``plan.export`` (``exportable`` False, ``error``).
     """
     t_start = time.perf_counter()
     recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
@@ -170,7 +252,7 @@ def plan(
     seconds.update(export.pop("seconds"), total=time.perf_counter() - t_start)
     final = ({"params": steps[-1]["params_after"], "macs": steps[-1]["macs_after"], "cost": steps[-1]["cost_after"]}
              if steps else dict(original))
-    return {
+    return Plan.model_validate({
         "model": {"name": loaded.name, "weights": loaded.weights, "input_size": list(input_size)},
         "recipe": recipe_source,
         "calibration": None if ctx.data is None else {
@@ -182,15 +264,14 @@ def plan(
         "final": {**final, "speedup": original["cost"] / final["cost"], "mac_speedup": original["macs"] / final["macs"]},
         "export": export,
         "seconds": seconds,
-    }
+    })
 
 
-def plan_rows(result: dict) -> list[tuple[str, ...]]:
+def plan_rows(result: Plan) -> list[tuple[str, ...]]:
     """(step, params, MACs, speed-up, cumulative speed-up, seconds) per step, formatted for people."""
-    return [(f"{s['step']} {s['transform']}", f"{s['params_before'] / 1e6:.2f} → {s['params_after'] / 1e6:.2f}",
-             f"{_mega(s['macs_before'])} → {_mega(s['macs_after'])}",
-             f"{s['speedup']:.2f}×", f"{s['cumulative_speedup']:.2f}×",
-             f"{s['seconds']['apply'] + s['seconds']['measure']:.1f}") for s in result["steps"]]
+    return [(f"{s.step} {s.transform}", f"{s.params_before / 1e6:.2f} → {s.params_after / 1e6:.2f}",
+             f"{_mega(s.macs_before)} → {_mega(s.macs_after)}", f"{s.speedup:.2f}×", f"{s.cumulative_speedup:.2f}×",
+             f"{s.seconds.apply + s.seconds.measure:.1f}") for s in result.steps]
 
 
 def _mega(value: int) -> str:
@@ -225,10 +306,10 @@ def compact_names(names: list[str]) -> list[str]:
     return folded
 
 
-def export_line(export: dict) -> str:
+def export_line(export: ExportCheck) -> str:
     """One line: exportable or not, and why / what was checked."""
-    if not export["exportable"]:
-        return f"exportable: no ({export['error']})"
-    shape = tuple(export["output_shape"])
-    return (f"exportable: yes ({export['onnx_bytes'] / 1e6:.1f} MB ONNX; ORT batch 1 → {shape}, "
-            f"|torch − ORT| ≤ {export['max_abs_diff']:.1e})")
+    if not export.exportable:
+        return f"exportable: no ({export.error})"
+    shape = tuple(export.output_shape)
+    return (f"exportable: yes ({export.onnx_bytes / 1e6:.1f} MB ONNX; ORT batch 1 → {shape}, "
+            f"|torch − ORT| ≤ {export.max_abs_diff:.1e})")

@@ -5,7 +5,6 @@ torch and the pipeline are imported inside the commands so that ``--help`` answe
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,10 +135,10 @@ def plan(model: str | None, recipe_path: Path, checkpoint: Path | None, data: st
         result = run_plan(model, recipe_path, checkpoint=checkpoint, data=data, overrides=list(overrides),
                           random_init=random_init, progress=RichProgress(None), **budget)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(result.model_dump_json(indent=2))
     else:
         print_plan(result)
-    if not result["export"]["exportable"]:
+    if not result.export.exportable:
         sys.exit(1)
 
 
@@ -164,7 +163,7 @@ def profile(bundle: Path, batch_size: int, runs: int, warmup: int, threads: int 
         result = profile_bundle(bundle, baseline=baseline, batch_size=batch_size, runs=runs, warmup_runs=warmup,
                                 threads=threads)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(result.model_dump_json(indent=2))
         return
     Console().print(profile_table(bundle, result, batch_size, runs))
 

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from vitcompress.planner import Plan
     from vitcompress.report import Report
 
 
@@ -56,12 +57,12 @@ def extra_tables(report: Report) -> list[Table]:
     return tables
 
 
-def print_plan(result: dict) -> None:
+def print_plan(result: Plan) -> None:
     """The plan's table (one row per step), the modules each step matched, the export check and the times."""
     from vitcompress.planner import compact_names, export_line, plan_rows
 
     out = Console()
-    table = Table(title=f"plan: {result['model']['name']} with {result['recipe']}", box=box.SIMPLE_HEAD,
+    table = Table(title=f"plan: {result.model.name} with {result.recipe}", box=box.SIMPLE_HEAD,
                   pad_edge=False, collapse_padding=True)
     table.add_column("step", no_wrap=True)
     for column in ("params (M)", "MACs (M)", "speed-up", "total", "s"):
@@ -69,22 +70,22 @@ def print_plan(result: dict) -> None:
     for row in plan_rows(result):
         table.add_row(*row)
     out.print(table)
-    for step in result["steps"]:
-        out.print(f"step {step['step']} {step['transform']} matched {step['matched']}: "
-                  f"{escape(', '.join(compact_names(step['modules'])))}", highlight=False)
-    original, final = result["original"], result["final"]
-    out.print(f"weights: {escape(result['model']['weights'])}", highlight=False)
-    out.print(f"predicted speed-up: {final['speedup']:.2f}× (int8 MACs at their measured onnxruntime cost; MACs alone "
-              f"{final['mac_speedup']:.2f}×); params {original['params'] / 1e6:.2f} → {final['params'] / 1e6:.2f} M",
+    for step in result.steps:
+        out.print(f"step {step.step} {step.transform} matched {step.matched}: "
+                  f"{escape(', '.join(compact_names(step.modules)))}", highlight=False)
+    original, final = result.original, result.final
+    out.print(f"weights: {escape(result.model.weights)}", highlight=False)
+    out.print(f"predicted speed-up: {final.speedup:.2f}× (int8 MACs at their measured onnxruntime cost; MACs alone "
+              f"{final.mac_speedup:.2f}×); params {original.params / 1e6:.2f} → {final.params / 1e6:.2f} M",
               highlight=False)
-    if result["calibration"]:
-        cal = result["calibration"]
-        out.print(f"calibrated on {cal['images']} of the recipe's {cal['recipe_images']} images "
-                  f"({escape(cal['data'])}; --calibration-images N)", highlight=False)
-    if result["planned"] != "steps":
-        out.print(f"planned: {result['planned']}", highlight=False)
-    out.print(escape(export_line(result["export"])), highlight=False)
-    seconds = result["seconds"]
+    if result.calibration:
+        cal = result.calibration
+        out.print(f"calibrated on {cal.images} of the recipe's {cal.recipe_images} images "
+                  f"({escape(cal.data)}; --calibration-images N)", highlight=False)
+    if result.planned != "steps":
+        out.print(f"planned: {result.planned}", highlight=False)
+    out.print(escape(export_line(result.export)), highlight=False)
+    seconds = result.seconds
     parts = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items() if k != "total" and v is not None)
     out.print(f"plan took {seconds['total']:.1f} s ({parts})", highlight=False)
 
