@@ -4,15 +4,17 @@ PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data demo test bench
+.PHONY: install data demo test test-fast bench
 
 install: $(VENV)/.installed
 
+# PYTHONWARNINGS: setuptools' notice about editable installs is information, not a warning; the first screen
+# stays ours.
 $(VENV)/.installed: pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.lock
-	$(PY) -m pip install --quiet --no-deps -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 data: $(FMNIST)
@@ -26,6 +28,11 @@ demo: install data
 
 test: install data
 	$(PY) -m pytest
+
+# The inner loop (under 3 minutes on 2 cores): unit and component tests, without the whole-pipeline runs
+# (@pytest.mark.slow), the end-to-end scenarios (tests/e2e/) and the torchrun tests (tests/distributed/).
+test-fast: install data
+	$(PY) -m pytest -m "not slow" --ignore=tests/e2e --ignore=tests/distributed
 
 # Every benchmark number of README.md and docs/, on this machine in one run: the studies whose results files feed a
 # generated block, the bench of every shipped recipe, then bench/pages.py renders every block from the results files.

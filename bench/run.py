@@ -80,7 +80,7 @@ BASELINE = "ort_int8"
 
 def recipe_sha256(recipe: Path) -> str:
     """sha256 of a recipe's content as written (canonical JSON of its YAML, so comments and layout do not count):
-    a results file holding another recipe's digest is stale, and ``tests/test_shipped_gates.py`` says so."""
+    a results file holding another recipe's digest is stale, and ``tests/e2e/test_shipped_gates.py`` says so."""
     if recipe.stem == BASELINE:
         return BASELINE
     return hashlib.sha256(json.dumps(read_recipe_file(recipe), sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from vitcompress.cli import main
 from vitcompress.report import Report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPE = """model: vit_fmnist
 steps: []
 finetune: {steps: 12, batch_size: 8, lr: 1.0e-4, checkpoint_every: 3, workers: 0}

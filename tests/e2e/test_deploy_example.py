@@ -13,7 +13,7 @@ from vitcompress.data import FMNIST_CLASSES, fmnist_dataset, load_fmnist_arrays
 from vitcompress.deploy.runtime import Preprocessing, preprocessing_metadata
 from vitcompress.export import export_onnx
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "deploy_onnxruntime.py"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "deploy_onnxruntime.py"
 
 
 @pytest.mark.export

@@ -14,7 +14,7 @@ from vitcompress.batch.manifest import load_manifest
 from vitcompress.batch.results import BatchResult
 from vitcompress.cli import main
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 CI = ROOT / "examples" / "ci"
 MANIFEST = "examples/ci/manifest.yaml"
 

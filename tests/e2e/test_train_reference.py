@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-SCRIPT = Path(__file__).parent.parent / "examples" / "train_reference.py"
+SCRIPT = Path(__file__).parents[2] / "examples" / "train_reference.py"
 QUICK = ["--train-images", "256", "--test-images", "64", "--batch-size", "64", "--epochs", "2", "--save-every", "3",
          "--warmup-steps", "2", "--no-bf16"]
 

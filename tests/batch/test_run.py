@@ -23,7 +23,7 @@ from junitparser import Error, Failure, JUnitXml
 from vitcompress.batch.results import BatchResult
 from vitcompress.cli import main
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 RECIPE = """
 steps:
   - {{transform: svd_lowrank, targets: ["re:blocks\\\\.\\\\d+\\\\.mlp\\\\.fc[12]"], rank_ratio: {ratio}}}

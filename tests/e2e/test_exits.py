@@ -33,7 +33,7 @@ def test_unexpected_exception_is_one_line_with_a_traceback_log_and_its_own_exit_
 def test_signal_during_convert_exits_with_its_code_and_leaves_nothing(tmp_path, signum, code):
     sets = [x for item in FAST for x in ("--set", item)]
     process = subprocess.Popen([sys.executable, "-m", "vitcompress.cli", "convert", "vit_fmnist", "--recipe",
-                                str(Path(__file__).parent.parent / "recipes" / "svd.yaml"), "--out",
+                                str(Path(__file__).parents[2] / "recipes" / "svd.yaml"), "--out",
                                 str(tmp_path / "run"), *sets], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "COLUMNS": "200"},
                                # a shell's background job starts with SIGINT ignored; a user's terminal does not
@@ -48,7 +48,7 @@ def test_signal_during_convert_exits_with_its_code_and_leaves_nothing(tmp_path, 
 
 
 def run_force(out: str, cwd: Path):
-    recipe = Path(__file__).parent / "bad_inputs" / "tiny_svd.yaml"
+    recipe = Path(__file__).parents[1] / "bad_inputs" / "tiny_svd.yaml"
     previous = Path.cwd()
     os.chdir(cwd)
     try:

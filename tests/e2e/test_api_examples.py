@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from tests.conftest import FAST
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 #: FAST's validation and calibration budgets; no fine-tune (the recipe has none: it would move the zeros).
 SMALL = [item for item in FAST if not item.startswith("finetune.")]
 

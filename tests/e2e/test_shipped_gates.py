@@ -19,10 +19,10 @@ from tests.conftest import FAST
 from vitcompress.cli import main
 from vitcompress.recipe import load_recipe, shipped_recipes
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
 from run import LATENCY_MODEL, REFERENCE, recipe_sha256  # noqa: E402
 
-BENCH_RESULTS = Path(__file__).parent.parent / "bench" / "results"
+BENCH_RESULTS = Path(__file__).parents[2] / "bench" / "results"
 # Recipes another test already converts end to end (test: what it checks beyond the gates).
 RUN_ELSEWHERE = {"svd": "test_cli.py (JSON report)", "fast": "test_fast_recipe.py (both models)",
                  "cascade": "test_cascade.py (cascade bundle)", "shiftadd": "test_cli.py (DeiT-S from any directory)",

@@ -1,0 +1,1 @@
+"""Tests of vitcompress batch: manifests, runs, caches, shards, the example workflows."""

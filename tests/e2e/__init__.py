@@ -1,0 +1,1 @@
+"""End-to-end scenarios: whole CLI runs in subprocesses, shipped recipes on a budget, signals, resume, examples."""
