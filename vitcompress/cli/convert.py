@@ -163,7 +163,7 @@ def profile(bundle: Path, batch_size: int, runs: int, warmup: int, threads: int 
         result = profile_bundle(bundle, baseline=baseline, batch_size=batch_size, runs=runs, warmup_runs=warmup,
                                 threads=threads)
     if as_json:
-        click.echo(result.model_dump_json(indent=2))
+        click.echo(json.dumps(result, indent=2))
         return
     Console().print(profile_table(bundle, result, batch_size, runs))
 
