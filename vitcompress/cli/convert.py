@@ -5,6 +5,7 @@ torch and the pipeline are imported inside the commands so that ``--help`` answe
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
