@@ -38,7 +38,7 @@ from pages import bench_table, gate_cell, gates_table  # noqa: F401 (the rendere
 from pareto import plot
 
 from vitcompress.api import convert, machine_description
-from vitcompress.export import ExportConfig
+from vitcompress.export_config import ExportConfig
 from vitcompress.original_cache import OriginalCache
 from vitcompress.recipe import apply_overrides, load_recipe, parse_recipe, read_recipe_file
 from vitcompress.report import Report

@@ -3,7 +3,8 @@
 cli → api → stages → transforms → layers; deploy/, export, errors and the torch-only helpers are leaves that
 the rest may use. A stage imports no other stage; bench/, the CLI and the planner import no stage; training/ takes
 explicit arguments (no run context, stage or pipeline); nothing under deploy/ imports torch, timm or the ONNX
-exporter (checked in a fresh interpreter). No cycle anywhere.
+exporter, and reading a recipe imports neither torch nor onnx (both checked in a fresh interpreter). No cycle
+anywhere.
 """
 
 import ast
@@ -18,7 +19,7 @@ ROOT = Path(__file__).parent.parent
 PACKAGE = ROOT / "vitcompress"
 #: Modules any layer may use: they import nothing of vitcompress but each other.
 LEAVES = {"vitcompress.errors", "vitcompress.hooks", "vitcompress.cka", "vitcompress.files", "vitcompress.quantize",
-          "vitcompress.progress",
+          "vitcompress.progress", "vitcompress.export_config",
           "vitcompress.deploy", "vitcompress.deploy.runtime", "vitcompress.deploy.bundle", "vitcompress.deploy.predict",
           "vitcompress.deploy.triton", "vitcompress.deploy.optimize", "vitcompress.deploy.timing_lock",
           "vitcompress.deploy.templates.predict"}
@@ -100,6 +101,38 @@ def test_importing_deploy_loads_no_torch_timm_or_exporter():
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=ROOT).stdout)
     assert loaded == [], f"importing deploy/ loaded {loaded[:5]}"
+
+
+HEAVY = ("torch", "timm", "torchvision", "onnx", "onnxruntime", "onnxscript")
+
+READ_RECIPES = """
+import json, sys
+from click.testing import CliRunner
+from vitcompress.cli.main import main
+from vitcompress.recipe import Recipe, dump_recipe, load_recipe, parse_recipe, shipped_recipes
+from vitcompress.transforms import registry
+
+for name in shipped_recipes():
+    recipe = load_recipe(name)
+    parse_recipe(recipe.model_dump(mode="json", by_alias=True), name)
+    dump_recipe(recipe)
+Recipe.model_json_schema()
+for transform in registry.available().values():
+    transform.config.model_json_schema()
+listing = CliRunner().invoke(main, ["recipes"])
+assert listing.exit_code == 0, listing.output
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)))
+"""
+
+
+def test_reading_recipes_loads_no_torch_timm_or_onnx():
+    """Loading, validating and dumping every shipped recipe, the JSON schemas and ``vitcompress recipes``, in a
+    fresh interpreter, leave torch, timm, onnx and onnxruntime unloaded: the transforms' config classes need only
+    pydantic, their handlers import torch when they run."""
+    code = f"HEAVY = {HEAVY!r}\n{READ_RECIPES}"
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       cwd=ROOT).stdout)
+    assert loaded == [], f"reading recipes loaded {loaded[:5]}"
 
 
 @pytest.mark.parametrize("name", [m for m in MODULES if in_layer(m, "stages") and m != "vitcompress.stages"])

@@ -14,40 +14,19 @@ import logging
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session
 from vitcompress.errors import ExportError
+from vitcompress.export_config import ExportConfig
 from vitcompress.layers.int8_linear import ONNX_TRANSLATIONS
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
 
 CHECK_BATCHES = (1, 3)
-
-
-class ExportConfig(BaseModel):
-    """How a model is exported: the recipe's ``export:`` section."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    opset: int = Field(20, ge=17, le=23, description="ONNX opset; ≥ 20 exports GELU as one Gelu op, which "
-                                                     "onnxruntime fuses with its bias")
-    dynamic_batch: bool = True
-    quantize: Literal["none", "dynamic", "static"] = Field(
-        "none", description="int8 model.onnx by onnxruntime.quantization: static (QDQ, activation ranges from the "
-                            "calibration images) or dynamic (activation ranges at run time); none: float32")
-    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "minmax", description="static only: how the calibration activations set the int8 ranges")
-    per_channel: bool = Field(True, description="one int8 weight scale per output channel (else per tensor)")
-    head_major: bool = Field(True, description="a timm Attention with a low-rank qkv is exported head-major "
-                                               "(no per-block reshape/transpose; weight products absorbed where "
-                                               "that saves MACs); false keeps timm's layout, e.g. for a runtime "
-                                               "that fuses timm-form attention")
 
 
 def to_deploy(model: nn.Module, inplace: bool = False, head_major: bool = True) -> nn.Module:

@@ -16,8 +16,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitcompress.deploy.runtime import INPUT_NAME, open_session, time_interleaved
-from vitcompress.export import ExportConfig, export_onnx
-from vitcompress.layers.int8_linear import INT8_LEVELS, Int8PotLinear
+from vitcompress.export import export_onnx
+from vitcompress.export_config import ExportConfig
+from vitcompress.layers.int8_levels import INT8_LEVELS
+from vitcompress.layers.int8_linear import Int8PotLinear
 
 #: tokens per timed call of one layer: about 8 images of 50 tokens; the share is what matters, not the time
 MEASURE_TOKENS = 400

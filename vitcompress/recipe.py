@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from vitcompress.errors import RecipeError
-from vitcompress.export import ExportConfig
+from vitcompress.export_config import ExportConfig
 from vitcompress.plugins import load_recipe_plugins
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig

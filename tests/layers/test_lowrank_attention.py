@@ -12,7 +12,8 @@ from torch import nn
 
 from vitcompress.api import apply
 from vitcompress.deploy.runtime import open_session
-from vitcompress.export import ExportConfig, export_onnx, to_deploy
+from vitcompress.export import export_onnx, to_deploy
+from vitcompress.export_config import ExportConfig
 from vitcompress.layers.lowrank_attention import AbsorbedAttention, HeadMajorAttention
 from vitcompress.layers.lowrank_linear import LowRankLinear
 from vitcompress.transforms.lowrank import LowRankConfig

@@ -8,7 +8,8 @@ import torch
 from vitcompress.data import FMNIST_CLASSES
 from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
-from vitcompress.export import ExportConfig, check_runs, export_onnx
+from vitcompress.export import check_runs, export_onnx
+from vitcompress.export_config import ExportConfig
 from vitcompress.recipe import ValidateConfig
 from vitcompress.report import ModelMetrics, Parity
 from vitcompress.evaluate import latency

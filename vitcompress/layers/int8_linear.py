@@ -23,8 +23,9 @@ from onnxscript import opset18 as op
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula
 
+from vitcompress.layers.int8_levels import INT8_LEVELS
+
 QMAX = 255.0
-INT8_LEVELS = 7
 
 
 @torch.library.custom_op("vitcompress::int8_linear", mutates_args=())

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitcompress.layers.int8_linear import INT8_LEVELS, Int8PotLinear
+from vitcompress.layers.int8_levels import INT8_LEVELS
+from vitcompress.layers.int8_linear import Int8PotLinear
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -9,17 +9,19 @@ The rank of each layer comes from exactly one of ``rank`` (absolute), ``rank_rat
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from vitcompress.errors import TargetError
-from vitcompress.hooks import run_with_hooks
-from vitcompress.layers.lowrank_linear import LowRankLinear, Whitening
 from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vitcompress.layers.lowrank_linear import Whitening
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,10 @@ class LowRankConfig(TransformConfig):
 
 def choose_rank(config: LowRankConfig, linear: nn.Linear, gram: torch.Tensor | None) -> int:
     """The rank the config asks for on this layer."""
+    import torch
+
+    from vitcompress.layers.lowrank_linear import LowRankLinear
+
     out_features, in_features = linear.weight.shape
     if config.rank is not None:
         return config.rank
@@ -56,6 +62,8 @@ def choose_rank(config: LowRankConfig, linear: nn.Linear, gram: torch.Tensor | N
 
 def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
     """``XᵀX`` (float64, in×in) of the inputs of each named Linear over all tokens of the calibration batches."""
+    from vitcompress.hooks import run_with_hooks
+
     grams: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -75,6 +83,10 @@ def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.
 def apply_lowrank(model: nn.Module, config: LowRankConfig, inputs: TransformInputs) -> list[str]:
     """Factor each target Linear W (out×in) into two Linears by truncated SVD, W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ);
     `whitening: pca | cholesky` uses calibration activations (SVD-LLM) to minimise the output error instead."""
+    from torch import nn
+
+    from vitcompress.layers.lowrank_linear import LowRankLinear
+
     step = "svd_lowrank"
     targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
     whitening: Whitening = config.whitening

@@ -7,6 +7,9 @@ config's ``transform: Literal["..."]`` field. Recipe parsing looks up the config
 transforms register the same way from outside the package: a recipe's ``plugins:`` imports them
 (:mod:`vitcompress.plugins`), and installed ``vitcompress.transforms`` entry points are loaded at the first
 lookup (:func:`load_entry_points`).
+
+Importing this module, or a built-in transform's, loads no torch: the config classes need only pydantic, and
+each handler imports torch and its layers when it runs, so reading a recipe stays light.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from vitcompress.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class TransformConfig(BaseModel):

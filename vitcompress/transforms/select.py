@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from vitcompress.errors import TargetError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _matches(selector: str, name: str, module: nn.Module) -> bool:

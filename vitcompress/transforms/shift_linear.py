@@ -9,15 +9,16 @@ int8 kernels (its activation is dynamically quantised to uint8, as ORT's dynamic
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
-from torch import nn
 
-from vitcompress.layers.int8_linear import INT8_LEVELS
-from vitcompress.layers.shift_linear import ShiftLinear
+from vitcompress.layers.int8_levels import INT8_LEVELS
 from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,10 @@ class ShiftConfig(ShiftOptions):
 def apply_shift(model: nn.Module, config: ShiftConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target Linear by a power-of-two (shift) Linear, W_pot = sign(W)·2^round(log2|W|) with
     `levels` exponents per output channel (ShiftAddViT / DeepShift-PS); exported as exact int8 when `int8`."""
+    from torch import nn
+
+    from vitcompress.layers.shift_linear import ShiftLinear
+
     step = "shift_linear"
     targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
     for name, linear in targets:

@@ -8,15 +8,14 @@ only additions in the code products. A large change to a pretrained model: fine-
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
-from timm.models.vision_transformer import Attention
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
 from vitcompress.errors import TargetError
-from vitcompress.layers.binary_attention import BinaryAttention
 from vitcompress.transforms.registry import ATTENTIONS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,10 @@ class BinaryAttentionConfig(TransformConfig):
 def apply_binary_attention(model: nn.Module, config: BinaryAttentionConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target attention by ShiftAddViT's add-only attention over binary Q/K codes,
     out = (½·v + (1/π)·B_q(B_kᵀV)) / (½ + (1/π)·B_q(B_kᵀ1)), O(n) in the token count."""
+    from timm.models.vision_transformer import Attention
+
+    from vitcompress.layers.binary_attention import BinaryAttention
+
     step = "shiftadd_attention"
     targets = select_modules(model, config.targets, config.ignore, (Attention,), step)
     for name, attn in targets:

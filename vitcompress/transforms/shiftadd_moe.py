@@ -13,16 +13,16 @@ export stage measure both and keep the faster.
 from __future__ import annotations
 
 import logging
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 from pydantic import Field, field_validator
-from torch import nn
 
-from vitcompress.layers.moe_linear import MoELinear
-from vitcompress.measure import measure_latency_weights
 from vitcompress.transforms.registry import TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
 from vitcompress.transforms.shift_linear import ShiftOptions
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,11 @@ def apply_moe(model: nn.Module, config: MoEConfig, inputs: TransformInputs) -> l
     """Replace each target Linear by a token-routed mixture of two experts from its weight, dense and
     power-of-two (ShiftAddViT): top-1 router trained through the probability-scaled output, latency-aware
     load-balancing loss CV²(Imp)+CV²(Load) with α = each expert's measured (or given) latency share."""
+    from torch import nn
+
+    from vitcompress.layers.moe_linear import MoELinear
+    from vitcompress.measure import measure_latency_weights
+
     step = "shiftadd_moe"
     targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
     measured: dict[tuple[int, int], tuple[float, float]] = {}

@@ -21,21 +21,17 @@ import copy
 import logging
 import tempfile
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
-import torch
 from pydantic import Field, model_validator
-from timm.models.vision_transformer import Block
-from torch import nn
 
-from vitcompress.cka import CKAStats
-from vitcompress.deploy.runtime import measure_latency
 from vitcompress.errors import TargetError
-from vitcompress.export import export_onnx
-from vitcompress.hooks import run_with_hooks
-from vitcompress.layers.skip import SkippedBlock
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import replace_module, select_modules
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 STEP = "attention_skip"
@@ -69,6 +65,9 @@ class SkipConfig(TransformConfig):
 
 def cka_scores(model: nn.Module, candidates: list[tuple[str, nn.Module]], batches) -> dict[str, float]:
     """Per candidate block: linear CKA(block input, attention-branch output) over all calibration tokens."""
+    from vitcompress.cka import CKAStats
+    from vitcompress.hooks import run_with_hooks
+
     stats = {name: CKAStats() for name, _ in candidates}
     inputs: dict[str, torch.Tensor] = {}
     hooks = []
@@ -89,6 +88,9 @@ def cka_scores(model: nn.Module, candidates: list[tuple[str, nn.Module]], batche
 
 def onnx_latency_ms(model: nn.Module, input_size: tuple[int, ...], config: SkipConfig) -> float:
     """Median onnxruntime latency (ms) of ``model`` exported to a temporary ONNX file."""
+    from vitcompress.deploy.runtime import measure_latency
+    from vitcompress.export import export_onnx
+
     with tempfile.TemporaryDirectory(prefix="vitcompress-skip-") as tmp:
         path = export_onnx(model, Path(tmp) / "candidate.onnx", input_size=input_size)
         timing = measure_latency({"candidate": path}, batch_sizes=[config.latency_batch],
@@ -98,6 +100,8 @@ def onnx_latency_ms(model: nn.Module, input_size: tuple[int, ...], config: SkipC
 
 def _greedy(model: nn.Module, config: SkipConfig, inputs: TransformInputs, names: list[str]) -> list[dict]:
     """The CKA rounds, run on a copy of ``model`` so that a failed search leaves the model untouched."""
+    from vitcompress.layers.skip import SkippedBlock
+
     work = copy.deepcopy(model)
     candidates = {name: work.get_submodule(name) for name in names}
     rounds: list[dict] = []
@@ -129,6 +133,10 @@ def apply_skip(model: nn.Module, config: SkipConfig, inputs: TransformInputs) ->
     """Remove the attention branch of chosen blocks, keeping their MLP (PIVOT, DAC'24): `blocks: [..]`, or
     `select: cka` with `count` (greedy by linear CKA between a block's input and its attention output,
     re-scored after each choice) or with `latency_budget_ms` (skip until the measured ORT latency fits)."""
+    from timm.models.vision_transformer import Block
+
+    from vitcompress.layers.skip import SkippedBlock
+
     candidates = dict(select_modules(model, config.targets, config.ignore, (Block,), STEP))
     if config.blocks is not None:
         chosen = [f"blocks.{j}" for j in config.blocks]

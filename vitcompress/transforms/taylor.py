@@ -10,15 +10,15 @@ paper's training-only sparse regulariser during the fine-tune; it is removed bef
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.vision_transformer import Attention
-from torch import nn
 
-from vitcompress.layers.taylor_attention import TaylorAttention
 from vitcompress.transforms.registry import ATTENTIONS, TransformConfig, TransformInputs, default_targets, register
 from vitcompress.transforms.select import replace_module, select_modules
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def apply_taylor(model: nn.Module, config: TaylorConfig, inputs: TransformInputs
     """Replace each target attention by ViTALiTy's linear Taylor attention (HPCA'23),
     out_i = (1ᵀV + s·q_i K̂ᵀV) / (n + s·q_i·1ᵀK̂) with mean-centred keys, O(n) in the token count;
     `sparse_branch` adds the paper's training-only sparse regulariser during the fine-tune."""
+    from timm.models.vision_transformer import Attention
+
+    from vitcompress.layers.taylor_attention import TaylorAttention
+
     step = "taylor_attention"
     targets = select_modules(model, config.targets, config.ignore, (Attention,), step)
     threshold = config.sparse_branch.threshold if config.sparse_branch.enabled else None

@@ -14,17 +14,16 @@ of patches, so the plain mean that timm's head takes would be wrong (it would ne
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal, Union
+from typing import TYPE_CHECKING, ClassVar, Literal, Union
 
 from pydantic import Field, NonNegativeInt
-from timm.layers import Attention
-from timm.models.vision_transformer import Block
-from torch import nn
 
 from vitcompress.errors import TargetError
-from vitcompress.layers.token_merge import ToMeBlock, ToMeBlocks
 from vitcompress.transforms.registry import TransformConfig, TransformInputs, register
 from vitcompress.transforms.select import select_modules
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 STEP = "token_merge"
@@ -43,6 +42,8 @@ class TokenMergeConfig(TransformConfig):
 
 def check_architecture(model: nn.Module) -> nn.Sequential:
     """``model.blocks`` if ``model`` is a timm ViT that ToMe supports; else a :class:`TargetError` saying why."""
+    from torch import nn
+
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or not hasattr(model, "global_pool"):
         raise TargetError(f"{STEP}: needs a timm VisionTransformer (a `blocks` Sequential and a global_pool), "
@@ -71,6 +72,11 @@ def apply_token_merge(model: nn.Module, config: TokenMergeConfig, inputs: Transf
     """Merge `r` similar tokens per block (ToMe, ICLR'23): bipartite soft matching on the attention keys, the
     class token never merged, size-weighted averages and proportional attention (log size added to the logits);
     training-free. Needs a timm ViT with global_pool 'token'."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    from vitcompress.layers.token_merge import ToMeBlock, ToMeBlocks
+
     blocks = check_architecture(model)
     targets = select_modules(model, config.targets, config.ignore, (Block,), STEP)
     positions = {f"blocks.{i}": i for i in range(len(blocks))}
