@@ -1,4 +1,4 @@
-"""The benchmark behind every number in README.md (design.md §7).
+"""The benchmark behind every number in README.md (docs/benchmark.md).
 
 For each shipped recipe, runs the real ``vitcompress convert`` pipeline through the Python API (see
 :func:`runs_of` for which runs: accuracy on the embedded ``vit_fmnist`` with its Fashion-MNIST test split,

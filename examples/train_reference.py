@@ -1,5 +1,5 @@
 """Train an embedded reference model (``vit_fmnist``, 50 tokens, or ``vit_fmnist196``, 197) on Fashion-MNIST
-train (design.md §5).
+train (docs/reference-models.md).
 
 Seeded and resumable: the full training state (the epoch's shuffle, the step, the random generator) is saved
 to ``--state-dir`` every ``--save-every`` steps and after every epoch, and a rerun of the same command continues

@@ -91,7 +91,7 @@ def chosen_name(model: str | None, recipe_model: str | None) -> str:
 
 
 def build_reference_architecture(name: str = REFERENCE_MODEL, **model_args: Any) -> nn.Module:
-    """A reference architecture (design.md §5): DeiT-Tiny blocks on 28×28 single-channel images, the patch size
+    """A reference architecture (docs/reference-models.md): DeiT-Tiny blocks on 28×28 single-channel images, the patch size
     of ``name``; ``model_args`` replace its VisionTransformer arguments (e.g. ``depth=2``, as ``--model-arg``)."""
     from timm.models.vision_transformer import VisionTransformer
 

@@ -12,7 +12,7 @@ Which blocks, among the target blocks (default every ``blocks.N``, minus ``ignor
   within the budget.
 
 The CKA scores of every round go to the report (``details``). PIVOT's released code has no path-score or
-search code; this follows design.md §3.
+search code; this follows docs/transforms/attention_skip.md.
 """
 
 from __future__ import annotations
