@@ -243,16 +243,13 @@ def _resolve(path: Path, where: str, defaults: _JobSettings, matrix: dict, spec:
         recipe = load_recipe(recipe_path, overrides)
     except RecipeError as exc:
         raise ManifestError(f"{path}: {where}: {exc}") from None
-    model = spec.model or recipe.model
-    if model is None:
-        raise ManifestError(f"{path}: {where}.model: no model: name one, or set `model:` in {recipe_path}")
     checkpoint = pick("checkpoint")
     checkpoint = None if checkpoint is None or smoke else _existing(base, checkpoint, f"{path}: {where}.checkpoint")
     data = "synthetic" if smoke else pick("data")
     if data is not None and data not in DATA_NAMES:
         data = str(_existing(base, data, f"{path}: {where}.data", directory=True))
     random_init = True if smoke else bool(pick("random_init"))
-    _check_model(path, where, model, needs_weights=checkpoint is None and not random_init)
+    model = _check_model(path, where, spec.model, recipe.model, needs_weights=checkpoint is None and not random_init)
     if random_init and checkpoint is not None:
         raise ManifestError(f"{path}: {where}: checkpoint and random_init exclude each other")
     gates = Gates.model_validate({**defaults.gates.model_dump(exclude_none=True),
@@ -286,16 +283,18 @@ def _existing(base: Path, value: str, where: str, directory: bool = False) -> Pa
     return path
 
 
-def _check_model(path: Path, where: str, model: str, needs_weights: bool) -> None:
-    """The model name exists and, when the job loads embedded weights, they are in the package."""
-    from vitcompress.models import REFERENCE_MODELS, embedded_weights, resolve_name
+def _check_model(path: Path, where: str, model: str | None, recipe_model: str | None, needs_weights: bool) -> str:
+    """The job's model (:func:`~vitcompress.models.chosen_name`: the job's, else the recipe's), checked to exist
+    and, when the job loads embedded weights, that they are in the package."""
+    from vitcompress.models import REFERENCE_MODELS, chosen_name, embedded_weights, resolve_name
 
     try:
-        resolved = resolve_name(model)
-        if needs_weights and resolved in REFERENCE_MODELS:
-            embedded_weights(resolved)
+        name = chosen_name(model, recipe_model)
+        if needs_weights and resolve_name(name) in REFERENCE_MODELS:
+            embedded_weights(resolve_name(name))
     except VitCompressError as exc:
         raise ManifestError(f"{path}: {where}.model: {exc}") from None
+    return name
 
 
 def _check_batch_gates(path: Path, where: str, gates: Gates, recipe: Recipe) -> None:
