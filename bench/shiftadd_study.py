@@ -92,7 +92,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "shiftadd_study.json")
     args = parser.parse_args()
-    from pages import source_commit
+    from pages import shiftadd_study_table, source_commit
     commit = source_commit()  # before this run rewrites its results file
     chosen = [name.strip() for name in args.variants.split(",")]
     original = load_model(args.model, random_init=True)
@@ -112,19 +112,11 @@ def main() -> None:
                   for name, per_batch in measure_latency(paths, batch_sizes=[1, 8], threads=args.threads,
                                                          runs=args.runs, warmup=3).items()}
         seconds = time.perf_counter() - start
-    print(f"\n{args.model}, {machine_description()}, {args.threads} threads, {args.runs} interleaved runs "
-          f"({seconds:.0f} s)\n")
-    print("| variant | b1 p50 ms (spread) | b8 p50 ms (spread) | vs fp32 b1 / b8 | vs ORT int8 b1 / b8 |")
-    print("|---|---|---|---|---|")
-    for name, by_batch in timing.items():
-        cells = [f"{by_batch[b]['p50_ms']:.1f} ({by_batch[b]['spread']:.2f})" for b in ("b1", "b8")]
-        ratio = {ref: " / ".join(f"{timing[ref][b]['p50_ms'] / by_batch[b]['p50_ms']:.2f}×" for b in ("b1", "b8"))
-                 for ref in ("original", "original + ORT int8")}
-        print(f"| {name} | {cells[0]} | {cells[1]} | {ratio['original']} | {ratio['original + ORT int8']} |")
-    args.out.write_text(json.dumps({"model": args.model, "machine": machine_description(), "threads": args.threads,
-                                    "runs": args.runs, "shift_share": args.shift_share, "date": time.strftime("%Y-%m-%d"),
-                                    "commit": commit,
-                                    "latency": timing}, indent=1))
+    results = {"model": args.model, "machine": machine_description(), "threads": args.threads, "runs": args.runs,
+               "shift_share": args.shift_share, "date": time.strftime("%Y-%m-%d"), "commit": commit,
+               "latency": timing}
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"\n{seconds:.0f} s of interleaved runs\n\n{shiftadd_study_table(results)}")
 
 
 if __name__ == "__main__":
