@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitcompress import remeasure
-from vitcompress.context import ConvertSettings, DeployOptions, LogProgress, Progress, RunContext
+from vitcompress.context import ConvertSettings, DeployOptions, RunContext
 from vitcompress.data import UNLABELLED, DataBundle
 from vitcompress.deploy.optimize import check_options
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
@@ -35,6 +35,7 @@ from vitcompress.labels import read_label_mapping
 from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
 from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
+from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
 from vitcompress.report import Report
 from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate

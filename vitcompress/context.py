@@ -1,8 +1,4 @@
-"""State passed explicitly between the stages of a conversion (no globals).
-
-The progress interface lives in :mod:`vitcompress.progress`; ``Progress`` and ``LogProgress`` are also importable
-from here, for the modules that take them together with the context (api, planner).
-"""
+"""State passed explicitly between the stages of a conversion (no globals): the run's context and settings."""
 
 from __future__ import annotations
 
@@ -15,12 +11,10 @@ from torch import nn
 from vitcompress.data import DataBundle
 from vitcompress.models import LoadedModel
 from vitcompress.original_cache import OriginalCache
-from vitcompress.progress import LogProgress, Progress
+from vitcompress.progress import Progress
 from vitcompress.recipe import Recipe
 from vitcompress.report import Sections
 from vitcompress.training.distributed import Dist
-
-__all__ = ["ConvertSettings", "DeployOptions", "LogProgress", "Progress", "RunContext"]
 
 
 @dataclass(frozen=True)

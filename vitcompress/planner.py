@@ -29,13 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from vitcompress.context import ConvertSettings, LogProgress, Progress, RunContext
+from vitcompress.context import ConvertSettings, RunContext
 from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
 from vitcompress.export import export_onnx, to_deploy
 from vitcompress.measure import count_macs, count_params, int8_macs, measure_latency_weights
 from vitcompress.models import LoadedModel, chosen_name, load_model
 from vitcompress.pipeline import apply_steps
+from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import Recipe, load_recipe, staged_steps
 
 PLAN_CALIBRATION_IMAGES = 32
