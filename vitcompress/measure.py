@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitcompress.deploy.runtime import INPUT_NAME, open_session, time_interleaved
+from vitcompress.deploy.timing_lock import latency_lock
 from vitcompress.export import export_onnx
 from vitcompress.export_config import ExportConfig
 from vitcompress.layers.int8_levels import INT8_LEVELS
@@ -99,5 +100,7 @@ def measure_latency_weights(in_features: int, out_features: int, int8: bool) -> 
                                input_size=(in_features,), config=ExportConfig())
             sessions[name] = open_session(path, threads=1)
         x = np.random.default_rng(0).standard_normal((MEASURE_TOKENS, in_features)).astype(np.float32)
-        timing = time_interleaved(sessions, dict.fromkeys(sessions, {INPUT_NAME: x}), runs=MEASURE_RUNS, warmup=3)
+        with latency_lock(f"expert kernels {in_features}→{out_features}"):
+            timing = time_interleaved(sessions, dict.fromkeys(sessions, {INPUT_NAME: x}), runs=MEASURE_RUNS,
+                                      warmup=3)
     return timing["dense"].p50_ms / 1e3, timing["shift"].p50_ms / 1e3

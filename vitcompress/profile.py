@@ -28,6 +28,7 @@ import onnx
 import onnxruntime as ort
 
 from vitcompress.deploy.runtime import input_shape, open_session, session_options
+from vitcompress.deploy.timing_lock import latency_lock
 from vitcompress.errors import ModelError
 
 KERNEL_SUFFIX = "_kernel_time"
@@ -258,8 +259,9 @@ def profile_bundle(bundle: str | Path, *, baseline: str | Path | None = None, ba
         raise ModelError(f"{report_path} is not readable JSON: {exc}") from None
     paths = {"converted": bundle / "model.onnx", **({} if baseline is None else {"baseline": baseline})}
     threads = threads or report.get("validation", {}).get("threads", 2)
-    profiles = profile_models(paths, {"converted": report.get("steps", [])}, batch_size=batch_size, runs=runs,
-                              warmup_runs=warmup_runs, threads=threads)
+    with latency_lock(f"profile {bundle}"):
+        profiles = profile_models(paths, {"converted": report.get("steps", [])}, batch_size=batch_size, runs=runs,
+                                  warmup_runs=warmup_runs, threads=threads)
     return {"bundle": str(bundle), "converted": profiles["converted"], "baseline": profiles.get("baseline")}
 
 

@@ -23,7 +23,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -44,7 +43,7 @@ from vitcompress.batch.keys import (
 )
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
-from vitcompress.deploy.timing_lock import LOCK_ENV, WAITS_ENV
+from vitcompress.deploy.timing_lock import DEFAULT_LOCK, LOCK_ENV, WAITS_ENV
 from vitcompress.report import Report
 
 log = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class Options:
     shard: Optional[tuple[int, int]] = None
     cadence: Optional[str] = None
     fail_on: FailOn = "gate"
-    lock_path: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "vitcompress-latency.lock")
+    lock_path: Path = field(default_factory=lambda: DEFAULT_LOCK)
 
 
 class BatchInterrupted(Exception):

@@ -89,12 +89,14 @@ def cka_scores(model: nn.Module, candidates: list[tuple[str, nn.Module]], batche
 def onnx_latency_ms(model: nn.Module, input_size: tuple[int, ...], config: SkipConfig) -> float:
     """Median onnxruntime latency (ms) of ``model`` exported to a temporary ONNX file."""
     from vitcompress.deploy.runtime import measure_latency
+    from vitcompress.deploy.timing_lock import latency_lock
     from vitcompress.export import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="vitcompress-skip-") as tmp:
         path = export_onnx(model, Path(tmp) / "candidate.onnx", input_size=input_size)
-        timing = measure_latency({"candidate": path}, batch_sizes=[config.latency_batch],
-                                 threads=config.latency_threads, runs=config.latency_runs, warmup=3)
+        with latency_lock(f"{STEP} latency budget"):
+            timing = measure_latency({"candidate": path}, batch_sizes=[config.latency_batch],
+                                     threads=config.latency_threads, runs=config.latency_runs, warmup=3)
     return timing["candidate"][config.latency_batch]["p50_ms"]
 
 
