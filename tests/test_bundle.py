@@ -27,7 +27,8 @@ from vitcompress.deploy.runtime import Preprocessing, open_session
 RECIPE = """
 steps: []
 finetune: null
-validate: {images: 12, batch_sizes: [1, 4], latency_runs: 3, warmup_runs: 1, profile_runs: 0, min_agreement: null}
+validate: {images: 12, holdout_fraction: 0.75, batch_sizes: [1, 4], latency_runs: 3, warmup_runs: 1, profile_runs: 0,
+           min_agreement: null}
 """
 BUNDLE_FILES = {"model.onnx", "model.ort", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md",
                 "preprocess.json", "labels.txt", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS",
@@ -56,6 +57,15 @@ def images(tmp_path_factory) -> Path:
             pixels = np.random.default_rng(10 * c + i).random((90 + 17 * i, 131 - 9 * i, 3)) * 255
             Image.fromarray(pixels.astype(np.uint8)).save(root / str(c) / f"{i}.jpg")
     return root
+
+
+def held_out(images: Path) -> list[str]:
+    """The held-out images of ``images`` (3 per class at holdout_fraction 0.75) in validation order: what the
+    golden inputs are the first of."""
+    from vitcompress.data import ImageDirectory, split_held_out
+
+    directory = ImageDirectory(images, transform=None, class_index={str(c): c for c in range(3)})
+    return [path.relative_to(images).as_posix() for path, _ in split_held_out(directory, 0.75)[1].items]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +98,7 @@ def test_convert_writes_a_complete_bundle(bundle, images):
     inputs, logits = np.load(bundle / "golden/inputs.npy"), np.load(bundle / "golden/logits.npy")
     assert inputs.shape == (8, 3, 160, 160) and logits.shape == (8, 1000)
     np.testing.assert_allclose(session.run(None, {"input": inputs})[0], logits, atol=1e-5)
-    assert (bundle / "golden/images/000.jpg").read_bytes() == (images / "0" / "0.jpg").read_bytes()
+    assert (bundle / "golden/images/000.jpg").read_bytes() == (images / held_out(images)[0]).read_bytes()
     inference = json.loads((bundle / "inference.json").read_text())
     assert inference["intra_op_threads"] == 2 and inference["batch_sizes"] == [1, 4]
     assert inference["graph_optimization_level"] == "ORT_ENABLE_ALL" and inference["latency"]["b4"]["p50_ms"] > 0
@@ -146,7 +156,9 @@ def test_predict_verify_and_predict_py_run_without_torch(bundle, images, tmp_pat
     assert [Path(r["path"]).relative_to(images).as_posix() for r in rows] == \
         [f"{c}/{i}.jpg" for c in range(3) for i in range(4)]
     golden = np.load(bundle / "golden/logits.npy")
-    assert [r["classes"][0] for r in rows[:8]] == golden.argmax(-1).tolist(), "top-1 = the golden logits' top-1"
+    by_path = {Path(r["path"]).relative_to(images).as_posix(): r for r in rows}
+    assert [by_path[path]["classes"][0] for path in held_out(images)[:8]] == golden.argmax(-1).tolist(), \
+        "top-1 = the golden logits' top-1"
     assert all(len(r["labels"]) == 3 and r["probabilities"] == sorted(r["probabilities"], reverse=True) for r in rows)
     verified = run_without_torch("verify", str(bundle))
     assert verified.returncode == 0, verified.stderr

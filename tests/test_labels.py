@@ -100,5 +100,6 @@ def test_corrupt_image_is_a_data_error_naming_it(tmp_path, content):
     write_images(tmp_path, ["tench"])
     (tmp_path / "tench" / "broken.png").write_bytes(content)
     bundle = resolve_data(str(tmp_path), CONFIG, None, IMAGENET)
+    part = next(p for p in (bundle.train, bundle.val) if any(path.name == "broken.png" for path, _ in p.items))
     with pytest.raises(DataError, match="broken.png cannot be read"):
-        list(DataLoader(bundle.val, batch_size=8))
+        list(DataLoader(part, batch_size=8))

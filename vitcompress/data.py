@@ -6,13 +6,17 @@ Three sources, all returned as a :class:`torch.utils.data.Dataset` of ``(image t
   (the reference model's train/test data; the test split is the validation set of every accuracy number);
 * an ImageFolder directory (``DIR/<class>/<image>``), preprocessed from the model's timm data config;
 * a directory of unlabelled images (label ``-1``: distillation only).
+
+One image directory without ``train/`` and ``val/`` is split (:func:`split_held_out`): a seeded, stratified
+held-out part validates, the rest calibrates and fine-tunes, so the images that choose a model never judge it.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +37,9 @@ FMNIST_CLASSES = (
 FMNIST_MEAN = (0.2860,)
 FMNIST_STD = (0.3530,)
 UNLABELLED = -1
+#: The seed of the held-out split of one image directory (fixed: the same directory always splits the same way).
+HOLDOUT_SEED = 0
+DEFAULT_HOLDOUT_FRACTION = 0.2
 
 
 def fmnist_dir() -> Path:
@@ -102,6 +109,7 @@ class ImageDirectory(Dataset):
 
     def __init__(self, root: Path, transform, in_chans: int = 3, limit: int | None = None,
                  class_index: dict[str, int] | None = None) -> None:
+        self.root = root
         self.transform = transform
         self.mode = "L" if in_chans == 1 else "RGB"
         self.classes = class_folders(root)
@@ -115,6 +123,12 @@ class ImageDirectory(Dataset):
         if not items:
             raise DataError(f"data directory {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.items = items[:limit] if limit is not None else items
+
+    def select(self, indices: Sequence[int]) -> ImageDirectory:
+        """The same directory, preprocessing and classes, holding only the items at ``indices`` (in that order)."""
+        part = copy.copy(self)
+        part.items = [self.items[i] for i in indices]
+        return part
 
     def __len__(self) -> int:
         return len(self.items)
@@ -143,6 +157,22 @@ def _is_image(path: Path) -> bool:
 
 
 @dataclass
+class Split:
+    """How a bundle's train and validation images were separated (``report.json`` → ``data.split``).
+
+    ``kind``: ``held-out`` (one directory split by :func:`split_held_out`), ``directories`` (``DIR/train`` and
+    ``DIR/val``), ``built-in`` (the dataset's own split: Fashion-MNIST train/test, synthetic noise). For a held-out
+    split, ``per_class`` maps each class folder (``""`` for unlabelled images) to its ``(train, held-out)`` counts;
+    ``held_out_images`` counts the held-out part before ``validate.images`` limits it."""
+
+    kind: str
+    seed: int | None = None
+    holdout_fraction: float | None = None
+    held_out_images: int | None = None
+    per_class: dict[str, tuple[int, int]] | None = None
+
+
+@dataclass
 class DataBundle:
     """Images for calibration / fine-tuning (``train``) and for validation (``val``)."""
 
@@ -154,22 +184,26 @@ class DataBundle:
     #: identifies ``val`` for as long as the process runs, for data that cannot change (the built-in sets); None:
     #: never reuse results computed on it (:mod:`vitcompress.original_cache`)
     cache_key: str | None = None
+    #: how ``train`` and ``val`` were kept apart (``report.json`` → ``data.split``); None for in-memory datasets
+    split: Split | None = None
 
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
 
 
 def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: ClassSpace,
-                 labels: Mapping[str, int | str] | None = None) -> DataBundle:
+                 labels: Mapping[str, int | str] | None = None,
+                 holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION) -> DataBundle:
     """Build the data bundle for ``spec``: 'fmnist', 'synthetic' or an image directory whose class folders are
-    matched to ``classes`` (the model's), through the ``labels`` mapping first when given."""
+    matched to ``classes`` (the model's), through the ``labels`` mapping first when given. One directory without
+    ``train/`` and ``val/`` is split, ``holdout_fraction`` of each class validating (:func:`split_held_out`)."""
     input_size = tuple(data_config["input_size"])
     if spec == "fmnist":
         if input_size != (1, 28, 28) or classes.count != len(FMNIST_CLASSES):
             raise DataError(f"--data fmnist needs a 1×28×28 model input and 10 classes, this model takes "
                             f"{input_size} and has {classes.count} classes")
         return DataBundle("fmnist", fmnist_dataset("train"), fmnist_dataset("test", val_limit), labelled=True,
-                          cache_key=f"fmnist test {val_limit}")
+                          cache_key=f"fmnist test {val_limit}", split=Split("built-in"))
     if spec == "synthetic":
         gen = torch.Generator().manual_seed(0)
         n_val = min(val_limit or SYNTHETIC_VAL, SYNTHETIC_VAL)
@@ -178,27 +212,62 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
         train = TensorDataset(images[:SYNTHETIC_TRAIN], labels_[:SYNTHETIC_TRAIN])
         val = TensorDataset(images[SYNTHETIC_TRAIN:], labels_[SYNTHETIC_TRAIN:])
         return DataBundle("synthetic (Gaussian noise: agreement only, no accuracy)", train, val, labelled=False,
-                          cache_key=f"synthetic {input_size} {n_val}")
+                          cache_key=f"synthetic {input_size} {n_val}", split=Split("built-in"))
     root = Path(spec)
     if not root.is_dir():
         raise DataError(f"--data {spec!r}: not a directory, and not 'fmnist' or 'synthetic'")
-    train_root, val_root = split_roots(root)
-    folders = sorted(set(class_folders(train_root)) | set(class_folders(val_root)))
+    roots = split_roots(root)
+    folders = sorted(set().union(*(class_folders(part) for part in roots or (root,))))
     class_index = classes.map_folders(folders, labels, where=f"--data {spec}") if folders else None
     transform = Preprocessing.from_data_config(data_config)  # the deployed bundle's own preprocessing
-    train = ImageDirectory(train_root, transform, in_chans=input_size[0], class_index=class_index)
-    val = ImageDirectory(val_root, transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
+    if roots is None:
+        images = ImageDirectory(root, transform, in_chans=input_size[0], class_index=class_index)
+        train, val, split = split_held_out(images, holdout_fraction, val_limit)
+    else:
+        train = ImageDirectory(roots[0], transform, in_chans=input_size[0], class_index=class_index)
+        val = ImageDirectory(roots[1], transform, in_chans=input_size[0], limit=val_limit, class_index=class_index)
+        split = Split("directories")
     matched = (f"{len(folders)} class folders → the model's classes by "
                f"{'the --labels mapping, then ' if labels else ''}{classes.source}") if folders else None
-    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched)
+    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched, split=split)
 
 
-def split_roots(root: Path) -> tuple[Path, Path]:
-    """(train, val) directories of ``root``: ``root/train`` and ``root/val`` when it has them, else ``root``
-    for both. One without the other is an error: the lone folder would otherwise count as a class."""
+def split_held_out(images: ImageDirectory, fraction: float, val_limit: int | None = None,
+                   seed: int = HOLDOUT_SEED) -> tuple[ImageDirectory, ImageDirectory, Split]:
+    """Split one directory's images into (train, held-out validation, :class:`Split`), never sharing an image.
+
+    Stratified: each class folder (or the unlabelled images, as one group) holds out ``round(fraction × its
+    images)`` chosen by a generator seeded with ``seed``, at least one and never all, so a class needs 2 images.
+    The train part keeps the directory's order; the held-out part is in the seeded order, so ``val_limit``
+    (``validate.images``) keeps a random sample of it and leaves the train part as it is."""
+    groups: dict[str, list[int]] = {}
+    for index, (path, _) in enumerate(images.items):
+        groups.setdefault(path.relative_to(images.root).parts[0] if images.classes else "", []).append(index)
+    rng = np.random.default_rng(seed)
+    held_out: list[int] = []
+    per_class: dict[str, tuple[int, int]] = {}
+    for name, members in groups.items():
+        if len(members) < 2:
+            what = f"class folder {name!r} has {len(members)} image" if name else \
+                f"has {len(members)} unlabelled image"
+            raise DataError(f"--data {images.root}: {what}, too few for a held-out split (each class needs 2: one "
+                            f"to train on, one to validate); add images or give DIR/train and DIR/val")
+        n_held = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        held_out += [members[i] for i in rng.permutation(len(members))[:n_held]]
+        per_class[name] = (len(members) - n_held, n_held)
+    chosen = set(held_out)
+    train = images.select([i for i in range(len(images)) if i not in chosen])
+    held_out = [held_out[i] for i in rng.permutation(len(held_out))]
+    val = images.select(held_out[:val_limit] if val_limit is not None else held_out)
+    return train, val, Split("held-out", seed, fraction, len(held_out), per_class)
+
+
+def split_roots(root: Path) -> tuple[Path, Path] | None:
+    """(train, val) directories of ``root``: ``root/train`` and ``root/val`` when it has them, else None (one
+    directory, to be split). One without the other is an error: the lone folder would otherwise count as a class."""
     train, val = root / "train", root / "val"
     if train.is_dir() != val.is_dir():
         have, missing = (train, val) if train.is_dir() else (val, train)
         raise DataError(f"--data {root}: has {have.name}/ but no {missing.name}/: give both DIR/train and DIR/val, "
-                        f"or pass --data {have} to use the same images for calibration, fine-tune and validation")
-    return (train, val) if train.is_dir() else (root, root)
+                        f"or pass --data {have} to split its images into a train and a held-out validation part")
+    return (train, val) if train.is_dir() else None

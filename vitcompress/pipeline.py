@@ -31,7 +31,7 @@ def load_data(ctx: RunContext) -> DataBundle:
     if settings.labels is not None and spec in ("fmnist", "synthetic"):
         raise DataError(f"--labels maps the class folders of an image directory; --data {spec} has none")
     data = resolve_data(spec, ctx.original.data_config, ctx.recipe.validate_.images, model_classes(ctx.original),
-                        settings.labels)
+                        settings.labels, ctx.recipe.validate_.holdout_fraction)
     if len(data.val) == 0:
         raise DataError(f"data {spec!r} has no validation images")
     return data

@@ -91,6 +91,8 @@ class ValidateConfig(_Strict):
     """onnxruntime validation: parity, accuracy and agreement gates, latency measurement."""
 
     images: Optional[int] = Field(None, ge=1, description="validation images (default: the whole split)")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class held out for validation "
+                                    "when --data is one image directory (no train/ and val/)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
     threads: int = Field(2, ge=1, le=256)
     latency_runs: int = Field(30, ge=3, le=10_000)

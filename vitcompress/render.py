@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from vitcompress.models import model_args_text
 from vitcompress.profile import block_columns, block_rows, parts_line
-from vitcompress.report import Report
+from vitcompress.report import DataSplit, Report
 
 
 def side_by_side_rows(report: Report) -> list[tuple[str, str, str]]:
@@ -54,6 +54,18 @@ def cascade_rows(report: Report) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def split_text(split: DataSplit) -> str:
+    """One line on how the train and validation images were kept apart."""
+    if split.kind == "held-out":
+        groups = [name for name in split.per_class or {} if name]
+        of = f"each of {len(groups)} class folders" if groups else "the unlabelled images"
+        return (f"{split.holdout_fraction * 100:g} % of {of} held out for validation ({split.held_out_images} "
+                f"images, seed {split.seed}); the rest calibrates and fine-tunes")
+    if split.kind == "directories":
+        return "DIR/train calibrates and fine-tunes, DIR/val validates"
+    return "the dataset's own train and validation splits"
+
+
 def markdown(report: Report) -> str:
     lines = [f"# vitcompress report: {report.model.name}", "",
              f"- weights: {report.model.weights}",
@@ -61,6 +73,7 @@ def markdown(report: Report) -> str:
                if report.model.model_args else []),
              f"- recipe: {report.recipe}",
              f"- data: {report.data.name} ({report.validation.images} validation images)",
+             *([f"- split: {split_text(report.data.split)}"] if report.data.split else []),
              f"- onnxruntime CPU, {report.validation.threads} intra-op threads; machine: {report.machine}",
              f"- date: {report.date}",
              *([f"- latency re-measured {report.remeasured.date} ({report.remeasured.reason}); converted "

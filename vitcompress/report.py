@@ -48,12 +48,27 @@ class ModelInfo(_Section):
                           "{depth: 2}: a shallow copy (batch --smoke)")
 
 
+class DataSplit(_Section):
+    """How the train images (calibration, fine-tune) and the validation images were kept apart."""
+
+    kind: Literal["held-out", "directories", "built-in"] = Field(
+        description="held-out: one image directory split (seeded, stratified by class folder); directories: "
+                    "DIR/train and DIR/val; built-in: the dataset's own split (Fashion-MNIST train/test, synthetic)")
+    seed: Optional[int] = None
+    holdout_fraction: Optional[float] = None
+    held_out_images: Optional[int] = Field(None, description="the held-out part before validate.images limits it")
+    per_class: Optional[dict[str, tuple[int, int]]] = Field(
+        None, description="class folder ('' for unlabelled images) → [train, held-out] images")
+
+
 class DataInfo(_Section):
     name: str
     train_images: int
     val_images: int
     labelled: bool
     classes: Optional[str] = Field(None, description="how class folders were matched to the model's classes")
+    split: Optional[DataSplit] = Field(None, description="how train and validation images were separated "
+                                                         "(absent for in-memory datasets and older reports)")
 
 
 class Step(_Section):

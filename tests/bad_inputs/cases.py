@@ -201,6 +201,8 @@ CASES = [
          image_dir(["0", "1", "1000"])),
     Case("data-val-only", [*RANDOM, "--data", "{tmp}/data"], "has val/ but no train/",
          image_dir(["val/n01440764"])),
+    Case("data-class-too-small-to-split", [*RANDOM, "--data", "{tmp}/data"],
+         "class folder 'n01440764' has 1 image, too few for a held-out split", image_dir(["n01440764"], files=1)),
     Case("data-symlink-loop", [*RANDOM, "--data", "{tmp}/data"], "holds no images", symlink_loop),
     Case("data-fmnist-for-rgb-model", [*RANDOM, "--data", "fmnist"], "--data fmnist needs a 1×28×28 model input"),
     # ONNX files for predict and profile
