@@ -8,11 +8,11 @@ import torch
 from vitcompress.data import FMNIST_CLASSES
 from vitcompress.deploy.runtime import open_session, preprocessing_metadata
 from vitcompress.errors import ExportError
+from vitcompress.evaluate import latency
 from vitcompress.export import check_runs, export_onnx
 from vitcompress.export_config import ExportConfig
 from vitcompress.recipe import ValidateConfig
 from vitcompress.report import ModelMetrics, Parity
-from vitcompress.evaluate import latency
 from vitcompress.stages.validate import gates
 
 pytestmark = pytest.mark.export
