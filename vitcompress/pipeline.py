@@ -1,5 +1,5 @@
 """The work that more than one stage does on a run's context: resolving its data and calibration images, exporting
-its models with the run's settings and metadata, and applying recipe steps.
+its models with the run's settings and metadata, applying recipe steps, and the (staged) fine-tune.
 
 Stages never import each other (docs/architecture.md); what two of them share lives here.
 """
@@ -35,8 +35,6 @@ def load_data(ctx: RunContext) -> DataBundle:
     if len(data.val) == 0:
         raise DataError(f"data {spec!r} has no validation images")
     return data
-
-
 
 
 def calibration_batches(ctx: RunContext):

@@ -141,7 +141,6 @@ def _difference(key: str, before: Any, now: Any) -> str:
     return f"{key} was {before!r}, now {now!r}"
 
 
-
 def directory_for(out_dir: Path) -> Path:
     """The hidden checkpoint directory of a conversion into ``out_dir`` (beside it, like its work directory)."""
     return out_dir.parent / f".{out_dir.name}.partial-checkpoint"
