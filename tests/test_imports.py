@@ -1,10 +1,10 @@
 """The import rules of docs/architecture.md, read from the source with ast (imports inside functions count too).
 
 cli → api → stages → transforms → layers; deploy/, export, errors and the torch-only helpers are leaves that
-the rest may use. A stage imports no other stage; bench/, the CLI and the planner import no stage; training/ takes
-explicit arguments (no run context, stage or pipeline); nothing under deploy/ imports torch, timm or the ONNX
-exporter, and reading a recipe imports neither torch nor onnx (both checked in a fresh interpreter). No cycle
-anywhere.
+the rest may use. A stage imports no other stage; bench/, the CLI, the planner and the sensitivity map import no
+stage; training/ takes explicit arguments (no run context, stage or pipeline); nothing under deploy/ imports torch,
+timm or the ONNX exporter, and reading a recipe imports neither torch nor onnx (both checked in a fresh
+interpreter). No cycle anywhere.
 """
 
 import ast
@@ -163,7 +163,8 @@ def test_training_imports_no_context_stage_or_pipeline(name):
 BENCH = {f"bench.{p.stem}": p for p in sorted((ROOT / "bench").glob("*.py"))}
 
 
-@pytest.mark.parametrize("name", [*BENCH, *(m for m in MODULES if in_layer(m, "cli") or m == "vitcompress.planner")])
+@pytest.mark.parametrize("name", [*BENCH, *(m for m in MODULES if in_layer(m, "cli")
+                                            or m in {"vitcompress.planner", "vitcompress.sensitivity_map"})])
 def test_bench_cli_and_planner_import_no_stage(name):
     imports = imports_of(name, BENCH.get(name))
     stages = {m for m in imports if in_layer(m, "stages")}

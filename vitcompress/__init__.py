@@ -8,9 +8,9 @@ Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)
     result = vitcompress.convert("vit_fmnist", "recipes/fast.yaml")  # the whole pipeline → ConvertResult
     result.report.validation.models["converted"].latency[1].p50_ms
 
-Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``export_onnx``, ``load_model`` and the transform
-configs ``LowRankConfig``, ``TaylorConfig``, ``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``,
-``SkipConfig``, ``TokenMergeConfig``.
+Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``sensitivity`` (→ ``Sensitivity``),
+``export_onnx``, ``load_model`` and the transform configs ``LowRankConfig``, ``TaylorConfig``,
+``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``, ``SkipConfig``, ``TokenMergeConfig``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ _PUBLIC = {
     "ConvertResult": "vitcompress.api",
     "Report": "vitcompress.report",
     "plan": "vitcompress.planner",
+    "sensitivity": "vitcompress.sensitivity_map",
+    "Sensitivity": "vitcompress.sensitivity_map",
     "load_recipe": "vitcompress.recipe",
     "Recipe": "vitcompress.recipe",
     "export_onnx": "vitcompress.export",

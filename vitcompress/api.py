@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime
-import platform
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ from vitcompress.data import UNLABELLED, DataBundle
 from vitcompress.deploy.optimize import check_options
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
+from vitcompress.measure import machine_description
 from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
 from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
@@ -50,19 +50,6 @@ IN_MEMORY_WEIGHTS = "in-memory module"
 
 Steps = Union[TransformConfig, Sequence[TransformConfig], Recipe, str, Path]
 Calibration = Union[torch.Tensor, Dataset, Iterable[Any], Callable[[], Iterable[Any]], None]
-
-
-def machine_description() -> str:
-    """CPU model and core count, for every reported latency."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads available"
 
 
 # ---------------------------------------------------------------------------------------------------- apply

@@ -1,6 +1,7 @@
 """Model cost measurement: parameters, multiply–accumulates, and the onnxruntime cost of single layers.
 
 A library that the stages, the planner, the transforms (the MoE's measured latency shares) and ``bench/`` use.
+:func:`machine_description` names the machine that every reported latency was measured on.
 The kernel-cost graphs are exported from the layers themselves (:func:`vitcompress.export.export_onnx`), so the
 node sequence that is timed is the one a converted model runs.
 """
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vitcompress.deploy.optimize import cpu_name
 from vitcompress.deploy.runtime import INPUT_NAME, open_session, time_interleaved
 from vitcompress.deploy.timing_lock import latency_lock
 from vitcompress.export import export_onnx
@@ -25,6 +27,11 @@ from vitcompress.layers.int8_linear import Int8PotLinear
 #: tokens per timed call of one layer: about 8 images of 50 tokens; the share is what matters, not the time
 MEASURE_TOKENS = 400
 MEASURE_RUNS = 30
+
+
+def machine_description() -> str:
+    """CPU model and core count, for every reported latency."""
+    return f"{cpu_name()}, {torch.get_num_threads()} threads available"
 
 
 def count_params(model: nn.Module) -> int:
