@@ -99,13 +99,13 @@ def test_bad_input_is_one_error_line_exit_2_and_nothing_written(tmp_path, args, 
     assert message in result.output and not out.exists()
 
 
-def test_an_existing_file_is_replaced_only_with_force(tmp_path, monkeypatch, mapped):
+def test_an_existing_file_is_replaced_only_with_force(tmp_path, mapped):
     out = tmp_path / "sensitivity.json"
     out.write_text("{}")
     result = invoke("sensitivity", "--recipe", "svd", *TINY, "--out", out)
     assert result.exit_code == 2 and one_error_line(result.output) and "--force" in result.output
     assert out.read_text() == "{}"
-    monkeypatch.setattr("vitcompress.sensitivity_map.sensitivity", lambda *args, **kwargs: mapped[0])
-    result = invoke("sensitivity", "--recipe", "svd", *TINY, "--out", out, "--force")
+    result = invoke("sensitivity", "--recipe", mapped[2], *TINY, *FAST, "--groups", "1", "--out", out, "--force")
     assert result.exit_code == 0, result.output
-    assert Sensitivity.model_validate_json(out.read_text()) == mapped[0]
+    replaced = Sensitivity.model_validate_json(out.read_text())
+    assert replaced.groups == [[0, 1, 2, 3]] and [len(step.cells) for step in replaced.steps] == [1, 1]
