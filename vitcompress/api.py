@@ -36,7 +36,7 @@ from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
 from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
 from vitcompress.progress import LogProgress, Progress
-from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe
+from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe, recipe_argument
 from vitcompress.report import Report
 from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
 from vitcompress.training import checkpoint, distributed
@@ -225,8 +225,7 @@ def convert(
     """
     if isinstance(recipe, Recipe) and overrides:
         raise RecipeError("overrides apply to a recipe file: change the Recipe object (model_copy) instead")
-    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    recipe, recipe_source = recipe_argument(recipe, overrides)
     original, settings = _model_settings(model, recipe, checkpoint, random_init, model_args)
     label_mapping = read_label_mapping(Path(labels)) if labels is not None else None
     if deploy is not None:

@@ -37,7 +37,7 @@ from vitcompress.measure import count_macs, count_params, int8_macs, measure_lat
 from vitcompress.models import LoadedModel, chosen_name, load_model
 from vitcompress.pipeline import apply_steps
 from vitcompress.progress import LogProgress, Progress
-from vitcompress.recipe import Recipe, load_recipe, staged_steps
+from vitcompress.recipe import Recipe, recipe_argument, staged_steps
 
 PLAN_CALIBRATION_IMAGES = 32
 CASCADE_PLANNED = "cascade.low (the low-effort model; the high-effort one is not planned)"
@@ -225,8 +225,7 @@ def plan(
     ``plan.export`` (``exportable`` False, ``error``).
     """
     t_start = time.perf_counter()
-    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    recipe, recipe_source = recipe_argument(recipe, overrides)
     recipe_images = recipe.calibration.images
     if calibration_images is not None and calibration_images < recipe_images:
         budget = recipe.calibration.model_copy(update={"images": calibration_images})

@@ -424,6 +424,14 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return parse_recipe(data, str(path), path.parent)
 
 
+def recipe_argument(recipe: str | Path | Recipe, overrides: list[str] | None = None) -> tuple[Recipe, str]:
+    """The recipe a command was given and how its report names it: a :class:`Recipe` as it is ("(in memory)"), or
+    a file or shipped name loaded with ``overrides`` (:func:`load_recipe`; its path as given)."""
+    if isinstance(recipe, Recipe):
+        return recipe, "(in memory)"
+    return load_recipe(recipe, overrides), str(recipe)
+
+
 def dump_recipe(recipe: Recipe) -> str:
     """YAML of the resolved recipe: every default filled in, so a run can be repeated exactly."""
     return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)

@@ -31,7 +31,7 @@ from vitcompress.measure import machine_description
 from vitcompress.models import chosen_name, load_model
 from vitcompress.pipeline import calibration_batches, export_model, load_data
 from vitcompress.progress import LogProgress, Progress
-from vitcompress.recipe import Recipe, load_recipe
+from vitcompress.recipe import Recipe, recipe_argument
 from vitcompress.transforms.apply import apply_steps
 from vitcompress.transforms.registry import TransformConfig
 from vitcompress.transforms.select import select_modules
@@ -167,8 +167,7 @@ def sensitivity(
     model, bad or cascade recipe, a model without ``blocks``, ``groups`` outside 1 … blocks) raises a
     :class:`~vitcompress.errors.VitCompressError` with exit code 2.
     """
-    recipe_source = str(recipe) if not isinstance(recipe, Recipe) else "(in memory)"
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+    recipe, recipe_source = recipe_argument(recipe, overrides)
     if recipe.cascade is not None:
         raise RecipeError(f"{recipe_source}: a cascade recipe builds two models; sensitivity maps the steps of one "
                           "(give them as steps:)")
