@@ -8,7 +8,8 @@ Public API (imported lazily so that the CLI's ``--help`` does not pay for torch)
     result = vitcompress.convert("vit_fmnist", "recipes/fast.yaml")  # the whole pipeline → ConvertResult
     result.report.validation.models["converted"].latency[1].p50_ms
 
-Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``sensitivity`` (→ ``Sensitivity``),
+Also: ``load_recipe``, ``Report``, ``ConvertResult``, ``plan``, ``sensitivity`` (→ ``Sensitivity``), ``tune``
+(→ ``TuneResult``; its space: ``SearchSpace``),
 ``export_onnx``, ``load_model`` and the transform configs ``LowRankConfig``, ``TaylorConfig``,
 ``BinaryAttentionConfig``, ``ShiftConfig``, ``MoEConfig``, ``SkipConfig``, ``TokenMergeConfig``.
 """
@@ -26,6 +27,9 @@ _PUBLIC = {
     "plan": "vitcompress.planner",
     "sensitivity": "vitcompress.sensitivity_map",
     "Sensitivity": "vitcompress.sensitivity_map",
+    "tune": "vitcompress.search.run",
+    "TuneResult": "vitcompress.search.front",
+    "SearchSpace": "vitcompress.search.space",
     "load_recipe": "vitcompress.recipe",
     "Recipe": "vitcompress.recipe",
     "export_onnx": "vitcompress.export",

@@ -152,7 +152,7 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
             reader = BatchReader(itertools.chain([first], batches))
             with tempfile.TemporaryDirectory() as scratch:
                 prepared = Path(scratch) / "prepared.onnx"
-                quant_pre_process(str(source), str(prepared), skip_optimization=False)
+                prepare_for_static(source, prepared)
                 quantize_static(str(prepared), str(target), reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(OP_TYPES),
                                 nodes_to_quantize=_static_nodes(onnx.load(str(prepared))), per_channel=per_channel,
@@ -164,6 +164,18 @@ def quantize_onnx(source: Path, target: Path, mode: Literal["dynamic", "static"]
                         quantised_outputs=quantised_outputs)
     copy_metadata(model, target)
     return done
+
+
+def prepare_for_static(source: Path, prepared: Path) -> None:
+    """onnxruntime's ``quant_pre_process`` (optimisation and shape inference) of ``source`` into ``prepared``.
+
+    Its symbolic shape inference cannot follow every graph: token merging's data-dependent ``Expand`` makes it
+    raise ``TypeError`` (measured on a ToMe export, onnxruntime 1.32). Such a graph is prepared with ONNX's own
+    shape inference only (``skip_symbolic_shape``), which the static quantiser needs no more than."""
+    try:
+        quant_pre_process(str(source), str(prepared), skip_optimization=False)
+    except (TypeError, KeyError, AssertionError):
+        quant_pre_process(str(source), str(prepared), skip_optimization=False, skip_symbolic_shape=True)
 
 
 @contextlib.contextmanager

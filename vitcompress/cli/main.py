@@ -16,6 +16,7 @@ from vitcompress.cli.bundle import export, predict, verify
 from vitcompress.cli.common import OneLineErrors, console
 from vitcompress.cli.convert import convert, plan, profile, recipes
 from vitcompress.cli.sensitivity import sensitivity
+from vitcompress.cli.tune import tune
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +32,7 @@ main.add_command(plan)
 main.add_command(profile)
 main.add_command(recipes)
 main.add_command(sensitivity)
+main.add_command(tune)
 main.add_command(verify)
 main.add_command(predict)
 main.add_command(export)
