@@ -61,12 +61,14 @@ def _base_recipe(name: str, settings_images: int, batch_size: int, runs: int, ma
         "validate": {"images": settings_images, "batch_sizes": [batch_size], "latency_runs": runs,
                      "profile_runs": 0, **({"max_top1_drop": max_drop} if max_drop is not None else {})},
     }
+    for item in overrides:
+        key = item.partition("=")[0].strip().split(".")[0]
+        if key in ("steps", "cascade", "model", "plugins"):
+            raise UsageError(f"--set {item}: tune chooses the steps and the model; set calibration, finetune, "
+                             "export or validate values")
     if overrides:
         data = apply_overrides(data, overrides, "--set")
-    recipe = parse_recipe(data, "--set")
-    if recipe.steps or recipe.cascade is not None:
-        raise UsageError("--set: tune chooses the steps; set calibration, finetune, export or validate values")
-    return recipe
+    return parse_recipe(data, "--set")
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -151,6 +153,8 @@ def tune(
     _check_out_dir(out_dir)
     base = _base_recipe(name, images, batch_size, runs, max_drop if objective == "accuracy" else None,
                         list(overrides or []))
+    url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    opened = studies.open_storage(url) if storage is not None else None  # a URL it cannot open fails first
     progress.stage("load", name)
     loaded = load_model(name, Path(checkpoint) if checkpoint else None, random_init, model_args)
     ctx = RunContext(settings=ConvertSettings(model=name, out_dir=out_dir, data=data, random_init=random_init,
@@ -175,12 +179,8 @@ def tune(
         target_speedup=target_speedup, target_latency_ms=target_latency_ms, batch_size=batch_size, images=images,
         runs=runs, finetune_steps=finetune_steps, overrides=list(overrides or []),
         space=space_config.model_dump(mode="json"), sampler=sampler, seed=seed)
-    url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    if storage is not None:
-        opened = studies.open_storage(url)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if storage is None:
-        opened = studies.open_storage(url)
+    opened = studies.open_storage(url) if storage is None else opened
     study = studies.open_study(settings, opened, study_name)
     progress.stage("study", f"{study_name!r} in {studies._redacted(url)}: {studies.finished(study)} of {trials} "
                             f"trials done; {resolved.dimensions} dimensions; {settings.target_text()}")
@@ -230,7 +230,7 @@ def _seed(study: Any, settings: TuneSettings, space: ResolvedSpace, base: Recipe
     choices = seeding.seed_choices(mapped, probes, space, settings.max_drop if settings.objective == "accuracy"
                                    else None) if mapped else []
     for choice in choices:
-        study.enqueue_trial(choice_params(choice, space), user_attrs={"seed": choice.summary()})
+        study.enqueue_trial(choice_params(choice, space), user_attrs={"seed": choice.summary()}, skip_if_exists=True)
     progress.stage("seed", f"{len(choices)} first trials from the sensitivity map: "
                            + "; ".join(c.summary() for c in choices))
 

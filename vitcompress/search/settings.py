@@ -40,10 +40,12 @@ class TuneSettings(BaseModel):
     sampler: Sampler = "tpe"
     seed: int = 0
 
-    def constraints(self, speedup: float, latency_ms: float, drop: float) -> dict[str, float]:
-        """Optuna constraint values by name (≤ 0: met): the accuracy budget (objective accuracy) and the speed
-        target, each as far as the trial is from its limit."""
+    def constraints(self, speedup: float, latency_ms: float, drop: float, parity: float = 0.0) -> dict[str, float]:
+        """Optuna constraint values by name (≤ 0: met): the accuracy budget (objective accuracy), the speed
+        target, each as far as the trial is from its limit, and ``parity`` (how far a float graph's ONNX logits
+        are beyond the parity gate: an export that changed the function is never a result)."""
         values = {"drop": drop - self.max_drop} if self.objective == "accuracy" else {}
+        values["parity"] = parity
         if self.target_speedup is not None:
             values["speedup"] = self.target_speedup - speedup
         if self.target_latency_ms is not None:
@@ -53,6 +55,7 @@ class TuneSettings(BaseModel):
     def limits(self) -> dict[str, float]:
         """Each constraint's limit, the scale of its violation (:func:`~vitcompress.search.front.nearest_miss`)."""
         limits = {"drop": max(self.max_drop, 0.1)} if self.objective == "accuracy" else {}
+        limits["parity"] = 1e-3
         if self.target_speedup is not None:
             limits["speedup"] = self.target_speedup
         if self.target_latency_ms is not None:

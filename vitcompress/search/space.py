@@ -308,6 +308,28 @@ def _blocks_regex(blocks: list[int], tail: str) -> str:
     return rf"re:blocks\.({'|'.join(map(str, blocks))})\.{tail}"
 
 
+#: Steps whose ONNX graph may differ from torch by more than float rounding: int8 activations (shift weights) and
+#: discrete choices (which token pairs merge); with export quantization, every int8 graph.
+INEXACT = {"shift_linear", "token_merge"}
+
+
+def is_exact(recipe: Recipe) -> bool:
+    """Whether the recipe's ONNX model should match its torch model to float rounding (the default parity gate)."""
+    return recipe.export.quantize == "none" and not any(step.transform in INEXACT for step in recipe.steps)
+
+
+def with_parity_gate(recipe: Recipe, measured_diff: float) -> Recipe:
+    """``recipe`` with ``validate.max_abs_diff`` set from the difference a trial measured (×1.25, two significant
+    digits, never below the default): int8 and merging graphs differ from float torch by design, as the shipped
+    int8 recipes' own measured gates say; their accuracy and agreement are what the search constrains."""
+    import math
+
+    limit = measured_diff * 1.25
+    scale = 10 ** (math.floor(math.log10(limit)) - 1) if limit > 0 else 1
+    limit = max(math.ceil(limit / scale) * scale, recipe.validate_.max_abs_diff)
+    return recipe.model_copy(update={"validate_": recipe.validate_.model_copy(update={"max_abs_diff": limit})})
+
+
 def recipe_for(choice: Choice, space: ResolvedSpace, base: Recipe, source: str = "tune") -> Recipe:
     """The complete recipe of ``choice``: ``base``'s calibration, fine-tune and validate settings with the chosen
     steps (skip → Taylor → SVD → shift → token merging) and export quantization."""
@@ -315,13 +337,17 @@ def recipe_for(choice: Choice, space: ResolvedSpace, base: Recipe, source: str =
     skipped = sorted(space.skip_order[: choice.skip])
     if skipped:
         steps.append({"transform": "attention_skip", "blocks": skipped})
-    taylor_blocks = [b for g, blocks in zip(choice.groups, space.groups) if g.taylor for b in blocks]
+    # a skipped block has no attention left for Taylor or for SVD of qkv/proj
+    taylor_blocks = [b for g, blocks in zip(choice.groups, space.groups) if g.taylor for b in blocks
+                     if b not in skipped]
     if taylor_blocks:
         steps.append({"transform": "taylor_attention", "targets": [_blocks_regex(taylor_blocks, "attn")]})
     by_ratio: dict[float, list[str]] = {}
     for group, blocks in zip(choice.groups, space.groups):
         for linear, ratio in group.ranks.items():
-            by_ratio.setdefault(ratio, []).append(_blocks_regex(blocks, LINEAR_MODULE[linear].replace(".", r"\.")))
+            where = [b for b in blocks if linear in ("fc1", "fc2") or b not in skipped]
+            if where:
+                by_ratio.setdefault(ratio, []).append(_blocks_regex(where, LINEAR_MODULE[linear].replace(".", r"\.")))
     for ratio, targets in sorted(by_ratio.items(), reverse=True):
         steps.append({"transform": "svd_lowrank", "targets": targets, "rank_ratio": ratio,
                       "whitening": space.whitening})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,12 +25,13 @@ from vitcompress.errors import UsageError, VitCompressError
 from vitcompress.original_cache import OriginalCache
 from vitcompress.recipe import FinetuneConfig, Recipe, dump_recipe
 from vitcompress.search.settings import TuneSettings
-from vitcompress.search.space import ResolvedSpace, recipe_for, suggest
+from vitcompress.search.space import ResolvedSpace, is_exact, recipe_for, suggest, with_parity_gate
 from vitcompress.search.trial import Measured, measure
 
 SETTINGS_ATTR = "vitcompress.settings"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
+SCHEMA_ATTEMPTS = 3
 STARTUP_TRIALS = 10
 #: A refused or failed combination is told to the sampler as this far outside every constraint.
 REFUSED = 1e6
@@ -44,13 +46,21 @@ def open_storage(url: str) -> Any:
     import optuna
     import sqlalchemy.exc
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-                                          grace_period=GRACE_SECONDS)
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
+            except sqlalchemy.exc.IntegrityError:
+                if attempt == SCHEMA_ATTEMPTS - 1:  # two machines created a new database's schema at once, and
+                    raise                           # the other one's tables are still not there: give up
+                time.sleep(1 + attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError, RuntimeError, OSError) as exc:
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UsageError(f"--storage {_redacted(url)}: cannot open it ({detail})") from None
+    raise UsageError(f"--storage {_redacted(url)}: cannot open it")
 
 
 def _redacted(url: str) -> str:
@@ -166,16 +176,21 @@ def run_worker(study: Any, settings: TuneSettings, space: ResolvedSpace, base: R
             if promising(result, settings, best_feasible_speedup(study, settings)):
                 trial.set_user_attr("screen", result.model_dump())
                 finetune = (recipe.finetune or FinetuneConfig()).model_copy(update={"steps": settings.finetune_steps})
-                tuned = recipe.model_copy(update={"finetune": finetune})
-                trial.set_user_attr("recipe", dump_recipe(tuned))
-                result = measure(settings.model, tuned, settings.batch_size, cache, **source)
+                recipe = recipe.model_copy(update={"finetune": finetune})
+                result = measure(settings.model, recipe, settings.batch_size, cache, **source)
         except VitCompressError as exc:  # a combination the transforms or the exporter refuse
             trial.set_user_attr("refused", str(exc))
             for key in settings.constraints(1.0, 1.0, 0.0):
                 trial.set_constraint(key, REFUSED)
             raise optuna.TrialPruned(str(exc)) from None
+        parity = 0.0
+        if is_exact(recipe):
+            parity = max(result.max_abs_diff - recipe.validate_.max_abs_diff, 0.0)
+        else:
+            recipe = with_parity_gate(recipe, result.max_abs_diff)
+        trial.set_user_attr("recipe", dump_recipe(recipe))
         trial.set_user_attr("result", result.model_dump())
-        for key, value in settings.constraints(result.speedup, result.latency_ms, result.drop).items():
+        for key, value in settings.constraints(result.speedup, result.latency_ms, result.drop, parity).items():
             trial.set_constraint(key, value)
         return result.speedup, result.drop
 

@@ -35,6 +35,7 @@ class Measured(BaseModel):
     agreement: float = Field(description="share of held-out images whose top-1 class equals the original's")
     drop: float = Field(description="top-1 drop in points (original − converted); unlabelled data: "
                                     "disagreement in points, 100 × (1 − agreement)")
+    max_abs_diff: float = Field(description="largest |torch − onnxruntime| logit difference (the parity gate's value)")
     finetune_steps: int = Field(0, description="fine-tune steps of this measurement (its fidelity)")
     seconds: float = Field(description="wall time of the conversion")
 
@@ -62,6 +63,7 @@ def measure(model: str, recipe: Recipe, batch_size: int, cache: OriginalCache, *
             speedup=theirs.p50_ms / mine.p50_ms, latency_ms=mine.p50_ms, original_ms=theirs.p50_ms,
             spread=mine.spread, top1=converted.top1, original_top1=original.top1, agreement=converted.agreement,
             drop=drop_of(converted.top1, original.top1, converted.agreement),
+            max_abs_diff=converted.parity.max_abs_diff,
             finetune_steps=report.finetune.steps_done if report.finetune else 0,
             seconds=time.perf_counter() - started)
     finally:

@@ -1,0 +1,84 @@
+"""The front of a study: non-dominated within the accuracy budget, fastest first; the best meets every constraint;
+without one the nearest miss is the smallest relative violation; constraints as Optuna reads them."""
+
+import pytest
+
+from vitcompress.errors import UsageError
+from vitcompress.search.front import TrialPoint, front_of, nearest_miss
+from vitcompress.search.settings import TuneSettings, check_targets
+from vitcompress.search.trial import Measured, drop_of
+
+
+def point(trial: int, speedup: float, drop: float, settings: TuneSettings) -> TrialPoint:
+    measured = Measured(speedup=speedup, latency_ms=10 / speedup, original_ms=10.0, spread=0.05, top1=90 - drop,
+                        original_top1=90.0, agreement=0.99, drop=drop, max_abs_diff=1e-5, seconds=1.0)
+    values = settings.constraints(speedup, measured.latency_ms, drop).values()
+    return TrialPoint(trial=trial, summary=f"t{trial}", recipe="steps: []\n", measured=measured,
+                      meets_constraints=all(v <= 0 for v in values))
+
+
+def settings(**changes) -> TuneSettings:
+    return TuneSettings(model="vit_fmnist", space={}, **changes)
+
+
+def test_front_is_non_dominated_within_the_budget_fastest_first():
+    s = settings(max_drop=1.0)
+    points = [point(0, 1.5, 0.2, s), point(1, 2.0, 0.5, s), point(2, 1.8, 0.6, s),  # 2 dominated by 1
+              point(3, 3.0, 1.5, s),  # over the budget
+              point(4, 1.2, 0.0, s), point(5, 2.0, 0.5, s)]  # 5 ties 1: neither dominates
+    front = front_of(points, s)
+    assert [p.trial for p in front] == [1, 5, 0, 4]
+    assert [p.file for p in front] == ["pareto/01.yaml", "pareto/02.yaml", "pareto/03.yaml", "pareto/04.yaml"]
+
+
+def test_a_latency_study_keeps_every_trial_on_its_front():
+    s = settings(objective="latency")
+    front = front_of([point(0, 3.0, 40.0, s), point(1, 1.1, 0.0, s)], s)
+    assert [p.trial for p in front] == [0, 1]
+    assert s.constraints(3.0, 1.0, 40.0) == {"parity": 0.0}
+
+
+def test_constraints_are_distances_to_each_limit():
+    s = settings(max_drop=0.5, target_speedup=2.0)
+    assert s.constraints(1.5, 2.0, 0.7) == pytest.approx({"drop": 0.2, "parity": 0.0, "speedup": 0.5})
+    latency = settings(max_drop=0.5, target_latency_ms=4.0)
+    assert latency.constraints(3.0, 3.5, 0.1, 0.01) == pytest.approx({"drop": -0.4, "parity": 0.01,
+                                                                     "latency_ms": -0.5})
+
+
+def test_the_nearest_miss_has_the_smallest_relative_violation():
+    s = settings(max_drop=1.0, target_speedup=3.0)
+    points = [point(0, 2.9, 1.4, s),  # 0.4 / 1 + 0.1 / 3
+              point(1, 2.4, 0.0, s),  # 0.6 / 3 = 0.2
+              point(2, 4.0, 3.0, s)]  # 2.0
+    assert nearest_miss(points, s).trial == 1
+    assert nearest_miss([], s) is None
+
+
+def test_an_int8_or_merging_recipe_carries_the_parity_its_trial_measured():
+    from vitcompress.recipe import Recipe
+    from vitcompress.search.space import is_exact, with_parity_gate
+
+    recipe = Recipe.model_validate({"export": {"quantize": "dynamic"}})
+    assert not is_exact(recipe) and is_exact(Recipe())
+    assert with_parity_gate(recipe, 0.0213).validate_.max_abs_diff == pytest.approx(0.027)
+    assert with_parity_gate(recipe, 1e-6).validate_.max_abs_diff == pytest.approx(1e-3)  # never below the default
+
+
+def test_unlabelled_data_counts_disagreement_points():
+    assert drop_of(None, None, 0.97) == pytest.approx(3.0)
+    assert drop_of(88.0, 90.0, 0.5) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((-0.1, None, None, 5, 1), "--max-drop -0.1"),
+    ((1.0, 0.9, None, 5, 1), "--target-speedup 0.9"),
+    ((1.0, 1.0, None, 5, 1), "--target-speedup 1"),
+    ((1.0, None, 0.0, 5, 1), "--target-latency-ms 0"),
+    ((1.0, 2.0, 3.0, 5, 1), "exclude each other"),
+    ((1.0, None, None, 0, 1), "--trials 0"),
+    ((1.0, None, None, 5, 0), "--workers 0"),
+])
+def test_impossible_targets_are_bad_input(args, message):
+    with pytest.raises(UsageError, match=message):
+        check_targets(*args)
