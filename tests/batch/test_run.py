@@ -168,6 +168,10 @@ def test_changed_recipe_reruns_its_job_and_resume_after_sigterm_reruns_nothing_f
                                                           "slow": ("skipped", None)}
 
 
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
 def _cmdline_has(proc: Path, text: str) -> bool:
     try:
         return text in (proc / "cmdline").read_bytes().decode(errors="replace")
@@ -190,9 +194,29 @@ def test_two_shards_merged_equal_the_unsharded_job_set_and_baseline_regressions_
     assert sorted(j.name for j in joined.jobs) == sorted(j.name for j in whole.jobs)
     assert all((folder / "merged" / j.bundle / "report.json").is_file() for j in joined.jobs)
     assert len(list(JUnitXml.fromfile(str(folder / "merged/junit.xml")))) == 2
-    overlap = CliRunner().invoke(main, ["batch", "merge", str(folder / "s1/batch.json"), str(folder / "s1/batch.json"),
-                                        "--out", str(folder / "bad")])
-    assert overlap.exit_code == 2 and "the shards overlap" in overlap.output
+    assert [(r.shard, r.source, r.machine["cpu"] == whole.machine["cpu"], r.versions == whole.versions)
+            for r in joined.shards] == [("1/2", "../s1/batch.json", True, True), ("2/2", "../s2/batch.json", True, True)]
+    assert joined.manifest_sha256 == whole.manifest_sha256 and joined.missing_shards == []
+
+    def merge_cli(*args: str):
+        return CliRunner().invoke(main, ["batch", "merge", *args, "--out", str(folder / "bad")])
+
+    twice = merge_cli(str(folder / "s1/batch.json"), str(folder / "s1/batch.json"))
+    assert twice.exit_code == 2 and "shard 1/2 given twice" in twice.output
+    missing = merge_cli(str(folder / "s1/batch.json"))
+    assert missing.exit_code == 2 and _error_lines(missing.output) == [
+        "error: missing shard 2/2: only 1/2 given (a shard that wrote no batch.json?); --allow-partial merges what "
+        "is there"] and not (folder / "bad").exists()
+    partial = merge_cli(str(folder / "s1/batch.json"), "--allow-partial")
+    assert partial.exit_code == 0 and "merged without shard 2/2" in partial.output
+    assert BatchResult.load(folder / "bad/batch.json").missing_shards == ["2/2"]
+    assert "Missing shards 2/2" in (folder / "bad/summary.md").read_text()
+    shutil.copytree(folder / "out/jobs", folder / "s3/jobs", dirs_exist_ok=True)
+    assert batch(folder, text + "# another manifest, the same jobs\n", "--shard", "2/2", out="s3")[0].exit_code == 0
+    foreign = merge_cli(str(folder / "s1/batch.json"), str(folder / "s3/batch.json"))
+    (line,) = _error_lines(foreign.output)
+    assert foreign.exit_code == 2 and line.startswith("error: results from different manifests cannot be merged: ")
+    assert str(folder / "s1/batch.json") in line and str(folder / "s3/batch.json") in line
 
     doctored = whole.model_copy(deep=True)
     doctored.jobs[0].metrics["speedup_b1"] *= 3

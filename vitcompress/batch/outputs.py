@@ -65,6 +65,10 @@ def summary(batch: BatchResult) -> str:
              f"{len(batch.jobs)} jobs{f', shard {batch.shard}' if batch.shard else ''}, {batch.parallel_jobs} in "
              f"parallel × {batch.machine.get('threads_per_job')} threads on {batch.machine.get('cpu')} "
              f"({batch.machine.get('cores')} cores), {batch.wall_s:.0f} s", "",
+             *(f"- shard {r.shard}: {r.machine.get('cpu')}, {r.machine.get('cores')} cores, "
+               f"{', '.join(f'{k} {v}' for k, v in r.versions.items())}" for r in batch.shards),
+             *([f"**Missing shards {', '.join(batch.missing_shards)}: their jobs are not in this result.**", ""]
+               if batch.missing_shards else [""] if batch.shards else []),
              "| job | status | s | speed-up b1 | top-1 drop | agreement | failed gates |",
              "|---|---|---:|---:|---:|---:|---|"]
     for job in batch.jobs:

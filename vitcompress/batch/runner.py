@@ -141,7 +141,7 @@ def run_batch(loaded: LoadedManifest, options: Options, events: Events | None = 
     order = {job.name: i for i, job in enumerate(loaded.jobs)}
     machine = {**machine_fingerprint(threads), "threads_per_job": threads}
     machine.pop("threads")
-    batch = BatchResult(manifest=str(loaded.path), date=date, machine=machine,
+    batch = BatchResult(manifest=str(loaded.path), manifest_sha256=loaded.fingerprint, date=date, machine=machine,
                         versions=package_versions(), parallel_jobs=options.parallel,
                         shard=f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
                         cadence=options.cadence, wall_s=round(time.monotonic() - started, 2), fail_on=options.fail_on,
