@@ -14,6 +14,7 @@ from pathlib import Path
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 from vitcompress.batch.results import BatchResult, JobResult
+from vitcompress.files import replace_text
 
 STATUS_MARK = {"passed": "✅ passed", "cached": "✅ cached", "gate_failed": "❌ gate failed", "error": "💥 error",
                "timeout": "⏱ timeout", "skipped": "⏭ skipped"}
@@ -111,9 +112,11 @@ def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
     """batch.json, junit.xml and summary.md in ``out`` (and summary.md appended to $GITHUB_STEP_SUMMARY)."""
     out.mkdir(parents=True, exist_ok=True)
     batch.dump(out / "batch.json")
-    junit(batch).write(str(out / "junit.xml"), pretty=True)
+    xml = out / f".junit.xml.{os.getpid()}.tmp"  # each file written whole or not at all (a killed batch)
+    junit(batch).write(str(xml), pretty=True)
+    xml.replace(out / "junit.xml")
     text = summary(batch)
-    (out / "summary.md").write_text(text)
+    replace_text(out / "summary.md", text)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as file:
