@@ -29,6 +29,7 @@ from typing import Any
 
 from vitcompress.batch.code_hash import PACKAGE_DIR, fingerprint, package_fingerprint, plugin_files
 from vitcompress.batch.manifest import Job
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.files import replace_text
 
 KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxruntime")
@@ -81,18 +82,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def available_cores() -> int:
-    """CPU cores this process may use (its affinity mask, e.g. a CI container's share), not the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def machine_fingerprint(threads: int) -> dict[str, Any]:
     """What latency depends on besides the models: CPU model, usable cores, onnxruntime's intra-op threads (the
     recipe's ``validate.threads``) and its version."""
-    found = {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
+    found = {"cpu": cpu_model(), "cores": available_cpus(), "threads": threads,
              "onnxruntime": package_versions()["onnxruntime"]}
     if os.environ.get(TEST_MACHINE_ENV):
         found["test"] = os.environ[TEST_MACHINE_ENV]

@@ -37,7 +37,6 @@ from filelock import FileLock, Timeout
 
 from vitcompress.batch.gates import evaluate, metrics
 from vitcompress.batch.keys import (
-    available_cores,
     job_components,
     keys_of,
     latency_reasons,
@@ -49,6 +48,7 @@ from vitcompress.batch.keys import (
 )
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.deploy.timing_lock import DEFAULT_LOCK, LOCK_ENV, WAITS_ENV
 from vitcompress.report import Report
 
@@ -89,7 +89,7 @@ class BatchInterrupted(Exception):
 
 def thread_budget(parallel: int) -> int:
     """Threads per job so that ``parallel`` jobs × threads ≤ the cores this process may use."""
-    cores = available_cores()
+    cores = available_cpus()
     if parallel > cores:
         raise ManifestError(f"--jobs {parallel} exceeds the {cores} CPU cores available: each job needs at least "
                             f"one (jobs × threads ≤ cores)")
