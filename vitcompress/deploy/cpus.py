@@ -9,6 +9,9 @@ slices and slow each other down. :func:`available_cpus` is the smaller of the tw
 up, at least 1); the batch's thread budget, the recipe's default ``validate.threads``, the DataLoader's default
 workers and ``convert --nproc``'s ``OMP_NUM_THREADS`` use it.
 
+:func:`isa_flags` names the vector instruction sets of the CPU (from ``/proc/cpuinfo``) that decide which
+onnxruntime kernels run, so a bundle records the converting CPU's and ``verify`` can tell another kind of CPU.
+
 A leaf module: the standard library only (a deployment imports it without torch).
 """
 
@@ -19,6 +22,10 @@ import os
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: /proc/cpuinfo flags that select onnxruntime's CPU kernels: AVX2/FMA, AVX-512, the int8 dot products (VNNI) and
+#: the AMX tiles.
+ISA_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "sve", "i8mm")
 
 
 def affinity_cpus() -> int:
@@ -84,3 +91,16 @@ def available_cpus() -> int:
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+def isa_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The :data:`ISA_FLAGS` this CPU has (sorted; [] where /proc/cpuinfo cannot be read, e.g. macOS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return sorted(set(value.split()) & set(ISA_FLAGS))
+    return []
