@@ -402,3 +402,13 @@ def test_golden_records_precision_and_isa_and_int8_on_another_isa_gets_the_cross
     done = subprocess.run([sys.executable, "predict.py", "--verify"], cwd=copy, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and f"int8 on another instruction set: this CPU adds {flag})" in done.stdout
+
+
+def test_an_imagenet_model_s_bundle_names_its_classes_and_predict_prints_them(bundle, images):
+    """test_vit has ImageNet-1k's 1000-class head: labels.txt holds ImageNet's class names, not 0 … 999."""
+    from vitcompress.labels import imagenet_names
+
+    assert (bundle / "labels.txt").read_text().splitlines() == imagenet_names(1000)
+    result = invoke("predict", bundle, images / "0" / "0.jpg", "--json", "--top-k", "2")
+    row = json.loads(result.stdout)
+    assert row["labels"] == [imagenet_names(1000)[k] for k in row["classes"]]
