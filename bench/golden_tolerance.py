@@ -10,7 +10,8 @@ reduction orders on the same instruction set. It is not a cross-CPU figure.
 
 The models: the shipped ``vit_fmnist`` (real weights) exported in float32, and its int8 forms by the package's
 own :func:`vitcompress.quantize.quantize_onnx` (dynamic; static with 64 calibration images). Inputs: the first
-256 Fashion-MNIST test images. Writes ``bench/results/golden_tolerance.json``.
+256 Fashion-MNIST test images. Writes ``bench/golden_tolerance.json`` (rendered into docs/deploy.md by
+bench/pages.py).
 
     python bench/golden_tolerance.py
 """
@@ -34,7 +35,7 @@ from vitcompress.export import export_onnx
 from vitcompress.models import REFERENCE_CFG, load_model
 from vitcompress.quantize import quantize_onnx
 
-OUT = Path(__file__).parent / "results" / "golden_tolerance.json"
+OUT = Path(__file__).parent / "golden_tolerance.json"
 LEVELS = {"disable_all": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
           "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 GOLDEN = (2, "all")  # the bundle writer's session: validate.threads (default 2), ORT_ENABLE_ALL
@@ -56,6 +57,9 @@ def logits(path: Path, inputs: np.ndarray, threads: int, level: str) -> np.ndarr
 
 
 def main() -> None:
+    from pages import source_commit
+
+    commit = source_commit()  # before this run rewrites its results file
     inputs = fmnist_images(256)
     work = Path(tempfile.mkdtemp(prefix="golden-tolerance-"))
     model = load_model("vit_fmnist").model
@@ -80,6 +84,7 @@ def main() -> None:
                 if line.startswith("model name")), "unknown")
     OUT.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "cpu": cpu, "isa": isa_flags(), "cpus_available": available_cpus(),
+        "commit": commit, "images": len(inputs),
         "onnxruntime": ort.__version__, "golden": {"threads": GOLDEN[0], "graph_optimization": GOLDEN[1]},
         "note": "one CPU kind: the spread between onnxruntime configurations on it, not between CPUs",
         "rows": rows}, indent=2) + "\n")
