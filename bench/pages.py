@@ -360,7 +360,8 @@ def golden_tolerance_table(result: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == model]
         worst = max(rows, key=lambda r: r["max_abs_diff"])
-        lines.append(f"| {model} | {worst['max_abs_diff']:.2e} ({worst['threads']} threads, "
+        lines.append(f"| {model} | {worst['max_abs_diff']:.2e} ({worst['threads']} thread"
+                     f"{'s' if worst['threads'] > 1 else ''}, "
                      f"{worst['graph_optimization']}) | {min(r['top1_equal'] for r in rows)}/{worst['images']} | "
                      f"{worst['max_abs_logit']:.2f} |")
     return "\n".join(lines) + "\n"

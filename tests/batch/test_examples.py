@@ -64,7 +64,7 @@ def test_gitlab_jobs_shard_by_node_index_cache_by_content_and_merge():
     job, merge = config["vitcompress-batch"], config["vitcompress-merge"]
     assert job["parallel"] == 2 and job["artifacts"]["when"] == "always"
     assert job["artifacts"]["reports"]["junit"] == "shards/$CI_NODE_INDEX/junit.xml"
-    assert {"vitcompress/**/*", MANIFEST, "requirements.lock"} <= set(job["cache"]["key"]["files"])
+    assert job["cache"]["key"]["files"] == ["vitcompress/**/*", MANIFEST]  # GitLab's default limit: 2 entries
     assert "fallback_keys" not in job["cache"] and job["cache"]["paths"] == ["shards/$CI_NODE_INDEX/jobs"]
     (command,) = [line for line in job["script"] if line.startswith("vitcompress batch")]
     assert f"vitcompress batch {MANIFEST} --out shards/$CI_NODE_INDEX" in command
