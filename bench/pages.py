@@ -356,7 +356,7 @@ def golden_tolerance_table(result: dict) -> str:
              f"{result['onnxruntime']}; commit {short_commit(result.get('commit'))}; one kind of CPU only: "
              f"{result['images']} Fashion-MNIST test images through vit_fmnist, golden = {result['golden']['threads']} "
              f"intra-op threads and `ORT_ENABLE_ALL`, against 1–2 threads × `ORT_DISABLE_ALL`/`BASIC`/`ALL`.", "",
-             "| model | largest max \|Δ logits\| | top-1 equal | largest \|logit\| |", "|---|---:|---:|---:|"]
+             r"| model | largest max \|Δ logits\| | top-1 equal | largest \|logit\| |", "|---|---:|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["model"] == model]
         worst = max(rows, key=lambda r: r["max_abs_diff"])
