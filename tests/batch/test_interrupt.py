@@ -78,7 +78,7 @@ def test_sigkill_at_random_moments_then_resume_loses_no_finished_job(tmp_path):
         time.sleep(0.5)  # the killed batch's conversion gets SIGKILL from the kernel (PR_SET_PDEATHSIG)
         assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, str(out / "jobs"))], "orphan job"
         assert before <= check_after_kill(out), "a finished job was lost"
-    assert kills >= 1  # the first kill (2.4 s) always falls before a job can finish; the later ones did here
+    assert kills >= 1  # the first kill (2.4 s) falls before any job can finish; later ones depend on speed
     kept = finished_jobs(out)
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
