@@ -18,6 +18,7 @@ Blocks (name: results file):
 - ``shiftadd_study``: bench/shiftadd_study.json (bench/shiftadd_study.py);
 - ``shiftadd_blocks``: bench/shiftadd_blocks.json (bench/shiftadd_blocks.py);
 - ``deploy``: bench/deploy.json (bench/deploy.py);
+- ``golden_tolerance``: bench/golden_tolerance.json (bench/golden_tolerance.py);
 - ``finetune_throughput``: bench/finetune_throughput.jsonl (bench/finetune_throughput.py; the last row of each
   configuration).
 """
@@ -348,6 +349,24 @@ def deploy_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def golden_tolerance_table(result: dict) -> str:
+    """bench/golden_tolerance.json: the largest |Δ logits| per precision between onnxruntime configurations on one
+    CPU (the proxy for another CPU's kernels; not a cross-CPU measurement)."""
+    lines = [f"Measured {result['date']} on {result['cpu']} ({', '.join(result['isa'])}); onnxruntime "
+             f"{result['onnxruntime']}; commit {short_commit(result.get('commit'))}; one kind of CPU only: "
+             f"{result['images']} Fashion-MNIST test images through vit_fmnist, golden = {result['golden']['threads']} "
+             f"intra-op threads and `ORT_ENABLE_ALL`, against 1–2 threads × `ORT_DISABLE_ALL`/`BASIC`/`ALL`.", "",
+             r"| model | largest max \|Δ logits\| | top-1 equal | largest \|logit\| |", "|---|---:|---:|---:|"]
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        worst = max(rows, key=lambda r: r["max_abs_diff"])
+        lines.append(f"| {model} | {worst['max_abs_diff']:.2e} ({worst['threads']} thread"
+                     f"{'s' if worst['threads'] > 1 else ''}, "
+                     f"{worst['graph_optimization']}) | {min(r['top1_equal'] for r in rows)}/{worst['images']} | "
+                     f"{worst['max_abs_logit']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def finetune_throughput_table(rows: list[dict]) -> str:
     """bench/finetune_throughput.jsonl: fine-tune img/s of vit_fmnist per configuration (the last row of each)."""
     last = {r["config"]: r for r in rows}
@@ -383,6 +402,8 @@ BLOCKS: dict[str, tuple[str, Callable[[Path, Path], str]]] = {
     "shiftadd_blocks": ("bench/shiftadd_blocks.json",
                         lambda root, page: shiftadd_blocks_table(_json(root, "shiftadd_blocks.json"))),
     "deploy": ("bench/deploy.json", lambda root, page: deploy_table(_json(root, "deploy.json"))),
+    "golden_tolerance": ("bench/golden_tolerance.json",
+                         lambda root, page: golden_tolerance_table(_json(root, "golden_tolerance.json"))),
     "finetune_throughput": ("bench/finetune_throughput.jsonl",
                             lambda root, page: finetune_throughput_table(_jsonl(root, "finetune_throughput.jsonl"))),
 }

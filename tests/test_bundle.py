@@ -321,3 +321,94 @@ def test_onnxruntime_path_top1_equals_torch_on_the_reference_test_split(tmp_path
             torch_top1.append(loaded.model(tensors[start:start + 500]).argmax(-1).numpy())
     ort_top1, torch_top1 = np.concatenate(ort_top1), np.concatenate(torch_top1)
     assert len(ort_top1) == IMAGES and (ort_top1 == torch_top1).all(), f"{(ort_top1 != torch_top1).sum()} differ"
+
+
+def venv_with_only(packages: tuple[str, ...], where: Path) -> Path:
+    """A virtual environment (no pip, no system site-packages) holding only ``packages``, linked from this
+    environment's installed files (no network): ``import torch`` fails in it. Returns its python."""
+    import importlib.metadata
+    import venv
+
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(where)
+    python = where / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    for package in packages:
+        dist = importlib.metadata.distribution(package)
+        tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+        for top in tops:
+            source = Path(dist.locate_file(top))
+            if source.exists() and not (site / top).exists():
+                (site / top).symlink_to(source)
+    return python
+
+
+def test_predict_py_verify_checks_the_bundle_with_numpy_onnxruntime_and_pillow_only(bundle, tmp_path):
+    """The bundle's own predict.py --verify in an environment of the bundle's requirements.txt packages alone:
+    checksums, golden logits at the fp32 tolerance, preprocessing of the stored images; a changed file fails."""
+    python = venv_with_only(("numpy", "onnxruntime", "pillow"), tmp_path / "venv")
+    assert subprocess.run([str(python), "-c", "import torch"], capture_output=True).returncode == 1
+    deployed = Path(shutil.copytree(bundle, tmp_path / "deployed"))
+    done = subprocess.run([str(python), "predict.py", "--verify"], cwd=deployed, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = {line.split(":")[0]: line for line in done.stdout.splitlines()}
+    assert list(lines) == ["ok   checksums", "ok   golden model.onnx", "ok   golden model.ort", "ok   preprocessing",
+                           f"bundle {deployed}"] and lines[f"bundle {deployed}"].endswith(": verified")
+    assert lines["ok   checksums"] == f"ok   checksums: {len(read_checksums(bundle))} files match SHA256SUMS"
+    assert lines["ok   golden model.onnx"].endswith("(tolerance 0.001: fp32)")
+    assert " grey levels (tolerance 1) on 8 source images" in lines["ok   preprocessing"]
+    (deployed / "labels.txt").write_text("tampered\n")
+    tampered = subprocess.run([str(python), "predict.py", "--verify"], cwd=deployed, capture_output=True, text=True,
+                              timeout=120)
+    assert tampered.returncode == 1 and "FAIL checksums: labels.txt changed" in tampered.stdout
+
+
+def test_golden_records_precision_and_isa_and_int8_on_another_isa_gets_the_cross_isa_tolerance(copy):
+    """An int8 model.onnx (onnxruntime dynamic quantisation) makes an int8 golden spec; a recorded converting CPU
+    without this CPU's AVX-512 VNNI (a doctored record: one kind of CPU here) makes verify — the package's and
+    predict.py's — use the cross-ISA int8 tolerance and say why; the package and predict.py agree."""
+    import importlib.util
+
+    from vitcompress.deploy.bundle import INT8_ATOL_OTHER_ISA, INT8_ATOL_SAME_ISA, golden_spec
+    from vitcompress.deploy.cpus import isa_flags
+    from vitcompress.quantize import quantize_onnx
+
+    spec = golden_spec(copy)
+    assert spec["models"]["model.onnx"]["precision"] == "fp32" and spec["isa"]["flags"] == isa_flags()
+    quantize_onnx(copy / "model.onnx", copy / "int8.onnx", "dynamic")
+    (copy / "int8.onnx").replace(copy / "model.onnx")
+    (copy / "model.ort").unlink()
+    inputs = np.load(copy / "golden/inputs.npy")
+    images = [(p.name, p.read_bytes()) for p in sorted((copy / "golden/images").iterdir())]
+    write_bundle(copy, inputs, images, threads=2)
+    spec = golden_spec(copy)
+    assert spec["models"]["model.onnx"] == {"precision": "int8", "atol": INT8_ATOL_SAME_ISA,
+                                            "atol_other_isa": INT8_ATOL_OTHER_ISA}
+    assert "golden model.onnx" in [c.name for c in verify(copy).checks] and verify(copy).ok
+    flag = next((f for f in ("avx512_vnni", "avx_vnni", "avx2", "asimd") if f in isa_flags()), None)
+    if flag is None:
+        pytest.skip("this CPU has none of the flags the doctored record drops")
+    spec["isa"]["flags"] = [f for f in spec["isa"]["flags"] if f != flag]
+    (copy / "golden/golden.json").write_text(json.dumps(spec))
+    write_checksums(copy)
+    (check,) = [c for c in verify(copy).checks if c.name == "golden model.onnx"]
+    assert check.passed and f"(tolerance {INT8_ATOL_OTHER_ISA:g}: int8 on another instruction set: this CPU adds " \
+        f"{flag})" in check.detail
+    template = importlib.util.spec_from_file_location("bundle_predict", copy / "predict.py")
+    predict_py = importlib.util.module_from_spec(template)
+    template.loader.exec_module(predict_py)
+    assert predict_py.ISA_FLAGS == __import__("vitcompress.deploy.cpus", fromlist=["ISA_FLAGS"]).ISA_FLAGS
+    done = subprocess.run([sys.executable, "predict.py", "--verify"], cwd=copy, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and f"int8 on another instruction set: this CPU adds {flag})" in done.stdout
+
+
+def test_an_imagenet_model_s_bundle_names_its_classes_and_predict_prints_them(bundle, images):
+    """test_vit has ImageNet-1k's 1000-class head: labels.txt holds ImageNet's class names, not 0 … 999."""
+    from vitcompress.labels import imagenet_names
+
+    assert (bundle / "labels.txt").read_text().splitlines() == imagenet_names(1000)
+    result = invoke("predict", bundle, images / "0" / "0.jpg", "--json", "--top-k", "2")
+    row = json.loads(result.stdout)
+    assert row["labels"] == [imagenet_names(1000)[k] for k in row["classes"]]

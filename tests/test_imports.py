@@ -22,7 +22,7 @@ LEAVES = {"vitcompress.errors", "vitcompress.hooks", "vitcompress.cka", "vitcomp
           "vitcompress.progress", "vitcompress.export_config",
           "vitcompress.deploy", "vitcompress.deploy.runtime", "vitcompress.deploy.bundle", "vitcompress.deploy.predict",
           "vitcompress.deploy.triton", "vitcompress.deploy.optimize", "vitcompress.deploy.timing_lock",
-          "vitcompress.deploy.templates.predict"}
+          "vitcompress.deploy.cpus", "vitcompress.deploy.templates.predict"}
 
 
 def module_name(path: Path) -> str:

@@ -103,3 +103,19 @@ def test_corrupt_image_is_a_data_error_naming_it(tmp_path, content):
     part = next(p for p in (bundle.train, bundle.val) if any(path.name == "broken.png" for path, _ in p.items))
     with pytest.raises(DataError, match="broken.png cannot be read"):
         list(DataLoader(part, batch_size=8))
+
+
+def test_display_names_are_the_models_then_imagenets_then_the_folders(tmp_path):
+    """A 1000-class head shows ImageNet-1k's names (a shared first synonym gets its WordNet id); a model that
+    names no classes, trained on a folder per class, shows the folder names; else nothing."""
+    from vitcompress.labels import display_names, imagenet_names
+
+    names = imagenet_names(1000)
+    assert names[:3] == ["tench", "goldfish", "great white shark"] and len(set(names)) == 1000
+    assert "crane (n02012849)" in names and "crane (n03126707)" in names
+    assert display_names(1000, None) == names and display_names(10, FMNIST_CLASSES) == list(FMNIST_CLASSES)
+    write_images(tmp_path / "d", ["fox", "cat", "dog"])
+    data = resolve_data(str(tmp_path / "d"), CONFIG, None, ClassSpace.of(3, None), holdout_fraction=0.5)
+    assert data.folder_names == {0: "cat", 1: "dog", 2: "fox"}
+    assert display_names(3, None, data.folder_names) == ["cat", "dog", "fox"]
+    assert display_names(4, None, data.folder_names) is None

@@ -186,6 +186,8 @@ class DataBundle:
     cache_key: str | None = None
     #: how ``train`` and ``val`` were kept apart (``report.json`` → ``data.split``); None for in-memory datasets
     split: Split | None = None
+    #: class index → the class folder that holds it (an image directory's; None for other data)
+    folder_names: dict[int, str] | None = None
 
 
 SYNTHETIC_TRAIN, SYNTHETIC_VAL = 256, 64
@@ -229,7 +231,9 @@ def resolve_data(spec: str, data_config: dict, val_limit: int | None, classes: C
         split = Split("directories")
     matched = (f"{len(folders)} class folders → the model's classes by "
                f"{'the --labels mapping, then ' if labels else ''}{classes.source}") if folders else None
-    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched, split=split)
+    folder_names = {index: folder for folder, index in (class_index or {}).items()}
+    return DataBundle(str(root), train, val, labelled=bool(val.classes), classes=matched, split=split,
+                      folder_names=folder_names if len(folder_names) == len(class_index or {}) else None)
 
 
 def split_held_out(images: ImageDirectory, fraction: float, val_limit: int | None = None,

@@ -13,5 +13,9 @@ from pathlib import Path
 def replace_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (rename on the same file system)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:  # a full disk, a signal: no temporary file left behind either
+        tmp.unlink(missing_ok=True)
+        raise

@@ -8,6 +8,10 @@ the model by, in order: an explicit ``--labels`` mapping file, the model's own c
 count is an ImageNet subset's, or the index itself for folders named ``0``, ``1``, … (a model that names no
 classes: sorted folder order, as ImageFolder, when the counts are equal). A folder that matches
 no class is a :class:`DataError` saying what was found and how to fix it, never a silent relabelling.
+
+:func:`display_names` gives the names a bundle shows (``labels.txt``, the ONNX metadata, ``predict``): the
+model's own, else an ImageNet subset's class names for a head of its size, else the data's folder names when
+they name every class once.
 """
 
 from __future__ import annotations
@@ -93,6 +97,35 @@ class ClassSpace:
             known = f"the model's {self.count} classes (it names none: folders 0–{self.count - 1} or a mapping)"
         return (f"{where}: {len(unmatched)} of {total} class folders match none of {known}: {shown}; rename the "
                 "folders or pass --labels FILE (YAML or JSON: folder → class index or name)")
+
+
+def imagenet_names(count: int) -> list[str] | None:
+    """Readable class names of the ImageNet subset with ``count`` classes (``timm.data.ImageNetInfo``): each
+    description's first synonym ("tench"), with its WordNet id when two classes share it ("crane (n02012849)");
+    None when ``count`` is no ImageNet subset's."""
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset({"num_classes": count})
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    first = [description.split(",")[0].strip() for description in info.label_descriptions()]
+    return [name if first.count(name) == 1 else f"{name} ({wnid})" for name, wnid in zip(first, info.label_names())]
+
+
+def display_names(count: int, class_names: Sequence[str] | None,
+                  folder_names: Mapping[int, str] | None = None) -> list[str] | None:
+    """The names of a model's ``count`` classes for people: its own ``class_names``, else ImageNet's (a head of an
+    ImageNet subset's size), else the data's ``folder_names`` (class index → folder) when every class has one;
+    None when nothing names them (``labels.txt`` then holds the indices)."""
+    if class_names and len(class_names) == count:
+        return list(class_names)
+    names = imagenet_names(count)
+    if names is not None:
+        return names
+    if folder_names and sorted(folder_names) == list(range(count)):
+        return [folder_names[i] for i in range(count)]
+    return None
 
 
 def _imagenet_aliases(count: int) -> tuple[str, dict[str, int]] | None:

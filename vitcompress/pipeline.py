@@ -16,6 +16,7 @@ from vitcompress.data import DataBundle, first_images, resolve_data
 from vitcompress.deploy.runtime import preprocessing_metadata
 from vitcompress.errors import DataError
 from vitcompress.export import export_onnx
+from vitcompress.labels import display_names
 from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
 from vitcompress.recipe import staged_steps
@@ -48,8 +49,11 @@ def calibration_batches(ctx: RunContext):
 
 
 def run_metadata(ctx: RunContext) -> dict[str, str]:
-    """The ONNX metadata of this run's files: preprocessing, class names and the model name."""
-    metadata = preprocessing_metadata(ctx.original.data_config, ctx.original.class_names)
+    """The ONNX metadata of this run's files: preprocessing, class names (:func:`~vitcompress.labels.display_names`:
+    the model's, ImageNet's or the data's folders') and the model name."""
+    names = display_names(int(ctx.original.model.num_classes), ctx.original.class_names,
+                          ctx.data.folder_names if ctx.data is not None else None)
+    metadata = preprocessing_metadata(ctx.original.data_config, names)
     metadata["vitcompress.model"] = ctx.original.name
     return metadata
 

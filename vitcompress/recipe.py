@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.errors import RecipeError
 from vitcompress.export_config import ExportConfig
 from vitcompress.plugins import load_recipe_plugins
@@ -94,7 +95,9 @@ class ValidateConfig(_Strict):
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of each class held out for validation "
                                     "when --data is one image directory (no train/ and val/)")
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
-    threads: int = Field(2, ge=1, le=256)
+    threads: int = Field(default_factory=lambda: min(2, available_cpus()), ge=1, le=256,
+                         description="onnxruntime intra-op threads (default: 2, or fewer when this process may use "
+                                     "fewer CPUs: affinity mask and cgroup quota)")
     latency_runs: int = Field(30, ge=3, le=10_000)
     warmup_runs: int = Field(5, ge=0, le=1000)
     profile_runs: int = Field(10, ge=0, le=10_000, description="onnxruntime-profiled runs per model for the "

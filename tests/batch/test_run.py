@@ -168,6 +168,10 @@ def test_changed_recipe_reruns_its_job_and_resume_after_sigterm_reruns_nothing_f
                                                           "slow": ("skipped", None)}
 
 
+def _error_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
 def _cmdline_has(proc: Path, text: str) -> bool:
     try:
         return text in (proc / "cmdline").read_bytes().decode(errors="replace")
@@ -190,9 +194,29 @@ def test_two_shards_merged_equal_the_unsharded_job_set_and_baseline_regressions_
     assert sorted(j.name for j in joined.jobs) == sorted(j.name for j in whole.jobs)
     assert all((folder / "merged" / j.bundle / "report.json").is_file() for j in joined.jobs)
     assert len(list(JUnitXml.fromfile(str(folder / "merged/junit.xml")))) == 2
-    overlap = CliRunner().invoke(main, ["batch", "merge", str(folder / "s1/batch.json"), str(folder / "s1/batch.json"),
-                                        "--out", str(folder / "bad")])
-    assert overlap.exit_code == 2 and "the shards overlap" in overlap.output
+    assert [(r.shard, r.source, r.machine["cpu"] == whole.machine["cpu"], r.versions == whole.versions)
+            for r in joined.shards] == [("1/2", "../s1/batch.json", True, True), ("2/2", "../s2/batch.json", True, True)]
+    assert joined.manifest_sha256 == whole.manifest_sha256 and joined.missing_shards == []
+
+    def merge_cli(*args: str):
+        return CliRunner().invoke(main, ["batch", "merge", *args, "--out", str(folder / "bad")])
+
+    twice = merge_cli(str(folder / "s1/batch.json"), str(folder / "s1/batch.json"))
+    assert twice.exit_code == 2 and "shard 1/2 given twice" in twice.output
+    missing = merge_cli(str(folder / "s1/batch.json"))
+    assert missing.exit_code == 2 and _error_lines(missing.output) == [
+        "error: missing shard 2/2: only 1/2 given (a shard that wrote no batch.json?); --allow-partial merges what "
+        "is there"] and not (folder / "bad").exists()
+    partial = merge_cli(str(folder / "s1/batch.json"), "--allow-partial")
+    assert partial.exit_code == 0 and "merged without shard 2/2" in partial.output
+    assert BatchResult.load(folder / "bad/batch.json").missing_shards == ["2/2"]
+    assert "Missing shards 2/2" in (folder / "bad/summary.md").read_text()
+    shutil.copytree(folder / "out/jobs", folder / "s3/jobs", dirs_exist_ok=True)
+    assert batch(folder, text + "# another manifest, the same jobs\n", "--shard", "2/2", out="s3")[0].exit_code == 0
+    foreign = merge_cli(str(folder / "s1/batch.json"), str(folder / "s3/batch.json"))
+    (line,) = _error_lines(foreign.output)
+    assert foreign.exit_code == 2 and line.startswith("error: results from different manifests cannot be merged: ")
+    assert str(folder / "s1/batch.json") in line and str(folder / "s3/batch.json") in line
 
     doctored = whole.model_copy(deep=True)
     doctored.jobs[0].metrics["speedup_b1"] *= 3
@@ -244,3 +268,53 @@ def test_smoke_converts_a_shallow_copy_and_records_it(first, env):
     assert report["model"]["model_args"] == {"depth": 2} and "depth=2" in report["model"]["weights"]
     assert report["steps"][0]["modules"] == [f"blocks.{i}.mlp.fc{j}" for i in range(2) for j in (1, 2)]
     assert "--model-arg depth=2" in (folder / "smoke" / parsed.jobs[0].log).read_text()
+
+
+def _copy_package(to: Path) -> Path:
+    """The imported package's tree copied as a fresh clone would have it: other path, new modification times."""
+    shutil.copytree(ROOT / "vitcompress", to / "vitcompress", copy_function=shutil.copyfile,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return to
+
+
+def test_the_code_is_in_the_key_a_fresh_copy_hits_an_edited_transform_converts_again(first, env, tmp_path):
+    """The same tree elsewhere (new paths and mtimes) hits the first run's bundle; a one-line edit to one
+    transform's source makes the job convert again, with the copy's code, and names why."""
+    folder = env
+    shutil.copytree(folder / "out/jobs/ok", folder / "code/jobs/ok")
+    (folder / "m.yaml").write_text(manifest("ok"))
+    clone = _copy_package(tmp_path / "clone")
+    run_env = {**os.environ, "PYTHONPATH": str(clone), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def run() -> BatchResult:
+        done = subprocess.run([sys.executable, "-m", "vitcompress", "batch", str(folder / "m.yaml"), "--out",
+                               str(folder / "code"), "--json"], capture_output=True, text=True, env=run_env,
+                              cwd=tmp_path)  # not the checkout: `-m` imports from the working directory first
+        assert done.returncode == 0, done.stderr
+        return BatchResult.model_validate_json(done.stdout)
+
+    assert statuses(run()) == {"ok": ("cached", True)}
+    with open(clone / "vitcompress/transforms/lowrank.py", "a") as source:
+        source.write("# an edit\n")
+    (job,) = run().jobs
+    assert (job.status, job.cache.hit) == ("passed", False)
+    assert job.cache.reasons == ["code changed (the vitcompress package's files or the job's plugin transforms)"]
+
+
+def test_file_hashes_are_remembered_by_size_and_mtime(tmp_path):
+    """An unchanged file (same size and mtime) is not read again: its sha256 comes from the cache file; a
+    touched one is hashed anew."""
+    from vitcompress.batch.code_hash import FileHashes, fingerprint
+
+    tree = tmp_path / "pkg"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub/a.py").write_text("x = 1\n")
+    store = tmp_path / "hashes.json"
+    first_print = fingerprint(tree, hashes=FileHashes(store))
+    stat = (tree / "sub/a.py").stat()
+    (tree / "sub/a.py").write_text("x = 2\n")  # same size; mtime put back: the cache answers
+    os.utime(tree / "sub/a.py", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fingerprint(tree, hashes=FileHashes(store)) == first_print
+    os.utime(tree / "sub/a.py", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert fingerprint(tree, hashes=FileHashes(store)) != first_print
+    assert len(json.loads(store.read_text())) == 1

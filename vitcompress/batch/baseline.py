@@ -24,7 +24,7 @@ def load_baseline(path: Path) -> BatchResult:
         raise ManifestError(f"--baseline {path}: cannot read it ({exc.strerror})") from None
     except (ValidationError, ValueError) as exc:
         detail = str(exc).strip().splitlines()
-        raise ManifestError(f"--baseline {path}: not a vitcompress batch.json of schema version 1 "
+        raise ManifestError(f"--baseline {path}: not a vitcompress batch.json of schema version 1 or 2 "
                             f"({detail[0] if detail else 'invalid'})") from None
 
 

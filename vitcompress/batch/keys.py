@@ -3,8 +3,9 @@
 The conversion key is the sha256 of what decides the converted model and its accuracy numbers: the resolved
 recipe (after overrides) without its gate thresholds and timing settings, the model name, the weights (the
 checkpoint file's sha256, the embedded weights' sha256, the timm pretrained tag, or random init), a data
-fingerprint, the fine-tune seed, the device kind and the versions of vitcompress, torch, timm, onnx, onnxscript
-and onnxruntime. No paths, job names, gates or timestamps: moving a checkout, renaming a job or changing a
+fingerprint, the fine-tune seed, the device kind, the code (:mod:`vitcompress.batch.code_hash`: the sha256 of the
+imported package's files and of the job's plugin transforms' files) and the versions of vitcompress, torch, timm,
+onnx, onnxscript and onnxruntime. No paths, job names, gates or timestamps: moving a checkout, renaming a job or changing a
 threshold keeps the key. Latency is keyed on top by the timing settings and a machine fingerprint (CPU model,
 cores, threads, onnxruntime version): when only those changed, the batch re-measures the bundle's latency
 (``vitcompress batch remeasure``) instead of converting again.
@@ -26,7 +27,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from vitcompress.batch.code_hash import PACKAGE_DIR, fingerprint, package_fingerprint, plugin_files
 from vitcompress.batch.manifest import Job
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.files import replace_text
 
 KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxruntime")
@@ -79,18 +82,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def available_cores() -> int:
-    """CPU cores this process may use (its affinity mask, e.g. a CI container's share), not the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def machine_fingerprint(threads: int) -> dict[str, Any]:
     """What latency depends on besides the models: CPU model, usable cores, onnxruntime's intra-op threads (the
     recipe's ``validate.threads``) and its version."""
-    found = {"cpu": cpu_model(), "cores": available_cores(), "threads": threads,
+    found = {"cpu": cpu_model(), "cores": available_cpus(), "threads": threads,
              "onnxruntime": package_versions()["onnxruntime"]}
     if os.environ.get(TEST_MACHINE_ENV):
         found["test"] = os.environ[TEST_MACHINE_ENV]
@@ -146,6 +141,17 @@ def _device(job: Job) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def code_fingerprint(job: Job) -> str:
+    """The code that converts ``job``: the package's fingerprint, with its plugin transforms' files when it
+    uses any (a recipe's ``plugins:``, entry points)."""
+    recipe = job.recipe
+    steps = list(recipe.steps)
+    if recipe.cascade is not None:
+        steps += [*recipe.cascade.low, *(recipe.cascade.high if isinstance(recipe.cascade.high, list) else [])]
+    extra = plugin_files({type(step) for step in steps})
+    return fingerprint(PACKAGE_DIR, extra) if extra else package_fingerprint()
+
+
 def job_components(job: Job) -> dict[str, Any]:
     """Everything the two keys hash, by name (kept in cache_key.json to explain a miss). The batch's thread
     budget for torch is not in it: it changes how fast a job converts, not what it measures."""
@@ -158,7 +164,7 @@ def job_components(job: Job) -> dict[str, Any]:
     conversion = {
         "recipe": sha256_text(canonical(recipe)), "model": job.model, "weights": _weights(job),
         "data": data_fingerprint(job), "seed": job.recipe.finetune.seed if job.recipe.finetune else None,
-        "device": _device(job), "versions": package_versions(),
+        "device": _device(job), "code": code_fingerprint(job), "versions": package_versions(),
     }
     if job.model_args:  # only when given: the keys of full-size jobs stay what they were
         conversion["model_args"] = job.model_args
@@ -176,7 +182,8 @@ def keys_of(components: dict[str, Any]) -> tuple[str, str]:
 
 LABELS = {"recipe": "recipe changed", "model": "model changed", "weights": "weights changed",
           "data": "data changed", "seed": "seed changed", "device": "device changed",
-          "model_args": "model arguments changed"}
+          "model_args": "model arguments changed", "code": "code changed (the vitcompress package's files or the "
+          "job's plugin transforms)"}
 
 
 def miss_reasons(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:

@@ -16,6 +16,8 @@ Relative paths are relative to the manifest's folder (a recipe may also be a shi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +116,16 @@ class LoadedManifest:
     path: Path
     manifest: Manifest
     jobs: list[Job]
+    #: :func:`manifest_fingerprint`: recorded by every shard, so that merge refuses results of different manifests
+    fingerprint: str = ""
+
+
+def manifest_fingerprint(path: Path, overrides: list[str], smoke: bool, jobs: list[Job]) -> str:
+    """sha256 of what decides a batch's job set: the manifest file's bytes, the command line's ``--set`` and
+    ``--smoke``, and every job as resolved (name, model, recipe after overrides: an edited recipe file counts)."""
+    parts = [hashlib.sha256(path.read_bytes()).hexdigest(), overrides, smoke,
+             [(job.name, job.model, job.recipe.model_dump(mode="json", by_alias=True)) for job in jobs]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 DEFAULT_TIMEOUT_S = 3600.0
@@ -153,7 +165,8 @@ def load_manifest(path: Path, extra_overrides: list[str] | None = None, smoke: b
     matrix_settings = manifest.matrix.model_dump(exclude_unset=True) if manifest.matrix else {}
     jobs = [_resolve(path, where, manifest.defaults, matrix_settings if where.startswith("matrix") else {}, spec,
                      extra_overrides or [], smoke) for where, spec in specs]
-    return LoadedManifest(path=path, manifest=manifest, jobs=jobs)
+    return LoadedManifest(path=path, manifest=manifest, jobs=jobs,
+                          fingerprint=manifest_fingerprint(path, extra_overrides or [], smoke, jobs))
 
 
 def _check_names(path: Path, specs: list[tuple[str, JobSpec]]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 from vitcompress.batch.results import BatchResult, JobResult
+from vitcompress.files import replace_text
 
 STATUS_MARK = {"passed": "✅ passed", "cached": "✅ cached", "gate_failed": "❌ gate failed", "error": "💥 error",
                "timeout": "⏱ timeout", "skipped": "⏭ skipped"}
@@ -65,6 +66,10 @@ def summary(batch: BatchResult) -> str:
              f"{len(batch.jobs)} jobs{f', shard {batch.shard}' if batch.shard else ''}, {batch.parallel_jobs} in "
              f"parallel × {batch.machine.get('threads_per_job')} threads on {batch.machine.get('cpu')} "
              f"({batch.machine.get('cores')} cores), {batch.wall_s:.0f} s", "",
+             *(f"- shard {r.shard}: {r.machine.get('cpu')}, {r.machine.get('cores')} cores, "
+               f"{', '.join(f'{k} {v}' for k, v in r.versions.items())}" for r in batch.shards),
+             *([f"**Missing shards {', '.join(batch.missing_shards)}: their jobs are not in this result.**", ""]
+               if batch.missing_shards else [""] if batch.shards else []),
              "| job | status | s | speed-up b1 | top-1 drop | agreement | failed gates |",
              "|---|---|---:|---:|---:|---:|---|"]
     for job in batch.jobs:
@@ -107,9 +112,11 @@ def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
     """batch.json, junit.xml and summary.md in ``out`` (and summary.md appended to $GITHUB_STEP_SUMMARY)."""
     out.mkdir(parents=True, exist_ok=True)
     batch.dump(out / "batch.json")
-    junit(batch).write(str(out / "junit.xml"), pretty=True)
+    xml = out / f".junit.xml.{os.getpid()}.tmp"  # each file written whole or not at all (a killed batch)
+    junit(batch).write(str(xml), pretty=True)
+    xml.replace(out / "junit.xml")
     text = summary(batch)
-    (out / "summary.md").write_text(text)
+    replace_text(out / "summary.md", text)
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as file:

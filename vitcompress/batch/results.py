@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vitcompress.batch.gates import GateResult
 
 SCHEMA = "vitcompress.batch"
-SCHEMA_VERSION = 1
+#: 2 added the manifest's fingerprint and, in merged results, each shard's record; version 1 files still load.
+SCHEMA_VERSION = 2
 Status = Literal["passed", "gate_failed", "error", "timeout", "cached", "skipped"]
 STATUSES: tuple[str, ...] = ("passed", "cached", "gate_failed", "error", "timeout", "skipped")
 FailOn = Literal["error", "gate", "never"]
@@ -57,10 +58,23 @@ class JobResult(_Strict):
         return [g for g in self.gates if g.passed is False]
 
 
+class ShardRecord(_Strict):
+    """One shard of a merged result: which share it ran, of which manifest, where, with which versions."""
+
+    source: str = Field(description="the shard's batch.json, relative to the merged folder")
+    shard: str = Field(description="K/N (1/1: an unsharded run)")
+    manifest_sha256: Optional[str]
+    date: str
+    machine: dict[str, Any]
+    versions: dict[str, str]
+    wall_s: float
+
+
 class BatchResult(_Strict):
     schema_name: Literal["vitcompress.batch"] = Field(SCHEMA, alias="schema")
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     manifest: str
+    manifest_sha256: Optional[str] = Field(None, description="the manifest's fingerprint (manifest_fingerprint)")
     date: str
     machine: dict[str, Any]
     versions: dict[str, str]
@@ -70,6 +84,8 @@ class BatchResult(_Strict):
     wall_s: float
     fail_on: FailOn = "gate"
     baseline: Optional[str] = None
+    shards: list[ShardRecord] = Field(default_factory=list, description="merged results: each shard's record")
+    missing_shards: list[str] = Field(default_factory=list, description="merge --allow-partial: shards not given")
     counts: dict[str, int] = Field(default_factory=dict)
     exit_code: int = 0
     jobs: list[JobResult]

@@ -16,22 +16,27 @@ its process (same isolation, timeout and latency lock) and rewrites the bundle's
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import datetime
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
+from filelock import FileLock, Timeout
+
 from vitcompress.batch.gates import evaluate, metrics
 from vitcompress.batch.keys import (
-    available_cores,
     job_components,
     keys_of,
     latency_reasons,
@@ -43,6 +48,7 @@ from vitcompress.batch.keys import (
 )
 from vitcompress.batch.manifest import Job, LoadedManifest, ManifestError
 from vitcompress.batch.results import BatchResult, CacheInfo, FailOn, JobResult
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.deploy.timing_lock import DEFAULT_LOCK, LOCK_ENV, WAITS_ENV
 from vitcompress.report import Report
 
@@ -83,7 +89,7 @@ class BatchInterrupted(Exception):
 
 def thread_budget(parallel: int) -> int:
     """Threads per job so that ``parallel`` jobs × threads ≤ the cores this process may use."""
-    cores = available_cores()
+    cores = available_cpus()
     if parallel > cores:
         raise ManifestError(f"--jobs {parallel} exceeds the {cores} CPU cores available: each job needs at least "
                             f"one (jobs × threads ≤ cores)")
@@ -118,6 +124,29 @@ def run_batch(loaded: LoadedManifest, options: Options, events: Events | None = 
     for result in skipped:
         _finish(events, result)
     options.out.mkdir(parents=True, exist_ok=True)
+    with _batch_lock(options.out):
+        return _run_locked(loaded, options, events, jobs, skipped, threads, started, date)
+
+
+@contextlib.contextmanager
+def _batch_lock(out: Path) -> Iterator[None]:
+    """One batch at a time per output folder: what a killed batch left in it (a conversion's partial
+    directory) is then known to be stale, and two batches never convert the same job at once."""
+    lock = FileLock(out / ".batch.lock")
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise ManifestError(f"another vitcompress batch is running in {out}: wait for it, or choose another "
+                            "--out") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_locked(loaded: LoadedManifest, options: Options, events: Events | None, jobs: list[Job],
+                skipped: list[JobResult], threads: int, started: float, date: str) -> BatchResult:
+    """:func:`run_batch`'s work under the batch lock: every job in the pool, then the result."""
     stop = threading.Event()
     results: dict[str, JobResult] = {}
     interrupted = None
@@ -141,7 +170,7 @@ def run_batch(loaded: LoadedManifest, options: Options, events: Events | None = 
     order = {job.name: i for i, job in enumerate(loaded.jobs)}
     machine = {**machine_fingerprint(threads), "threads_per_job": threads}
     machine.pop("threads")
-    batch = BatchResult(manifest=str(loaded.path), date=date, machine=machine,
+    batch = BatchResult(manifest=str(loaded.path), manifest_sha256=loaded.fingerprint, date=date, machine=machine,
                         versions=package_versions(), parallel_jobs=options.parallel,
                         shard=f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
                         cadence=options.cadence, wall_s=round(time.monotonic() - started, 2), fail_on=options.fail_on,
@@ -193,6 +222,9 @@ def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, ev
     shown = reasons or [f"{r}: latency re-measured" for r in remeasure]
     record.update(key=key, latency_key=latency_key, hit=not shown, reasons=shown, remeasured=bool(remeasure),
                   checked=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+    if shown:  # the bundle is about to change: until the job has finished, no record claims it
+        record.pop("bundle", None)
+        _remove_stale_partials(job_dir)
     write_json(key_file, record)
     log_file = job_dir / ("remeasure.log" if remeasure else "job.log")
     rel = {"bundle": str(bundle.relative_to(options.out)), "log": str(log_file.relative_to(options.out))}
@@ -221,6 +253,25 @@ def _run_job(job: Job, threads: int, options: Options, stop: threading.Event, ev
                        latency_wait_s=record.get("latency_wait_s"))
     _finish(events, result)
     return result
+
+
+def _remove_stale_partials(job_dir: Path) -> None:
+    """Delete the work directories a killed conversion left in ``job_dir`` (the batch lock says none is live);
+    a fine-tune checkpoint (``.bundle.partial-checkpoint``) is the conversion's own to keep or delete."""
+    for stale in [*job_dir.glob(".bundle.partial-*"), *job_dir.glob(".bundle.old-*")]:
+        if stale.name != ".bundle.partial-checkpoint":
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _die_with_the_batch() -> None:
+    """In the job's process, before it runs: Linux sends it SIGKILL when the batch dies (even by SIGKILL), so
+    no conversion outlives its batch and races the resumed one."""
+    if sys.platform == "linux":
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _finish(events: Events | None, result: JobResult) -> None:
@@ -268,7 +319,7 @@ def _run_process(cmd: list[str], job: Job, threads: int, bundle: Path, log_file:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log_file.parent,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_the_batch)
         deadline = time.monotonic() + job.timeout
         ended = None
         while ended is None:

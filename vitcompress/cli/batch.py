@@ -183,12 +183,20 @@ def batch_remeasure(bundle_dir: Path, model: str, recipe_path: Path, checkpoint:
 @batch.command("merge")
 @click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="where the merged files go")
+@click.option("--allow-partial", is_flag=True, help="merge the shards given even when some are missing (named in "
+              "the output and in batch.json's missing_shards)")
 @click.option("--json", "as_json", is_flag=True, help="print the merged batch.json to stdout")
-def batch_merge(results: tuple[Path, ...], out_dir: Path, as_json: bool) -> None:
-    """Join shard RESULTS (batch.json files) into one batch.json, junit.xml and summary.md."""
+def batch_merge(results: tuple[Path, ...], out_dir: Path, allow_partial: bool, as_json: bool) -> None:
+    """Join shard RESULTS (batch.json files) into one batch.json, junit.xml and summary.md.
+
+    Every shard of one manifest must be there, each once: a missing shard, results of different manifests or
+    overlapping shards are an error (exit 2) unless --allow-partial (missing shards only)."""
     from vitcompress.batch.merge import merge
 
     with user_errors():
-        result = merge(list(results), out_dir)
+        result = merge(list(results), out_dir, allow_partial=allow_partial)
+    if result.missing_shards:
+        console.print(f"warning: merged without shard{'s' if len(result.missing_shards) > 1 else ''} "
+                      f"{', '.join(result.missing_shards)}: their jobs are not in the result", highlight=False)
     _batch_outputs(result, out_dir, as_json)
     sys.exit(result.exit_code)

@@ -8,7 +8,9 @@ a traceback log and exit code :data:`CRASH_EXIT_CODE`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -110,11 +112,35 @@ def error_line(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _crash_log(exc: BaseException) -> Path:
-    """Write the full traceback of an unexpected exception to a log file; returns its path."""
+def _crash_log(exc: BaseException) -> str:
+    """Write the full traceback of an unexpected exception to a log file; returns its path (or why not)."""
     path = Path(tempfile.gettempdir()) / f"vitcompress-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    path.write_text("".join(traceback.format_exception(exc)))
-    return path
+    try:
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError as failed:
+        return f"no log: {failed.strerror}"
+    return str(path)
+
+
+#: errno of a write that failed for want of space (ENOSPC, EDQUOT) or over RLIMIT_FSIZE (EFBIG), and how other
+#: writers word it in their own exceptions: the Rust and C++ ones (safetensors, onnx) quote the system's message,
+#: numpy's ``tofile`` reports a short write ("614400 requested and 499968 written").
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_FULL_TEXT = re.compile(r"No space left on device|Disk quota exceeded|File too large|\d+ requested and \d+ written")
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What a failed write says when ``exc`` (or an exception it was raised from) is a full disk or a file size
+    limit; None for any other error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return f"{seen.strerror}{f' ({seen.filename})' if seen.filename else ''}"
+        found = _FULL_TEXT.search(str(seen))
+        if found is not None:
+            return found.group(0)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Terminated(BaseException):
@@ -146,6 +172,11 @@ def user_errors() -> Iterator[None]:
         _fail("terminated (SIGTERM); nothing was written", 143, quiet_in_worker=True)
     except Exception as exc:
         from vitcompress.training.launch import is_collective_failure
+
+        full = disk_full(exc)
+        if full is not None:
+            _fail(f"cannot write the output: {full} (the disk is full or a file size limit is set); nothing was "
+                  "written: free space or choose another --out", 2)
 
         detail = (str(exc).strip().splitlines() or [""])[0]
         _fail(f"internal error: {type(exc).__name__}: {detail} (full traceback in {_crash_log(exc)}; "

@@ -8,7 +8,9 @@ after it leaves the converting machine:
 - ``labels.txt``: one class name per output (Triton's ``label_filename`` format);
 - ``golden/``: a few real validation images as the model saw them (``inputs.npy``), the exported models'
   outputs on them (``logits.npy`` …), the source images when they can be stored, and ``golden.json``
-  (which file checks which model, and the tolerances);
+  (which file checks which model; each model's precision, float32 or int8, and its tolerances; the converting
+  CPU's instruction sets, :func:`~vitcompress.deploy.cpus.isa_flags`: on a CPU with others, an int8 model is
+  checked with the looser cross-ISA tolerance);
 - ``inference.json``: the onnxruntime settings the latency was measured with, and any offline optimisation;
 - ``predict.py`` + ``requirements.txt``: a standalone classifier (:mod:`vitcompress.deploy.templates.predict`);
 - ``SHA256SUMS``: every other file's SHA-256 (``sha256sum -c SHA256SUMS`` checks it too).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vitcompress.deploy.cpus import isa_flags
 from vitcompress.deploy.runtime import CASCADE_FILE, CPU, INPUT_NAME, LOGITS, Preprocessing, class_names, open_session
 from vitcompress.errors import ModelError
 
@@ -37,6 +41,19 @@ GOLDEN_SPEC = f"{GOLDEN}/golden.json"
 #: |Δ logits| allowed between the converting machine's onnxruntime and another's (other CPU kernels, other
 #: providers); float32 logits of a ViT differ by ~1e-5 between SIMD code paths.
 GOLDEN_ATOL = 1e-3
+#: int8 logits on the converting CPU's instruction sets: bench/golden_tolerance.py measured at most 0.026 between
+#: onnxruntime's graph optimisation levels and thread counts on one CPU (vit_fmnist, dynamic and static int8,
+#: docs/deploy.md); about twice that.
+INT8_ATOL_SAME_ISA = 0.05
+#: int8 logits on a CPU with other instruction sets (other int8 kernels: VNNI, AMX, AVX2's saturating u8×s8):
+#: a margin of four times the one-CPU spread, NOT a cross-CPU measurement (no second kind of CPU was available).
+INT8_ATOL_OTHER_ISA = 0.1
+#: Per precision: (|Δ logits| on a CPU with the converting CPU's instruction sets, on one with others).
+TOLERANCES = {"fp32": (GOLDEN_ATOL, GOLDEN_ATOL), "int8": (INT8_ATOL_SAME_ISA, INT8_ATOL_OTHER_ISA)}
+#: ONNX operators that make a model int8 (onnxruntime.quantization's, and the recipes' own MatMulInteger layers).
+INT8_OPS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DynamicQuantizeLinear",
+                      "QuantizeLinear", "DequantizeLinear", "MatMulIntegerToFloat", "QGemm", "QAttention",
+                      "DynamicQuantizeMatMul"})
 #: Grey levels (of 255) the preprocessing may differ by: Pillow's and torchvision's resampling round differently.
 GREY_LEVELS = 1.0
 GOLDEN_IMAGES = 8
@@ -78,6 +95,26 @@ def label_lines(metadata: Mapping[str, str], outputs: int) -> list[str]:
 
 def _run(path: Path, inputs: np.ndarray, threads: int, provider: str = CPU) -> np.ndarray:
     return open_session(path, threads, provider=provider).run([LOGITS], {INPUT_NAME: inputs})[0]
+
+
+def model_precision(path: Path) -> str:
+    """``int8`` when the ONNX file at ``path`` has an int8 operator (:data:`INT8_OPS`), else ``fp32``."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    return "int8" if ops & INT8_OPS else "fp32"
+
+
+def converting_cpu() -> dict:
+    """What golden.json records of this CPU: architecture, model name and :func:`isa_flags`."""
+    cpu = "unknown"
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "cpu": cpu, "flags": isa_flags()}
 
 
 def _pins() -> str:
@@ -123,9 +160,14 @@ def write_bundle(directory: Path, inputs: np.ndarray, images: Sequence[tuple[str
         for i, (name, data) in enumerate(images):
             stored.append(f"images/{i:03d}{Path(name).suffix.lower()}")
             (golden / stored[-1]).write_bytes(data)
+    models = {}
+    for name in logits:
+        precision = model_precision(directory / name)
+        models[name] = {"precision": precision, "atol": TOLERANCES[precision][0],
+                        "atol_other_isa": TOLERANCES[precision][1]}
     _write_json(directory / GOLDEN_SPEC, {
-        "inputs": "inputs.npy", "outputs": logits, "atol": GOLDEN_ATOL, "images": stored,
-        "grey_levels": GREY_LEVELS,
+        "inputs": "inputs.npy", "outputs": logits, "atol": max(m["atol"] for m in models.values()),
+        "models": models, "isa": converting_cpu(), "images": stored, "grey_levels": GREY_LEVELS,
         "about": "inputs: real validation images preprocessed as for the validation; outputs: each model's logits "
                  "on them in onnxruntime; images: the files the inputs came from (same order)"})
     _write_json(directory / INFERENCE, {
@@ -270,17 +312,18 @@ def verify(directory: str | Path, provider: str = CPU, threads: int | None = Non
     spec = golden_spec(directory)
     threads = threads or _inference_threads(directory)
     inputs = _load_array(directory / GOLDEN / spec["inputs"]).astype(np.float32)
-    atol = float(spec["atol"])
+    other_isa = isa_difference(spec.get("isa"))
     for name, logits_file in spec["outputs"].items():
         want = _load_array(directory / GOLDEN / logits_file)
         got = _run(directory / name, inputs, threads, provider)
         if got.shape != want.shape:
             result.checks.append(Check(f"golden {name}", False, f"output shape {got.shape}, golden {want.shape}"))
             continue
+        atol, why = golden_tolerance(spec, name, other_isa)
         diff = float(np.abs(got - want).max())
         agree = int((got.argmax(-1) == want.argmax(-1)).sum())
         result.checks.append(Check(f"golden {name}", diff <= atol, f"max |Δ logits| {diff:.2e} (tolerance "
-                                   f"{atol:g}), top-1 {agree}/{len(want)} equal on {len(inputs)} images"))
+                                   f"{atol:g}: {why}), top-1 {agree}/{len(want)} equal on {len(inputs)} images"))
     metadata = open_session(directory / MODEL, 1).get_modelmeta().custom_metadata_map
     preprocessing = Preprocessing.from_metadata(metadata)
     stored = json.loads((directory / PREPROCESS).read_text())
@@ -291,6 +334,33 @@ def verify(directory: str | Path, provider: str = CPU, threads: int | None = Non
         result.checks.append(_preprocessing_check(directory, spec, preprocessing, inputs))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def isa_difference(recorded: dict | None) -> str | None:
+    """How this CPU's instruction sets differ from the converting CPU's that golden.json records (None: the same,
+    or a bundle that records none)."""
+    if not isinstance(recorded, dict):
+        return None
+    here = converting_cpu()
+    if recorded.get("machine") != here["machine"]:
+        return f"{here['machine']} here, {recorded.get('machine')} when converted"
+    was, now = set(recorded.get("flags") or []), set(here["flags"])
+    if was == now:
+        return None
+    parts = ([f"lacks {', '.join(sorted(was - now))}"] if was - now else []) + \
+        ([f"adds {', '.join(sorted(now - was))}"] if now - was else [])
+    return "this CPU " + " and ".join(parts)
+
+
+def golden_tolerance(spec: dict, name: str, other_isa: str | None) -> tuple[float, str]:
+    """The tolerance for model ``name`` of a golden spec, and why: its precision's, the cross-ISA one when this
+    CPU's instruction sets differ from the converting CPU's (``other_isa`` says how)."""
+    entry = (spec.get("models") or {}).get(name)
+    if not isinstance(entry, dict):
+        return float(spec["atol"]), "the bundle's"
+    if other_isa is not None and float(entry["atol_other_isa"]) != float(entry["atol"]):
+        return float(entry["atol_other_isa"]), f"{entry['precision']} on another instruction set: {other_isa}"
+    return float(entry["atol"]), entry["precision"]
 
 
 def _preprocessing_check(directory: Path, spec: dict, preprocessing: Preprocessing, inputs: np.ndarray) -> Check:

@@ -96,7 +96,7 @@ def optimize_offline(bundle: str | Path, level: str | None = "basic", *, for_thi
     check_checksums(bundle)
     spec = golden_spec(bundle)
     inputs = np.load(bundle / GOLDEN / spec["inputs"]).astype(np.float32)
-    atol = float(spec["atol"])
+    atol = float(spec["atol"])  # the largest same-ISA tolerance of the bundle's models
     records, staged = [], {}
     with tempfile.TemporaryDirectory(prefix=".optimize-", dir=bundle) as tmp:
         work = Path(tmp)
@@ -123,8 +123,10 @@ def optimize_offline(bundle: str | Path, level: str | None = "basic", *, for_thi
                 record["machine"] = cpu_name()
         for file, path in staged.items():
             shutil.move(path, bundle / file)
-    for record in records:
+    for record in records:  # an optimised file is checked as its source is (its precision and tolerances)
         spec["outputs"][record["file"]] = spec["outputs"][record["from"]]
+        if record["from"] in spec.get("models", {}):
+            spec["models"][record["file"]] = spec["models"][record["from"]]
     (bundle / GOLDEN_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     inference = json.loads((bundle / INFERENCE).read_text())
     done = {r["file"] for r in records}

@@ -6,7 +6,8 @@ timing its kernels beside a conversion. Every latency measurement of the package
 profile, the MoE's ``latency_weights: measure``, attention skip's ``latency_budget_ms``, the planner's int8
 kernel costs, ``vitcompress profile``) therefore holds one machine-wide lock (``filelock``):
 :data:`DEFAULT_LOCK` under the system's temporary directory, or the file :data:`LOCK_ENV` names (the batch runner
-sets it to its own lock). The lock is re-entrant within a process (one :class:`~filelock.FileLock` per path), so a
+sets it to its own lock). Not platformdirs' user runtime folder (``/run/user/UID``): that one is each user's own,
+and two users timing on one machine slow each other down just the same. The lock is re-entrant within a process (one :class:`~filelock.FileLock` per path), so a
 timed call inside another holds it once. When :data:`WAITS_ENV` names a file, the time each measurement waited for
 the lock and held it is appended there, one JSON line each, which the batch runner reads into ``batch.json``.
 

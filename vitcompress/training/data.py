@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from vitcompress.deploy.cpus import available_cpus
 from vitcompress.errors import DataError
 from vitcompress.training.distributed import Dist, check_global_batch
 
@@ -71,9 +72,10 @@ class ResumableSampler(Sampler[int]):
 
 def default_workers(place: Dist) -> int:
     """DataLoader workers per rank when the recipe names none: the cores that this node's training processes'
-    compute threads leave free, shared among them."""
+    compute threads leave free (of the CPUs this process may use: affinity mask and cgroup quota), shared
+    among them."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", place.world_size if place.enabled else 1))
-    free = (os.cpu_count() or 1) - torch.get_num_threads() * local_processes
+    free = available_cpus() - torch.get_num_threads() * local_processes
     return max(0, free // local_processes)
 
 

@@ -15,6 +15,8 @@ import os
 import time
 from collections.abc import Sequence
 
+from vitcompress.deploy.cpus import available_cpus
+
 #: Set in the workers of ``--nproc``: the launcher, not each worker, prints the error line.
 LAUNCHED_ENV = "VITCOMPRESS_LAUNCHED"
 
@@ -53,13 +55,13 @@ def launch(nproc: int, argv: Sequence[str],
            program: Sequence[str] = ("--module", "vitcompress")) -> tuple[int, str | None]:
     """Run ``python -m vitcompress ARGV`` (or another ``program``: a script) in ``nproc`` processes; returns
     (exit code, the error line to print). The processes share the cores: ``OMP_NUM_THREADS`` = cores / nproc
-    unless set."""
+    unless set (the CPUs this process may use: affinity and cgroup quota)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     logging.getLogger("torch.distributed").setLevel(logging.ERROR)
     os.environ[LAUNCHED_ENV] = "1"
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, available_cpus() // nproc)))
     args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), *program, *argv])
     try:
         run(args)
