@@ -199,3 +199,14 @@ def test_only_the_cli_imports_batch_and_batch_runs_the_pipeline_in_subprocesses(
         forbidden = {m for m in GRAPH[name] if in_layer(m, "stages") or in_layer(m, "cli")
                      or m in {"vitcompress.api", "vitcompress.planner"}}
         assert not forbidden, f"{name} imports {sorted(forbidden)}"
+
+
+def test_the_search_sits_beside_the_api_and_imports_no_stage():
+    """search/ (vitcompress tune) runs conversions through api.convert and measures through the library, like
+    bench/; only the CLI imports it (``vitcompress.tune`` reaches it lazily by name)."""
+    for name in (m for m in MODULES if in_layer(m, "search")):
+        stages = {m for m in GRAPH[name] if in_layer(m, "stages") or in_layer(m, "cli")}
+        assert not stages, f"{name} imports {sorted(stages)}"
+    users = {m for m, imports in GRAPH.items() if any(in_layer(i, "search") for i in imports)
+             and not in_layer(m, "search")}
+    assert all(in_layer(m, "cli") for m in users), sorted(users)

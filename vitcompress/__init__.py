@@ -28,7 +28,7 @@ _PUBLIC = {
     "sensitivity": "vitcompress.sensitivity_map",
     "Sensitivity": "vitcompress.sensitivity_map",
     "tune": "vitcompress.search.run",
-    "TuneResult": "vitcompress.search.front",
+    "TuneResult": "vitcompress.search.result",
     "SearchSpace": "vitcompress.search.space",
     "load_recipe": "vitcompress.recipe",
     "Recipe": "vitcompress.recipe",

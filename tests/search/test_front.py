@@ -4,7 +4,8 @@ without one the nearest miss is the smallest relative violation; constraints as 
 import pytest
 
 from vitcompress.errors import UsageError
-from vitcompress.search.front import TrialPoint, front_of, nearest_miss
+from vitcompress.search.front import front_of, nearest_miss
+from vitcompress.search.result import TrialPoint
 from vitcompress.search.settings import TuneSettings, check_targets
 from vitcompress.search.trial import Measured, drop_of
 

@@ -10,7 +10,7 @@ import yaml
 
 from tests.test_cli import invoke, one_error_line
 from vitcompress.report import Report
-from vitcompress.search.front import TuneResult
+from vitcompress.search.result import TuneResult
 
 TINY = ["--random-init", "--model-arg", "depth=2", "--data", "synthetic"]
 FAST = ["--images", "16", "--runs", "3", "--set", "validate.warmup_runs=1", "--set", "calibration.images=16",

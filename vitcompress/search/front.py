@@ -15,43 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from vitcompress.search.result import TrialPoint, TuneResult
 from vitcompress.search.settings import TuneSettings
 from vitcompress.search.trial import Measured
-
-
-class TrialPoint(BaseModel):
-    """One measured trial."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    trial: int
-    summary: str
-    recipe: str = Field(description="the trial's complete recipe (YAML)")
-    measured: Measured
-    meets_constraints: bool
-    file: Optional[str] = Field(None, description="pareto/NN.yaml, for a front entry")
-
-
-class TuneResult(BaseModel):
-    """What ``vitcompress tune`` found (``pareto.json``)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    settings: TuneSettings
-    study: str
-    storage: str
-    trials: int = Field(description="finished trials (complete or pruned)")
-    measured: int = Field(description="trials that produced a measurement")
-    refused: int = Field(description="trials whose combination a transform or the exporter refused (pruned)")
-    front: list[TrialPoint]
-    points: list[TrialPoint] = Field(description="every measured trial, in trial order")
-    best: Optional[TrialPoint]
-    nearest_miss: Optional[TrialPoint] = Field(description="without a best: the trial closest to the constraints")
-    out_dir: Optional[str] = None
-    machine: str
-    date: str
 
 
 def points(study: Any, settings: TuneSettings) -> list[TrialPoint]:

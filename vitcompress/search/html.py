@@ -4,13 +4,11 @@ hovering a point shows its recipe; one self-contained file that works offline (p
 from __future__ import annotations
 
 import html
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from vitcompress.search.front import TrialPoint, TuneResult
+from vitcompress.search.result import TrialPoint, TuneResult
 
 
-def _hover(point: "TrialPoint") -> str:
+def _hover(point: TrialPoint) -> str:
     m = point.measured
     lines = [f"trial {point.trial}" + (f" → {point.file}" if point.file else ""), html.escape(point.summary),
              f"{m.speedup:.2f}× ({m.original_ms:.2f} → {m.latency_ms:.2f} ms)",
@@ -20,7 +18,7 @@ def _hover(point: "TrialPoint") -> str:
     return "<br>".join(lines)
 
 
-def pareto_html(result: "TuneResult") -> str:
+def pareto_html(result: TuneResult) -> str:
     """The page's HTML text."""
     import plotly.graph_objects as go
 

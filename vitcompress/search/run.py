@@ -26,7 +26,8 @@ from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import Recipe, apply_overrides, parse_recipe
 from vitcompress.search import seeds as seeding
 from vitcompress.search import study as studies
-from vitcompress.search.front import TuneResult, summarise, write_outputs
+from vitcompress.search.front import summarise, write_outputs
+from vitcompress.search.result import TuneResult
 from vitcompress.search.settings import Objective, Sampler, TuneSettings, check_targets
 from vitcompress.search.space import ResolvedSpace, SearchSpace, choice_params, load_space, resolve_space
 
