@@ -1,0 +1,156 @@
+"""`vitcompress tune` measured (issue 33): a search on ``vit_fmnist196`` within a top-1 budget against the shipped
+training-free recipes, ToMe alone and onnxruntime int8, with a replay of the best; and a latency-only search on
+DeiT-S (random weights) whose whole front is replayed.
+
+Every row is a real conversion through the library in this one process (``vitcompress.tune`` and
+``vitcompress.convert``), timed in onnxruntime against its own original, interleaved, under the latency lock, at
+batch 1 and 2 threads, on the same held-out images. Writes ``bench/tune_study.json`` and ``bench/tune_front.png``
+(matplotlib), then has ``bench/pages.py`` rewrite the ``tune_study`` block of docs/benchmark.md.
+
+    python bench/tune_study.py --part fmnist196 --trials 60
+    python bench/tune_study.py --part deit_s --trials 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pages
+
+import vitcompress
+from vitcompress.measure import machine_description
+from vitcompress.original_cache import OriginalCache
+from vitcompress.report import Report
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "tune_study.json"
+#: Shipped recipes that convert without a fine-tune (the fine-tuned ones take ~8 min each on vit_fmnist196 here),
+#: token merging alone at ToMe's DeiT-S rate, and the one-call onnxruntime int8 of the original.
+BASELINES = [("fast.yaml", "fast", []), ("tome.yaml (ToMe r=3)", "tome", []),
+             ("ToMe alone, r=13", "tome", ["steps.0.r=13"]),
+             ("ORT dynamic int8 of the original", "fast", ["steps=[]", "export.quantize=dynamic"]),
+             ("ORT static int8 of the original", "fast", ["steps=[]", "export.quantize=static"])]
+
+
+def _row(report: Report, seconds: float, max_drop: float | None) -> dict:
+    converted, original = report.validation.models["converted"], report.validation.models["original"]
+    mine, theirs = converted.latency[1], original.latency[1]
+    drop = original.top1 - converted.top1 if converted.top1 is not None else 100 * (1 - converted.agreement)
+    return {"speedup": theirs.p50_ms / mine.p50_ms, "latency_ms": mine.p50_ms, "original_ms": theirs.p50_ms,
+            "spread": mine.spread, "top1": converted.top1, "original_top1": original.top1,
+            "agreement": converted.agreement, "drop": drop, "seconds": seconds,
+            "meets": None if max_drop is None else drop <= max_drop}
+
+
+def _convert(model: str, recipe, cache: OriginalCache, max_drop: float | None, **kwargs) -> dict:
+    started = time.perf_counter()
+    result = vitcompress.convert(model, recipe, cache=cache, **kwargs)
+    try:
+        return _row(result.report, time.perf_counter() - started, max_drop)
+    finally:
+        shutil.rmtree(result.out_dir, ignore_errors=True)
+
+
+def _front(result) -> list[dict]:
+    return [{"file": p.file, "trial": p.trial, "summary": p.summary, **p.measured.model_dump()} for p in result.front]
+
+
+def fmnist196(trials: int, images: int, max_drop: float, work: Path) -> dict:
+    shared = [f"validate.images={images}", "validate.batch_sizes=[1]", "validate.latency_runs=30",
+              "validate.profile_runs=0", "validate.max_top1_drop=null", "validate.min_agreement=null",
+              "validate.max_abs_diff=1.0"]
+    cache = OriginalCache()
+    baselines = {}
+    for label, recipe, overrides in BASELINES:
+        baselines[label] = _convert("vit_fmnist196", recipe, cache, max_drop, data="fmnist",
+                                    overrides=[*overrides, *shared])
+        print(label, baselines[label], flush=True)
+    started = time.perf_counter()
+    result = vitcompress.tune("vit_fmnist196", data="fmnist", max_drop=max_drop, trials=trials, images=images,
+                              out_dir=work / "fmnist196")
+    wall = time.perf_counter() - started
+    sensitivity = json.loads((work / "fmnist196" / "sensitivity.json").read_text())
+    replay = None
+    if result.best is not None:
+        replay = _convert("vit_fmnist196", work / "fmnist196" / result.best.file, cache, max_drop, data="fmnist")
+    return {"model": "vit_fmnist196", "data": "fmnist (train → calibration; test → held-out)", "images": images,
+            "max_drop": max_drop, "trials": result.trials, "refused": result.refused, "wall_s": wall,
+            "per_trial_s": sum(p.measured.seconds for p in result.points) / max(len(result.points), 1),
+            "sensitivity_cells": sum(len(s["cells"]) for s in sensitivity["steps"]),
+            "front": _front(result), "best": _front(result)[0] if result.best else None,
+            "points": [{"trial": p.trial, "speedup": p.measured.speedup, "drop": p.measured.drop}
+                       for p in result.points],
+            "replay": replay, "baselines": baselines}
+
+
+def deit_s(trials: int, work: Path) -> dict:
+    started = time.perf_counter()
+    result = vitcompress.tune("deit_s", random_init=True, data="synthetic", objective="latency", trials=trials,
+                              images=64, out_dir=work / "deit_s")
+    wall = time.perf_counter() - started
+    cache = OriginalCache()
+    front = _front(result)
+    for entry in front:
+        entry["replay"] = _convert("deit_s", work / "deit_s" / entry["file"], cache, None, data="synthetic",
+                                   random_init=True)
+        entry["replay_ratio"] = entry["replay"]["speedup"] / entry["speedup"]
+    return {"model": "deit_s", "weights": "random", "objective": "latency", "trials": result.trials,
+            "refused": result.refused, "wall_s": wall,
+            "per_trial_s": sum(p.measured.seconds for p in result.points) / max(len(result.points), 1),
+            "front": front,
+            "points": [{"trial": p.trial, "speedup": p.measured.speedup, "drop": p.measured.drop}
+                       for p in result.points]}
+
+
+def plot(study: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    part = study["fmnist196"]
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    axis.scatter([p["drop"] for p in part["points"]], [p["speedup"] for p in part["points"]], s=14, c="0.6",
+                 label="tune trials")
+    front = sorted(part["front"], key=lambda p: p["drop"])
+    axis.plot([p["drop"] for p in front], [p["speedup"] for p in front], "o-", c="#d62728", label="tune front")
+    for label, row in part["baselines"].items():
+        axis.scatter([row["drop"]], [row["speedup"]], marker="s", s=40, label=label)
+    axis.axvline(part["max_drop"], ls="--", c="#1f77b4", lw=1)
+    axis.set_xlabel("top-1 drop on held-out Fashion-MNIST (points)")
+    axis.set_ylabel("speed-up over the original (ORT, batch 1, 2 threads)")
+    axis.set_title(f"vit_fmnist196: tune ({part['trials']} trials) vs shipped and ORT-only ({study['date']})")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["fmnist196", "deit_s"], required=True)
+    parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--images", type=int, default=1000, help="held-out images per trial (fmnist196)")
+    parser.add_argument("--max-drop", type=float, default=0.5)
+    args = parser.parse_args()
+    commit = pages.source_commit(ROOT)
+    study = json.loads(OUT.read_text()) if OUT.exists() else {}
+    with tempfile.TemporaryDirectory(prefix="vitcompress-tune-study-") as tmp:
+        part = fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
+            else deit_s(args.trials, Path(tmp))
+    part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit)
+    study[args.part] = part
+    study["date"] = part["date"]
+    OUT.write_text(json.dumps(study, indent=1) + "\n")
+    if "fmnist196" in study:
+        plot(study, ROOT / "bench" / "tune_front.png")
+    pages.write(ROOT)
+
+
+if __name__ == "__main__":
+    main()
