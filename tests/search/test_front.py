@@ -83,3 +83,19 @@ def test_unlabelled_data_counts_disagreement_points():
 def test_impossible_targets_are_bad_input(args, message):
     with pytest.raises(UsageError, match=message):
         check_targets(*args)
+
+
+def test_the_fine_tune_fidelity_goes_to_fast_trials_just_outside_the_budget():
+    from vitcompress.search.study import promising
+
+    s = settings(max_drop=1.0, finetune_steps=50)
+
+    def screen(speedup, drop):
+        return point(0, speedup, drop, s).measured
+
+    assert promising(screen(2.0, 2.5), s, best_speedup=1.5)
+    assert not promising(screen(2.0, 0.5), s, best_speedup=1.5)  # already within the budget
+    assert not promising(screen(2.0, 4.5), s, best_speedup=1.5)  # more than three budgets out
+    assert not promising(screen(1.4, 2.5), s, best_speedup=1.5)  # slower than a trial that meets it
+    assert promising(screen(1.4, 2.5), s, best_speedup=None)
+    assert not promising(screen(2.0, 2.5), settings(max_drop=1.0), best_speedup=None)  # no fidelity asked
