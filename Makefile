@@ -44,5 +44,7 @@ bench: install data
 	$(PY) bench/shiftadd_blocks.py
 	$(PY) bench/deploy.py
 	$(PY) bench/finetune_throughput.py
+	$(PY) bench/tune_study.py --part fmnist196 --trials 30
+	$(PY) bench/tune_study.py --part deit_s --trials 12
 	$(PY) bench/run.py
 	$(PY) bench/pages.py

@@ -19,6 +19,7 @@ Blocks (name: results file):
 - ``shiftadd_blocks``: bench/shiftadd_blocks.json (bench/shiftadd_blocks.py);
 - ``deploy``: bench/deploy.json (bench/deploy.py);
 - ``golden_tolerance``: bench/golden_tolerance.json (bench/golden_tolerance.py);
+- ``tune_study``: bench/tune_study.json (bench/tune_study.py);
 - ``finetune_throughput``: bench/finetune_throughput.jsonl (bench/finetune_throughput.py; the last row of each
   configuration).
 """
@@ -382,6 +383,45 @@ def finetune_throughput_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tune_study_tables(study: dict) -> str:
+    """bench/tune_study.json: tune on vit_fmnist196 against the training-free shipped recipes, ToMe alone and ORT
+    int8 (each timed against its own original, interleaved, batch 1), with the best recipe replayed by convert;
+    and the latency-only DeiT-S search's front, replayed."""
+    lines: list[str] = []
+    part = study.get("fmnist196")
+    if part:
+        lines += [f"Measured {part['date']} on {part['machine']}; onnxruntime CPU, {part['threads']} intra-op "
+                  f"threads, batch 1, {part['images']} held-out Fashion-MNIST test images; commit "
+                  f"{short_commit(part.get('commit'))}. `vitcompress tune vit_fmnist196 --data fmnist --max-drop "
+                  f"{part['max_drop']:g} --trials {part['trials']}`: {part['trials']} trials ({part['refused']} refused "
+                  f"combinations) in {part['wall_s'] / 60:.0f} min, {part['per_trial_s']:.0f} s per trial, after a "
+                  f"sensitivity map of {part['sensitivity_cells']} cells; {len(part['front'])} recipes on the front.",
+                  "", f"| conversion | speed-up b1 | top-1 drop (pt) | agreement | within {part['max_drop']:g} pt |",
+                  "|---|---:|---:|---:|---|"]
+        rows = list(part["baselines"].items())
+        if part["best"]:
+            best = part["best"]
+            rows.append((f"**tune best** (trial {best['trial']}: {best['summary']})", {**best, "meets": True}))
+        if part.get("replay"):
+            rows.append(("tune best, replayed with `convert`", part["replay"]))
+        for label, row in rows:
+            lines.append(f"| {label} | {row['speedup']:.2f}× | {row['drop']:.2f} | {100 * row['agreement']:.1f} % | "
+                         f"{'✓' if row['meets'] else '✗'} |")
+        lines.append("")
+    part = study.get("deit_s")
+    if part:
+        lines += [f"Measured {part['date']} on {part['machine']}; commit {short_commit(part.get('commit'))}. "
+                  f"`vitcompress tune deit_s --random-init --data synthetic --objective latency --trials "
+                  f"{part['trials']}`: {part['wall_s'] / 60:.0f} min, {part['per_trial_s']:.0f} s per trial; every "
+                  "front recipe replayed with `convert`.", "",
+                  "| front recipe | what it does | speed-up in tune | replayed | replay / tune | disagreement (pt) |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for row in part["front"]:
+            lines.append(f"| {row['file']} | {row['summary']} | {row['speedup']:.2f}× | {row['replay']['speedup']:.2f}× "
+                         f"| {row['replay_ratio']:.2f} | {row['drop']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _jsonl(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (root / "bench" / name).read_text().splitlines() if line.strip()]
 
@@ -404,6 +444,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Path, Path], str]]] = {
     "deploy": ("bench/deploy.json", lambda root, page: deploy_table(_json(root, "deploy.json"))),
     "golden_tolerance": ("bench/golden_tolerance.json",
                          lambda root, page: golden_tolerance_table(_json(root, "golden_tolerance.json"))),
+    "tune_study": ("bench/tune_study.json", lambda root, page: tune_study_tables(_json(root, "tune_study.json"))),
     "finetune_throughput": ("bench/finetune_throughput.jsonl",
                             lambda root, page: finetune_throughput_table(_jsonl(root, "finetune_throughput.jsonl"))),
 }
