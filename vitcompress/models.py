@@ -235,7 +235,6 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
 
     ``model_args`` (random init only) are passed to ``timm.create_model``, e.g. ``depth=2`` for a shallow copy
     of the architecture that exports and validates in seconds."""
-
     if checkpoint is not None and random_init:
         raise ModelError("--checkpoint and --random-init exclude each other")
     if is_hf_directory(name):

@@ -119,22 +119,28 @@ def _without_nproc(argv: list[str]) -> list[str]:
 @source_options(data_help="calibration images, only for steps that calibrate (as convert's --data)",
                 set_help="override a recipe value, e.g. steps.0.rank=32",
                 random_init_help="random weights: enough for params, MACs and export (not for ranks by energy or "
-                                 "CKA skips)")
+                                 "CKA skips)",
+                model_arg_help="timm.create_model argument that changes the architecture, e.g. depth=2 "
+                               "(with --random-init)")
 @click.option("--calibration-images", type=click.IntRange(1), metavar="N",
               help="calibrate on at most N images  [default: 32, or the recipe's calibration.images when fewer]")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON to stdout")
 def plan(model: str | None, recipe_path: Path, checkpoint: Path | None, data: str | None,
-         overrides: tuple[str, ...], random_init: bool, calibration_images: int | None, as_json: bool) -> None:
+         overrides: tuple[str, ...], random_init: bool, model_arg_items: tuple[str, ...],
+         calibration_images: int | None, as_json: bool) -> None:
     """Dry run: apply the recipe's steps to MODEL, count params and MACs per step, check the ONNX export.
 
     The speed-up counts an int8 MAC at its cost relative to a float MAC, timed here in onnxruntime per layer
     shape. No fine-tuning, nothing written. Exit code 1 when the result does not export."""
+    from vitcompress.models import check_model_args, parse_model_args
     from vitcompress.planner import plan as run_plan
 
     with user_errors():
+        model_args = parse_model_args(model_arg_items)
+        check_model_args(model_args, checkpoint, random_init)
         budget = {"calibration_images": calibration_images} if calibration_images else {}
         result = run_plan(model, recipe_path, checkpoint=checkpoint, data=data, overrides=list(overrides),
-                          random_init=random_init, progress=RichProgress(None), **budget)
+                          random_init=random_init, model_args=model_args, progress=RichProgress(None), **budget)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     else:
