@@ -244,7 +244,7 @@ def map_state_dict(config: HfConfig, state: dict[str, torch.Tensor],
                 out[f"{block}.attn.qkv.{part}"] = torch.cat(qkv, dim=0)
     if state:
         raise ModelError(f"{len(state)} tensors of the checkpoint have no place in {config.architecture} "
-                         f"(e.g. {sorted(state)[0]}): is config.json the one saved with these weights?")
+                         f"(e.g. {min(state)}): is config.json the one saved with these weights?")
     if config.register_tokens and "pos_embed" in out and "cls_token" in out:
         out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
         out["pos_embed"] = out["pos_embed"][:, 1:]
