@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from tests.test_cli import TINY_SVD, invoke, one_error_line
 from vitcompress.errors import ModelError
@@ -74,6 +75,28 @@ def test_preprocessing_from_the_image_processor(hf_dirs):
     assert dinov2["crop_mode"] == "center" and dinov2["mean"] == pytest.approx(transformers.BitImageProcessor().image_mean)
     assert deit["mean"] == pytest.approx((0.485, 0.456, 0.406)) and deit["crop_pct"] == 0.875, \
         "no preprocessor_config.json: DeiT's image processor defaults"
+
+
+def test_bin_and_sharded_weights_load_the_same(hf_dirs, tmp_path):
+    source = hf_dirs["vit"][0]
+    want = load_model(str(source)).model.state_dict()
+    state = load_file(source / "model.safetensors")
+    binary, sharded = tmp_path / "bin", tmp_path / "sharded"
+    for directory in (binary, sharded):
+        shutil.copytree(source, directory)
+        (directory / "model.safetensors").unlink()
+    torch.save(state, binary / "pytorch_model.bin")
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, sharded / shard)
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for directory, file in ((binary, "pytorch_model.bin"), (sharded, "model.safetensors.index.json")):
+        loaded = load_model(str(directory))
+        got = loaded.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert loaded.weights.startswith(f"Hugging Face checkpoint {directory / file} ")
 
 
 def test_own_weights_only(hf_dirs):

@@ -38,7 +38,8 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
             overrides: tuple[str, ...], random_init: bool, model_arg_items: tuple[str, ...], labels: Path | None,
             out_dir: Path, force: bool, as_json: bool, optimize_offline: str | None, for_this_machine: bool,
             ort_format: bool, nproc: int, resume: bool) -> None:
-    """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it.
+    """Convert MODEL (timm name, alias or Hugging Face checkpoint directory; default: the recipe's `model:`) with a
+    recipe, export and validate it.
 
     Under torchrun (`torchrun --nproc-per-node N -m vitcompress convert ...`) every process fine-tunes its share
     of the global batch; rank 0 exports, validates and writes. `--nproc N` starts torchrun for you."""
