@@ -126,7 +126,8 @@ def load_hf_directory(path: Path) -> HfModel:
     preprocessing = _read_json(path / PREPROCESSOR) if (path / PREPROCESSOR).is_file() else dict(
         config.family.preprocessing)
     input_hw = _input_size(config, preprocessing)
-    model = build_timm_model(config, input_hw, num_classes=_classes(config, state, path))
+    with torch.random.fork_rng(devices=[]):  # timm's init (overwritten below) leaves the caller's RNG alone
+        model = build_timm_model(config, input_hw, num_classes=_classes(config, state, path))
     _load_strict(model, map_state_dict(config, state, input_hw), path)
     model.pretrained_cfg = _data_config(preprocessing, config, input_hw, int(model.num_classes))
     model.eval()
