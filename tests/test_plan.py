@@ -111,6 +111,19 @@ def test_deit_plan_table_with_synthetic_calibration(quiet_dir):
     assert "calibrated on 16 of the recipe's 512 images (synthetic" in result.stdout
 
 
+@pytest.mark.export
+def test_model_arg_plans_a_shallow_copy(quiet_dir):
+    (quiet_dir / "r.yaml").write_text(TINY_SVD)
+    result = invoke("plan", "test_vit", "--random-init", "--model-arg", "depth=2", "--recipe", "r.yaml", "--json")
+    (quiet_dir / "r.yaml").unlink()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert "architecture changed: depth=2" in report["model"]["weights"] and report["export"]["exportable"]
+    deep = count_params(load_model("test_vit", random_init=True).model)
+    shallow = count_params(load_model("test_vit", random_init=True, model_args={"depth": 2}).model)
+    assert report["original"]["params"] == shallow < deep
+
+
 @pytest.mark.parametrize("failure", [ExportError("torch.onnx.export failed: boom"), RuntimeError("deep trouble")])
 def test_export_failure_is_reported_exit_1(quiet_dir, monkeypatch, failure):
     def broken(*args, **kwargs):
@@ -138,6 +151,7 @@ def test_bad_recipe_exit_2_one_line(quiet_dir, case):
     ([], "no model given"),
     (["test_vit", "--random-init", "--set", "steps.9.rank=2"], "no list item 9"),
     (["test_vit", "--checkpoint", "missing.pth"], "does not exist"),
+    (["test_vit", "--model-arg", "depth=2"], "use it with --random-init"),
 ])
 def test_bad_arguments_exit_2(quiet_dir, args, message):
     (quiet_dir / "r.yaml").write_text(TINY_SVD)

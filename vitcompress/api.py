@@ -185,8 +185,8 @@ def convert(
     Bad input raises a :class:`~vitcompress.errors.VitCompressError` before anything is written.
 
     Args:
-        model: a model name (timm name, alias such as ``deit_s``, or ``vit_fmnist``; it wins over the recipe's
-            ``model:``), None for the recipe's ``model:``, or an in-memory timm ``VisionTransformer`` (the
+        model: a model name (timm name, alias such as ``deit_s``, ``vit_fmnist``, or a Hugging Face checkpoint
+            directory, docs/models.md; it wins over the recipe's ``model:``), None for the recipe's ``model:``, or an in-memory timm ``VisionTransformer`` (the
             teacher of the fine-tune; it is copied, never changed).
         recipe: a recipe file or a :class:`~vitcompress.recipe.Recipe`.
         data: ``'fmnist'``, ``'synthetic'``, an image directory, a torch Dataset of ``(image, label)`` or images

@@ -1,7 +1,8 @@
 """Model loading: aliases, timm architectures, checkpoint files and the embedded reference model.
 
 Weights come from exactly one place, stated in :class:`LoadedModel.weights`: a ``--checkpoint`` file,
-timm's pretrained download, the embedded ``vit_fmnist`` weights, or an explicit random init. There is no
+timm's pretrained download, the embedded ``vit_fmnist`` weights, a Hugging Face checkpoint directory
+(:mod:`vitcompress.hf_checkpoint`), or an explicit random init. There is no
 silent fallback to random weights: an offline download failure is an error that says how to pass a file.
 """
 
@@ -21,6 +22,7 @@ from torch import nn
 
 from vitcompress.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD
 from vitcompress.errors import DataError, ModelError
+from vitcompress.hf_checkpoint import is_hf_directory, load_hf_directory
 from vitcompress.labels import ClassSpace
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,19 @@ class LoadedModel:
 
 
 def resolve_name(name: str) -> str:
-    """Alias → timm name; checks the name exists so a typo fails before any work."""
+    """Alias → timm name (a Hugging Face checkpoint directory stays its path); checks the name exists so a typo
+    fails before any work."""
     import timm
 
     resolved = ALIASES.get(name, name)
+    if is_hf_directory(resolved):
+        return resolved
     if resolved not in REFERENCE_MODELS and not timm.is_model(resolved):
         import difflib
 
+        if Path(name).is_dir():
+            raise ModelError(f"{name} is a directory without config.json: a Hugging Face checkpoint directory "
+                             "holds config.json and model.safetensors (docs/models.md)")
         close = difflib.get_close_matches(resolved, [*ALIASES, *REFERENCE_MODELS, *timm.list_models()], n=4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ModelError(
@@ -227,10 +235,14 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
 
     ``model_args`` (random init only) are passed to ``timm.create_model``, e.g. ``depth=2`` for a shallow copy
     of the architecture that exports and validates in seconds."""
-    import timm
-
     if checkpoint is not None and random_init:
         raise ModelError("--checkpoint and --random-init exclude each other")
+    if is_hf_directory(name):
+        if checkpoint is not None or random_init or model_args:
+            raise ModelError(f"{name} is a Hugging Face checkpoint with its own weights and architecture: leave "
+                             "out --checkpoint, --random-init and --model-arg")
+        hf = load_hf_directory(Path(name))
+        return _loaded(hf.model, name, hf.weights)
     check_model_args(model_args, checkpoint, random_init)
     model_args = dict(model_args or {})
     resolved = resolve_name(name)
@@ -260,12 +272,19 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
             weights += f"; architecture changed: {model_args_text(model_args)}"
     if state is not None:
         load_weights(model, state, str(checkpoint or weights))
+    return _loaded(model, resolved, weights)
+
+
+def _loaded(model: nn.Module, name: str, weights: str) -> LoadedModel:
+    """``model`` in eval mode with its preprocessing and class names from its ``pretrained_cfg``."""
+    import timm
+
     model.eval()
     data_config = timm.data.resolve_data_config(model=model)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     class_names = cfg.get("label_names")
-    log.info("loaded %s (%s)", resolved, weights)
-    return LoadedModel(model=model, name=resolved, weights=weights, data_config=data_config,
+    log.info("loaded %s (%s)", name, weights)
+    return LoadedModel(model=model, name=name, weights=weights, data_config=data_config,
                        class_names=list(class_names) if class_names else None)
 
 
@@ -283,6 +302,8 @@ def check_pretrained_available(name: str) -> Path | None:
     resolved = resolve_name(name)
     if resolved in REFERENCE_MODELS:
         return reference_weights_path(resolved)
+    if is_hf_directory(resolved):
+        return Path(resolved)  # its weights are read (and checked) when it loads
     cfg = timm.models.get_pretrained_cfg(resolved)
     cfg = cfg.to_dict() if cfg is not None else {}
     cached = _cached_weights(cfg)

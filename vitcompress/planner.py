@@ -34,7 +34,7 @@ from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session, preproc
 from vitcompress.errors import ExportError
 from vitcompress.export import export_onnx, to_deploy
 from vitcompress.measure import count_macs, count_params, int8_macs, measure_latency_weights
-from vitcompress.models import LoadedModel, chosen_name, load_model
+from vitcompress.models import LoadedModel, check_model_args, chosen_name, load_model
 from vitcompress.pipeline import apply_steps
 from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import Recipe, recipe_argument, staged_steps
@@ -214,12 +214,14 @@ def plan(
     data: str | None = None,
     overrides: list[str] | None = None,
     random_init: bool = False,
+    model_args: dict[str, Any] | None = None,
     calibration_images: int | None = PLAN_CALIBRATION_IMAGES,
     progress: Progress | None = None,
 ) -> Plan:
     """Apply ``recipe`` to ``model`` step by step and check that the result exports; returns the :class:`Plan`.
 
-    Arguments are ``convert``'s (``data`` is opened only when a step calibrates), plus ``calibration_images``:
+    Arguments are ``convert``'s (``data`` is opened only when a step calibrates; ``model_args``, with
+    ``random_init``, change the architecture as ``--model-arg`` does), plus ``calibration_images``:
     the most calibration images used (None: the recipe's ``calibration.images``). Bad input raises the
     same :class:`~vitcompress.errors.VitCompressError` as ``convert``; an export failure is reported in
     ``plan.export`` (``exportable`` False, ``error``).
@@ -231,15 +233,16 @@ def plan(
         budget = recipe.calibration.model_copy(update={"images": calibration_images})
         recipe = recipe.model_copy(update={"calibration": budget})
     name = chosen_name(model, recipe.model)
+    check_model_args(model_args, Path(checkpoint) if checkpoint else None, random_init)
     progress = progress or LogProgress()
     progress.stage("load", name)
-    loaded = load_model(name, Path(checkpoint) if checkpoint else None, random_init)
+    loaded = load_model(name, Path(checkpoint) if checkpoint else None, random_init, model_args)
     loaded.model.requires_grad_(False)
     input_size = tuple(loaded.data_config["input_size"])
     seconds = {"load": time.perf_counter() - t_start}
     with tempfile.TemporaryDirectory(prefix="vitcompress-plan-") as tmp:
         settings = ConvertSettings(model=name, out_dir=Path(tmp), checkpoint=Path(checkpoint) if checkpoint else None,
-                                   data=data, random_init=random_init)
+                                   data=data, random_init=random_init, model_args=dict(model_args or {}))
         ctx = RunContext(settings=settings, recipe=recipe, work_dir=Path(tmp), scratch_dir=Path(tmp),
                          progress=progress, original=loaded, model=loaded.model)
         t0 = time.perf_counter()

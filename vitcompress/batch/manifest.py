@@ -204,13 +204,17 @@ def blocks_named(node: Any) -> int:
 
 def full_depth(model: str) -> Optional[int]:
     """The number of transformer blocks of ``model`` (built on the meta device: no memory, no weights), or
-    None for an architecture without a ``blocks`` list or a ``depth`` argument."""
+    None for an architecture without a ``blocks`` list or a ``depth`` argument, or a Hugging Face checkpoint
+    directory (its architecture is its weights': no shallow copy)."""
     import timm
     import torch
 
+    from vitcompress.hf_checkpoint import is_hf_directory
     from vitcompress.models import REFERENCE_MODELS, build_reference_architecture, resolve_name
 
     resolved = resolve_name(model)
+    if is_hf_directory(resolved):
+        return None
     with torch.device("meta"):
         built = build_reference_architecture(resolved) if resolved in REFERENCE_MODELS else timm.create_model(resolved)
     blocks = getattr(built, "blocks", None)

@@ -38,7 +38,8 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
             overrides: tuple[str, ...], random_init: bool, model_arg_items: tuple[str, ...], labels: Path | None,
             out_dir: Path, force: bool, as_json: bool, optimize_offline: str | None, for_this_machine: bool,
             ort_format: bool, nproc: int, resume: bool) -> None:
-    """Convert MODEL (timm name or alias; default: the recipe's `model:`) with a recipe, export and validate it.
+    """Convert MODEL (timm name, alias or Hugging Face checkpoint directory; default: the recipe's `model:`) with a
+    recipe, export and validate it.
 
     Under torchrun (`torchrun --nproc-per-node N -m vitcompress convert ...`) every process fine-tunes its share
     of the global batch; rank 0 exports, validates and writes. `--nproc N` starts torchrun for you."""
@@ -119,22 +120,28 @@ def _without_nproc(argv: list[str]) -> list[str]:
 @source_options(data_help="calibration images, only for steps that calibrate (as convert's --data)",
                 set_help="override a recipe value, e.g. steps.0.rank=32",
                 random_init_help="random weights: enough for params, MACs and export (not for ranks by energy or "
-                                 "CKA skips)")
+                                 "CKA skips)",
+                model_arg_help="timm.create_model argument that changes the architecture, e.g. depth=2 "
+                               "(with --random-init)")
 @click.option("--calibration-images", type=click.IntRange(1), metavar="N",
               help="calibrate on at most N images  [default: 32, or the recipe's calibration.images when fewer]")
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON to stdout")
 def plan(model: str | None, recipe_path: Path, checkpoint: Path | None, data: str | None,
-         overrides: tuple[str, ...], random_init: bool, calibration_images: int | None, as_json: bool) -> None:
+         overrides: tuple[str, ...], random_init: bool, model_arg_items: tuple[str, ...],
+         calibration_images: int | None, as_json: bool) -> None:
     """Dry run: apply the recipe's steps to MODEL, count params and MACs per step, check the ONNX export.
 
     The speed-up counts an int8 MAC at its cost relative to a float MAC, timed here in onnxruntime per layer
     shape. No fine-tuning, nothing written. Exit code 1 when the result does not export."""
+    from vitcompress.models import check_model_args, parse_model_args
     from vitcompress.planner import plan as run_plan
 
     with user_errors():
+        model_args = parse_model_args(model_arg_items)
+        check_model_args(model_args, checkpoint, random_init)
         budget = {"calibration_images": calibration_images} if calibration_images else {}
         result = run_plan(model, recipe_path, checkpoint=checkpoint, data=data, overrides=list(overrides),
-                          random_init=random_init, progress=RichProgress(None), **budget)
+                          random_init=random_init, model_args=model_args, progress=RichProgress(None), **budget)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     else:
