@@ -14,6 +14,7 @@ from pathlib import Path
 from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 from vitcompress.batch.results import BatchResult, JobResult
+from vitcompress.page.index_page import write_index
 
 STATUS_MARK = {"passed": "✅ passed", "cached": "✅ cached", "gate_failed": "❌ gate failed", "error": "💥 error",
                "timeout": "⏱ timeout", "skipped": "⏭ skipped"}
@@ -104,7 +105,8 @@ def _escape(text: str) -> str:
 
 
 def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
-    """batch.json, junit.xml and summary.md in ``out`` (and summary.md appended to $GITHUB_STEP_SUMMARY)."""
+    """batch.json, junit.xml, summary.md and index.html (every job's report.html linked) in ``out`` (and
+    summary.md appended to $GITHUB_STEP_SUMMARY)."""
     out.mkdir(parents=True, exist_ok=True)
     batch.dump(out / "batch.json")
     junit(batch).write(str(out / "junit.xml"), pretty=True)
@@ -114,7 +116,7 @@ def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as file:
             file.write(text)
-    return [out / "batch.json", out / "junit.xml", out / "summary.md"]
+    return [out / "batch.json", out / "junit.xml", out / "summary.md", write_index(batch, out)]
 
 
 def job_line(job: JobResult) -> str:
