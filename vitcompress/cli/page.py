@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from vitcompress.cli.common import console, user_errors
+from vitcompress.cli.common import user_errors
 
 
 @click.command()
@@ -22,6 +22,6 @@ def report(bundle: Path, sensitivity: Path | None, open_page: bool) -> None:
 
     with user_errors():
         path = write_report_page(bundle, sensitivity)
-    console.print(f"report: {path.resolve()}", soft_wrap=True, highlight=False)
+    click.echo(f"report: {path.resolve()}")
     if open_page:
         webbrowser.open(path.resolve().as_uri())
