@@ -1,5 +1,7 @@
 """``index.html`` of a batch: every job with its status and numbers, a speed-up vs accuracy-drop scatter, and a link
-to each job's ``report.html`` (rebuilt from the bundle when a cached bundle from an older version has none)."""
+to each job's ``report.html`` (rebuilt from the bundle when a cached bundle from an older version has none).
+
+``vitcompress.batch.outputs`` turns its result into :class:`JobRow` s (only the CLI imports batch/)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitcompress.batch.results import BatchResult
 from vitcompress.deploy.bundle import PAGE
 from vitcompress.errors import VitCompressError
 from vitcompress.page.assets import environment
@@ -19,6 +20,8 @@ INDEX = "index.html"
 
 @dataclass
 class JobRow:
+    """One job of the table and, when it has a speed-up, one point of the scatter."""
+
     name: str
     model: str
     recipe: str
@@ -43,31 +46,17 @@ def job_page(out: Path, bundle: str | None) -> str | None:
     return Path(bundle, PAGE).as_posix()
 
 
-def rows(batch: BatchResult, out: Path) -> list[JobRow]:
-    result = []
-    for job in batch.jobs:
-        metrics = job.metrics or {}
-        drop = metrics.get("top1_drop")
-        result.append(JobRow(
-            name=job.name, model=job.model, recipe=job.recipe, status=job.status,
-            passed=job.status in ("passed", "cached"), speedup=metrics.get("speedup_b1"), drop=drop,
-            agreement=metrics.get("agreement"), page=job_page(out, job.bundle),
-            failed="; ".join(g.message for g in job.failed_gates) or job.error or ""))
-    return result
-
-
-def write_index(batch: BatchResult, out: Path) -> Path:
-    """Write ``out/index.html`` for ``batch`` (whose bundle paths are relative to ``out``) and return its path.
+def write_index(table: list[JobRow], heading: str, out: Path) -> Path:
+    """Write ``out/index.html`` with one row per job of ``table`` under ``heading`` and return its path.
 
     The scatter's accuracy drop is the top-1 drop in points where the jobs have labels, else the share of images
     whose top-1 changed (100 × (1 − agreement)): one axis, one meaning, said on the axis."""
-    table = rows(batch, out)
     labelled = any(row.drop is not None for row in table)
     points = [(row.name, row.drop if labelled else 100 * (1 - row.agreement), row.speedup) for row in table
               if row.speedup is not None and (row.drop is not None if labelled else row.agreement is not None)]
     what = "top-1 drop (points)" if labelled else "images whose top-1 changed (%)"
     text = environment().get_template("index.html.j2").render(
-        batch=batch, rows=table, figures={"scatter": scatter_figure(points, what)} if points else {},
+        heading=heading, rows=table, figures={"scatter": scatter_figure(points, what)} if points else {},
         points=len(points))
     path = out / INDEX
     temporary = path.with_name(f".{INDEX}.{os.getpid()}")
