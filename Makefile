@@ -53,5 +53,6 @@ bench: install data
 	$(PY) bench/shiftadd_blocks.py
 	$(PY) bench/deploy.py
 	$(PY) bench/finetune_throughput.py
+	$(PY) bench/report_overhead.py
 	$(PY) bench/run.py
 	$(PY) bench/pages.py

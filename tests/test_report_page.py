@@ -122,7 +122,8 @@ def test_report_page_in_chromium(bundle, browser):
     rows = browser.find_elements("css selector", "#ladder tr[data-rung]")
     assert [row.get_attribute("data-rung") for row in rows] == list(RUNGS)
     for row, rung in zip(rows, report["explain"]["ladder"]["rungs"]):
-        values = [float(cell.get_attribute("data-value")) for cell in row.find_elements("css selector", "td[data-value]")]
+        cells = row.find_elements("css selector", "td[data-value]")
+        values = [float(cell.get_attribute("data-value")) for cell in cells]
         assert values == [rung["images"], rung["top1"], rung["agreement"], rung["logit_gap"], rung["seconds"]]
     batches, blocks = len(report["validation"]["models"]["original"]["latency"]), 2
     assert count(browser, "#latency-chart .bars .point path") == 2 * batches
@@ -177,18 +178,21 @@ def test_batch_index_links_every_job_page(browser, tmp_path):
     (tmp_path / "m.yaml").write_text("version: 1\ndefaults: {random_init: true, data: fmnist,"
                                      f" timeout: 300}}\njobs:\n{jobs}\n")
     done = subprocess.run([sys.executable, "-m", "vitcompress", "batch", str(tmp_path / "m.yaml"), "--out",
-                           str(tmp_path / "out"), "--smoke", "--jobs", "2"], capture_output=True, text=True, env=environment())
+                           str(tmp_path / "out"), "--smoke", "--jobs", "2"], capture_output=True, text=True,
+                          env=environment())
     assert done.returncode == 0, done.stdout + done.stderr
     open_page(browser, tmp_path / "out" / "index.html")
     assert count(browser, "#scatter-chart .scatterlayer .point") == 2
-    assert [cell.text for cell in browser.find_elements("css selector", "#jobs td:nth-child(4)")] == ["pass (passed)"] * 2
+    statuses = browser.find_elements("css selector", "#jobs td:nth-child(4)")
+    assert [cell.text for cell in statuses] == ["pass (passed)"] * 2
     links = [link.get_attribute("href") for link in browser.find_elements("css selector", "#jobs a")]
     assert len(links) == 2 and errors(browser) == []
     for link, rank in zip(links, (4, 8)):
         open_page(browser, link)
         assert f"rank: {rank}" in browser.find_element("id", "recipe").text  # this job's own page
         assert browser.find_element("id", "no-blocks").is_displayed()  # profile_runs: 0, no per-block chart
-        skipped = {row.get_attribute("data-rung") for row in browser.find_elements("css selector", "#ladder tr.skipped")}
+        skipped = {row.get_attribute("data-rung")
+                   for row in browser.find_elements("css selector", "#ladder tr.skipped")}
         assert skipped == {"finetuned", "quantized"}  # no fine-tune, no int8 in this recipe
         assert count(browser, "#latency-chart .bars .point path") == 2 and errors(browser) == []
 

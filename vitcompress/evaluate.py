@@ -7,6 +7,7 @@ exported ONNX files with plain onnxruntime (CPU provider), as a deployment would
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitcompress.data import first_images
-from vitcompress.deploy.runtime import ENTROPY, LOGITS, measure_latency, run_batches
+from vitcompress.deploy.runtime import (
+    ENTROPY,
+    INPUT_NAME,
+    LOGITS,
+    Preprocessing,
+    measure_latency,
+    open_session,
+    run_batches,
+)
 from vitcompress.deploy.timing_lock import latency_lock
 from vitcompress.recipe import ValidateConfig
 
@@ -109,10 +118,6 @@ def end_to_end(path: Path, files: list[Path], threads: int, runs: int = 5) -> di
     preprocessing (its ONNX metadata, as a deployed bundle does), then one onnxruntime call at batch 1; each file
     timed ``runs`` times after one warm-up pass, under the latency lock. The keys are the report's
     :class:`~vitcompress.report.EndToEnd` fields."""
-    import time
-
-    from vitcompress.deploy.runtime import INPUT_NAME, Preprocessing, open_session
-
     session = open_session(path, threads)
     preprocessing = Preprocessing.from_session(session)
     before, during = [], []

@@ -7,8 +7,8 @@ outside ``blocks.{i}`` for i in the group), runs the validation images through i
 recipe's export settings and times it against the original's export, interleaved, at one batch size. Nothing is
 fine-tuned; ``export.quantize`` is not applied (both models are timed in float32). A step that selects nothing in
 a group is a cell with ``applicable: false`` and the reason, not an error. ``vitcompress sensitivity`` writes the
-result as ``sensitivity.json``, the input that a search (``vitcompress tune``) and the report's block × step heat
-map are to read; neither exists yet.
+result as ``sensitivity.json``: report.html draws it as a block × step heat map (``convert --sensitivity``,
+:mod:`vitcompress.sensitivity_file`), and a search (``vitcompress tune``) is to read it.
 """
 
 from __future__ import annotations
