@@ -6,7 +6,10 @@ own stage events — ``ladder`` (the transformed model's pass in the transform s
 rungs), ``end-to-end`` and ``page`` — each until the next stage event (or the end of the run); the overhead is
 their sum over the rest of the run. Writes bench/report_overhead.json (date, CPU, threads, seconds per part).
 
-    python bench/report_overhead.py [--out bench/report_overhead.json]
+    python bench/report_overhead.py [--out bench/report_overhead.json] [--bundle runs/demo]
+
+``--bundle`` keeps the conversion's output there (the README's screenshot is taken of it); by default it goes to
+a temporary directory.
 """
 
 from __future__ import annotations
@@ -46,13 +49,14 @@ class StageClock(LogProgress):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "report_overhead.json")
+    parser.add_argument("--bundle", type=Path, help="keep the conversion's output here (replaced if a bundle)")
     args = parser.parse_args()
     commit = source_commit()  # before this run rewrites its results file
     clock = StageClock()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = vitcompress.convert("vit_fmnist", ROOT / "recipes" / "svd.yaml", out_dir=Path(tmp) / "demo",
-                                     progress=clock)
+        result = vitcompress.convert("vit_fmnist", ROOT / "recipes" / "svd.yaml", out_dir=args.bundle or
+                                     Path(tmp) / "demo", progress=clock, force=args.bundle is not None)
         end = time.perf_counter()
         page_bytes = (result.out_dir / "report.html").stat().st_size
     seconds: dict[str, float] = {name: 0.0 for name in LADDER_STAGES}
