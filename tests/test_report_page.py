@@ -205,3 +205,19 @@ def test_a_bad_sensitivity_file_is_one_error_line_and_writes_nothing(tmp_path):
     assert result.output.strip().splitlines() == [
         f"error: --sensitivity {tmp_path / 'bad.json'} is not a vitcompress sensitivity.json: model: Input should be "
         "an object"]
+
+
+def test_thumbnails_are_the_input_as_the_model_saw_it_shrunk_to_fit():
+    import io
+
+    import torch
+
+    from vitcompress.ladder import THUMBNAIL, input_image
+
+    levels = torch.linspace(0, 1, 224).repeat(3, 224, 1)  # a grey ramp, left to right
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    normalised = (levels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    with Image.open(io.BytesIO(input_image(normalised, mean, std, THUMBNAIL))) as image:
+        assert image.size == (THUMBNAIL, THUMBNAIL) and image.mode == "RGB"
+        row = np.asarray(image)[0, :, 0].astype(int)
+    assert row[0] <= 2 and row[-1] >= 253 and (np.diff(row) >= 0).all()

@@ -29,6 +29,8 @@ from vitcompress.report import Rung, Shown
 PREDICTIONS = "predictions.npz"
 THUMBNAILS = "report"
 MAX_SHOWN = 16
+#: Longest side of a disagreement thumbnail (pixels): 16 of them stay well under 1 MB in the page.
+THUMBNAIL = 128
 #: Rung → (label, runtime), in ladder order.
 RUNGS = {"original": ("original (torch)", "torch"), "transformed": ("transformed, before fine-tune (torch)", "torch"),
          "finetuned": ("fine-tuned (torch)", "torch"), "onnx_fp32": ("ONNX float32 (onnxruntime)", "onnxruntime"),
@@ -101,22 +103,27 @@ def write_predictions(path: Path, predictions: dict[str, Predictions], passes: d
     np.savez_compressed(path, **arrays)
 
 
-def input_image(tensor: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> bytes:
-    """A PNG of one model input (C, H, W) as the model saw it: un-normalised with ``mean``/``std``, clipped."""
+def input_image(tensor: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...],
+                size: int | None = None) -> bytes:
+    """A PNG of one model input (C, H, W) as the model saw it: un-normalised with ``mean``/``std``, clipped; with
+    ``size``, shrunk to fit ``size`` × ``size`` pixels."""
     from PIL import Image
 
     channels = tensor.shape[0]
     levels = tensor.float() * torch.tensor(std).view(channels, 1, 1) + torch.tensor(mean).view(channels, 1, 1)
     pixels = (levels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    if size is not None:
+        image.thumbnail((size, size))
     buffer = io.BytesIO()
-    Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def input_images(dataset: Dataset, positions: list[int], data_config: dict) -> list[bytes]:
+def input_images(dataset: Dataset, positions: list[int], data_config: dict, size: int | None = None) -> list[bytes]:
     """PNGs of the validation images at ``positions`` as the model saw them (:func:`input_image`)."""
     mean, std = tuple(data_config["mean"]), tuple(data_config["std"])
-    return [input_image(dataset[int(i)][0], mean, std) for i in positions]
+    return [input_image(dataset[int(i)][0], mean, std, size) for i in positions]
 
 
 def image_name(dataset: Dataset, position: int) -> str:
@@ -135,7 +142,7 @@ def write_thumbnails(directory: Path, dataset: Dataset, positions: np.ndarray, d
     if chosen:
         (directory / THUMBNAILS).mkdir(exist_ok=True)
     shown = []
-    for position, png in zip(chosen, input_images(dataset, chosen, data_config)):
+    for position, png in zip(chosen, input_images(dataset, chosen, data_config, THUMBNAIL)):
         shown.append(Shown(position=position, thumbnail=f"{THUMBNAILS}/{position}.png",
                            source=image_name(dataset, position)))
         (directory / shown[-1].thumbnail).write_bytes(png)
