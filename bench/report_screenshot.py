@@ -1,6 +1,6 @@
 """The README's screenshot of report.html (docs/report-screenshot.png), taken by the tests' headless Chromium.
 
-    python bench/report_screenshot.py runs/demo [--out docs/report-screenshot.png] [--height 1500]
+    python bench/report_screenshot.py runs/demo [--out docs/report-screenshot.png] [--height 1700]
 
 Opens BUNDLE/report.html in Debian's chromium through Selenium and the system chromedriver (as
 tests/test_report_page.py does), waits until the charts are drawn, and saves a 1200-pixel-wide PNG of the page's
@@ -23,7 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "report-screenshot.png")
-    parser.add_argument("--height", type=int, default=1500)
+    parser.add_argument("--height", type=int, default=1700)
     args = parser.parse_args()
     options = webdriver.ChromeOptions()
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",

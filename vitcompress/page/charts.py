@@ -43,9 +43,9 @@ def latency_figure(report: Report) -> dict:
 
 
 def block_label(block: dict) -> str:
-    """``block 3`` and the recipe steps that converted something in it (``0:svd``)."""
-    steps = ", ".join(f"{s['step']}:{s['transform']}" for s in block["steps"])
-    return label(f"block {block['block']}" + (f" ({steps})" if steps else ""))
+    """``block 3`` over the recipe steps that converted something in it (``0:svd``), one line each."""
+    steps = [label(f"{s['step']}:{s['transform']}") for s in block["steps"]]
+    return "<br>".join([f"block {block['block']}", *steps])
 
 
 def blocks_figure(profile: dict) -> dict:
@@ -59,8 +59,10 @@ def blocks_figure(profile: dict) -> dict:
                "hovertemplate": "%{x}: %{y:.3f} ms<extra>" + name + "</extra>"}
               for name, colour, source in (("original", ORIGINAL, original), ("converted", CONVERTED, converted))]
     batch = profile["converted"]["batch_size"]
-    return {"data": traces, "layout": _layout(f"per-block latency (onnxruntime profiler, batch {batch}, median of "
-                                              f"{profile['converted']['runs']} runs)", "", "ms per run")}
+    layout = _layout(f"per-block latency (onnxruntime profiler, batch {batch}, median of "
+                     f"{profile['converted']['runs']} runs)", "", "ms per run", height=400)
+    layout["xaxis"].update(automargin=True, tickangle=0)
+    return {"data": traces, "layout": layout}
 
 
 def end_to_end_figure(preprocess_ms: float, model_ms: float) -> dict:
