@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from vitcompress.data import ImageDirectory
 from vitcompress.deploy.runtime import INPUT_NAME, LOGITS, open_session
 from vitcompress.evaluate import EVAL_BATCH, Predictions, top1
 from vitcompress.report import Rung, Shown
@@ -128,10 +129,8 @@ def input_images(dataset: Dataset, positions: list[int], data_config: dict, size
 
 def image_name(dataset: Dataset, position: int) -> str:
     """What to call validation image ``position``: its file (relative to the data directory) or its number."""
-    items = getattr(dataset, "items", None)
-    root = getattr(dataset, "root", None)
-    if items is not None and root is not None:
-        return Path(items[position][0]).relative_to(root).as_posix()
+    if isinstance(dataset, ImageDirectory):
+        return Path(dataset.items[position][0]).relative_to(dataset.root).as_posix()
     return f"validation image {position}"
 
 

@@ -7,7 +7,8 @@ exports its ONNX the way the export stage does, times it interleaved against the
 (:func:`~vitcompress.evaluate.latency`, under the machine's latency lock), profiles both
 again when the recipe profiles, and rewrites what depends on the timings: ``report.json`` (latency fields,
 ``validation.threads``, ``machine``, a ``remeasured`` note; everything else kept), ``report.md``, the timing
-part of ``inference.json``, ``SHA256SUMS``, then the page built from them (``report.html``). ``model.onnx`` and every other file stay byte for byte.
+part of ``inference.json``, ``SHA256SUMS``, then the page built from them (``report.html``). ``model.onnx`` and
+every other file stay byte for byte.
 
 Each file is replaced atomically; if the process dies between two files, the batch's cache record still names
 the old machine, so the next batch run re-measures again (``vitcompress verify`` fails until then).

@@ -94,7 +94,7 @@ def heatmap_figure(sensitivity) -> dict:
                       "colorbar": {"title": {"text": what}},
                       "hovertemplate": "%{y}, %{x}: %{z:.2f}<br>%{text}<extra></extra>"}],
             "layout": {**_layout(f"sensitivity: each step alone per block group ({what}, no fine-tune)", "", ""),
-                       "height": 120 + 40 * len(rows)}}
+                       "height": 220 + 50 * len(rows), "yaxis": {"automargin": True}}}
 
 
 def scatter_figure(points: list[tuple[str, float, float]], what: str) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vitcompress.context import RunContext
+from vitcompress.data import ImageDirectory
 from vitcompress.evaluate import TOP_K, end_to_end
 from vitcompress.ladder import (
     PREDICTIONS,
@@ -53,9 +54,8 @@ def end_to_end_files(ctx: RunContext) -> list[Path]:
     """The first validation images' files, or PNGs of the images as the model saw them (built-in data sets)."""
     data = ctx.data.val
     count = min(END_TO_END_IMAGES, len(data))
-    items = getattr(data, "items", None)
-    if items is not None:
-        return [Path(path) for path, _ in items[:count]]
+    if isinstance(data, ImageDirectory):
+        return [Path(path) for path, _ in data.items[:count]]
     files = []
     for i, png in enumerate(input_images(data, list(range(count)), ctx.original.data_config)):
         files.append(ctx.scratch_dir / f"end-to-end-{i}.png")
