@@ -2,9 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data demo test test-fast bench
+.PHONY: install data browser demo test test-fast bench
 
 install: $(VENV)/.installed
 
@@ -23,10 +24,18 @@ $(FMNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq dataset-fashion-mnist
 
+# The headless browser of the report-page tests (tests/test_report_page.py): Debian's chromium and its driver.
+browser: $(CHROMEDRIVER)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq chromium chromium-driver
+
+# Its last line is the path of the demo's report.html.
 demo: install data
 	$(VENV)/bin/vitcompress convert vit_fmnist --recipe recipes/svd.yaml --out runs/demo --force
 
-test: install data
+test: install data browser
 	$(PY) -m pytest
 
 # The inner loop (under 3 minutes on 2 cores): unit and component tests, without the whole-pipeline runs
@@ -46,5 +55,6 @@ bench: install data
 	$(PY) bench/finetune_throughput.py
 	$(PY) bench/tune_study.py --part fmnist196 --trials 30
 	$(PY) bench/tune_study.py --part deit_s --trials 12
+	$(PY) bench/report_overhead.py
 	$(PY) bench/run.py
 	$(PY) bench/pages.py

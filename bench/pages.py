@@ -422,6 +422,23 @@ def tune_study_tables(study: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report_overhead_table(result: dict) -> str:
+    """bench/report_overhead.json: what the accuracy ladder and report.html add to make demo's conversion."""
+    parts = result["seconds"]
+    return "\n".join([
+        f"Measured {result['date']} on {result['machine']}; onnxruntime {result['threads']} intra-op threads; commit "
+        f"{short_commit(result.get('commit'))}; load average {result['load_average_1min']:.1f} (1 min) at the end. "
+        f"{result['conversion']}: {result['validation_images']} validation images, ladder on "
+        f"{result['ladder_images']}.", "",
+        "| part | seconds |", "|---|---:|",
+        f"| the conversion without the ladder and the page | {result['without_s']:.1f} |",
+        *(f"| `{name}` ({what}) | {parts[name]:.2f} |" for name, what in (
+            ("ladder", "the five rungs, the transformed one before fine-tuning"),
+            ("end-to-end", "end-to-end latency, predictions.npz, thumbnails"), ("page", "report.html"))),
+        f"| **added** | **{result['ladder_and_page_s']:.1f} ({result['overhead'] * 100:.1f} %)** |", "",
+        f"report.html: {result['report_html_bytes'] / 1e6:.2f} MB."]) + "\n"
+
+
 def _jsonl(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (root / "bench" / name).read_text().splitlines() if line.strip()]
 
@@ -445,6 +462,8 @@ BLOCKS: dict[str, tuple[str, Callable[[Path, Path], str]]] = {
     "golden_tolerance": ("bench/golden_tolerance.json",
                          lambda root, page: golden_tolerance_table(_json(root, "golden_tolerance.json"))),
     "tune_study": ("bench/tune_study.json", lambda root, page: tune_study_tables(_json(root, "tune_study.json"))),
+    "report_overhead": ("bench/report_overhead.json",
+                        lambda root, page: report_overhead_table(_json(root, "report_overhead.json"))),
     "finetune_throughput": ("bench/finetune_throughput.jsonl",
                             lambda root, page: finetune_throughput_table(_jsonl(root, "finetune_throughput.jsonl"))),
 }

@@ -175,7 +175,8 @@ def test_convert_an_in_memory_vit_into_a_temporary_directory(tiny_vit):
         assert result.onnx_path == result.out_dir / "model.onnx"
         assert {p.name for p in result.out_dir.iterdir()} == {
             "model.onnx", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md", "preprocess.json",
-            "labels.txt", "golden", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS"}
+            "labels.txt", "golden", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS", "report.html",
+            "predictions.npz", *(["report"] if result.report.explain.shown else [])}
         assert sum(isinstance(m, LowRankLinear) for m in result.model.modules()) == 6
         report = result.report
         assert (report.model.name, report.model.weights, report.model.source) == (

@@ -48,10 +48,12 @@ def test_convert_tiny_vit_happy_path(tmp_path, svd_recipe):
     result = invoke("convert", "test_vit", "--recipe", svd_recipe, "--random-init", "--out", out,
                     *sets("calibration.images=16"))
     assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
     assert {p.name for p in out.iterdir()} == {
         "model.onnx", "model.safetensors", "recipe.resolved.yaml", "report.json", "report.md", "preprocess.json",
-        "labels.txt", "golden", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS"}
-    report = json.loads((out / "report.json").read_text())
+        "labels.txt", "golden", "inference.json", "predict.py", "requirements.txt", "SHA256SUMS", "report.html",
+        "predictions.npz", *(["report"] if report["explain"]["shown"] else [])}
+    assert result.output.rstrip().splitlines()[-1] == f"report: {(out / 'report.html').resolve()}"
     assert report["model"]["weights"].startswith("random init")
     assert report["steps"][0]["transform"] == "svd_lowrank" and len(report["steps"][0]["modules"]) == 12
     converted, original = report["validation"]["models"]["converted"], report["validation"]["models"]["original"]

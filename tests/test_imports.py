@@ -103,6 +103,17 @@ def test_importing_deploy_loads_no_torch_timm_or_exporter():
     assert loaded == [], f"importing deploy/ loaded {loaded[:5]}"
 
 
+def test_the_pages_load_no_torch():
+    """``vitcompress report`` and a batch's index.html rebuild pages from files: importing vitcompress.page (in a
+    fresh interpreter) leaves torch and timm unloaded."""
+    names = [m for m in MODULES if in_layer(m, "page")]
+    code = (f"import importlib, json, sys\nfor name in {names!r}: importlib.import_module(name)\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm'))))")
+    loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                       cwd=ROOT).stdout)
+    assert len(names) >= 4 and loaded == [], f"importing page/ loaded {loaded[:5]}"
+
+
 HEAVY = ("torch", "timm", "torchvision", "onnx", "onnxruntime", "onnxscript")
 
 READ_RECIPES = """

@@ -224,3 +224,15 @@ def test_two_processes_with_force_leave_one_whole_bundle(tmp_path):
     whole_bundle(out)
     assert snapshot(out) != first
     no_leftovers(tmp_path)
+
+
+def test_the_page_is_part_of_a_bundle_without_being_listed(tmp_path):
+    """report.html is a view of listed files: SHA256SUMS leaves it out (so rebuilding it keeps the sums valid) and
+    --force still recognises the bundle; a page in a subfolder is not the bundle's page."""
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "report.html").write_text("<html></html>")
+    write_checksums(bundle)
+    assert "report.html" not in (bundle / "SHA256SUMS").read_text()
+    whole_bundle(bundle)
+    (bundle / "golden" / "report.html").write_text("<html></html>")
+    assert unlisted_files(bundle) == (["golden/report.html"], True)

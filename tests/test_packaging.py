@@ -31,6 +31,8 @@ def test_wheel_ships_the_recipes_and_resolves_names(tmp_path):
     assert {f"vitcompress/recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml")} <= names
     assert {f"vitcompress/{p.relative_to(ROOT / 'vitcompress')}" for p in (ROOT / "vitcompress").rglob("*.py")} <= names
     assert {"vitcompress/weights/vit_fmnist.safetensors", "vitcompress/weights/vit_fmnist196.safetensors"} <= names
+    templates = {f"vitcompress/page/templates/{p.name}" for p in (ROOT / "vitcompress/page/templates").glob("*.j2")}
+    assert len(templates) == 3 and templates <= names  # report.html and index.html are rendered from them
     target, empty = tmp_path / "site", tmp_path / "empty"
     empty.mkdir()
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True, cwd=tmp_path)

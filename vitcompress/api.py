@@ -38,12 +38,25 @@ from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, outp
 from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe, recipe_argument
 from vitcompress.report import Report
-from vitcompress.stages import bundle, cascade, export, finetune, load, profile, report, transform, validate
+from vitcompress.sensitivity_file import read_sensitivity
+from vitcompress.stages import (
+    bundle,
+    cascade,
+    export,
+    finetune,
+    ladder,
+    load,
+    page,
+    profile,
+    report,
+    transform,
+    validate,
+)
 from vitcompress.training import checkpoint, distributed
 from vitcompress.transforms.apply import apply_steps
 from vitcompress.transforms.registry import TransformConfig
 
-STAGES = (load, transform, finetune, export, validate, cascade, profile, report, bundle)
+STAGES = (load, transform, finetune, export, validate, ladder, cascade, profile, report, bundle, page)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
 TRAINING_STAGES = (load, transform, finetune)
 IN_MEMORY_WEIGHTS = "in-memory module"
@@ -178,6 +191,7 @@ def convert(
     resume: bool = False,
     model_args: dict[str, Any] | None = None,
     cache: OriginalCache | None = None,
+    sensitivity: str | Path | None = None,
 ) -> ConvertResult:
     """Convert a model with a recipe: transform, fine-tune, export to ONNX, validate in onnxruntime, report.
 
@@ -211,6 +225,7 @@ def convert(
             for a shallow copy (exports and parity in seconds); only with ``random_init`` (no weights fit it).
         cache: an :class:`~vitcompress.original_cache.OriginalCache` to share with other conversions of the same
             original (a loop over recipes): its ONNX export and predictions on built-in data are reused from it.
+        sensitivity: a ``vitcompress sensitivity`` file, copied into the bundle for report.html's heat map.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) every process loads, transforms and fine-tunes (DDP); rank 0 alone
     exports, validates and writes; the others return a result whose ``report`` is None.
@@ -228,6 +243,8 @@ def convert(
     recipe, recipe_source = recipe_argument(recipe, overrides)
     original, settings = _model_settings(model, recipe, checkpoint, random_init, model_args)
     label_mapping = read_label_mapping(Path(labels)) if labels is not None else None
+    if sensitivity is not None:
+        read_sensitivity(sensitivity)  # a bad file fails before any work
     if deploy is not None:
         check_options(deploy.optimize_offline, deploy.for_this_machine)
     bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
@@ -238,7 +255,8 @@ def convert(
         output.check()  # bad --out fails before any work; checked again under the output's lock
     settings = dataclasses.replace(settings, out_dir=output.out_dir, data=data if isinstance(data, str) else None,
                                    deploy=deploy or DeployOptions(),
-                                   force=force, labels=label_mapping, resume=resume)
+                                   force=force, labels=label_mapping, resume=resume,
+                                   sensitivity=Path(sensitivity) if sensitivity is not None else None)
     try:
         place = distributed.setup(cuda=_trains_on_cuda(recipe))
         return _run_stages(settings, recipe, recipe_source, original, bundle, progress or LogProgress(), place,

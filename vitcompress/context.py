@@ -9,6 +9,8 @@ from typing import Any, Literal
 from torch import nn
 
 from vitcompress.data import DataBundle
+from vitcompress.evaluate import Predictions
+from vitcompress.ladder import RungPass
 from vitcompress.models import LoadedModel
 from vitcompress.original_cache import OriginalCache
 from vitcompress.progress import Progress
@@ -39,6 +41,8 @@ class ConvertSettings:
     random_init: bool = False
     #: ``timm.create_model`` arguments that change the architecture (random init only), e.g. ``{"depth": 2}``
     model_args: dict[str, Any] = field(default_factory=dict)
+    #: a ``vitcompress sensitivity`` result to copy into the bundle for report.html's heat map
+    sensitivity: Path | None = None
     labels: dict[str, int | str] | None = None
     deploy: DeployOptions = field(default_factory=DeployOptions)
     resume: bool = False
@@ -63,6 +67,10 @@ class RunContext:
     checkpoint_dir: Path | None = None
     #: the original's ONNX export and predictions, shared with other conversions that the caller gives the same cache
     cache: OriginalCache = field(default_factory=OriginalCache)
+    #: the ladder's passes measured before the ladder stage (the transformed model, before fine-tuning)
+    rungs: dict[str, RungPass] = field(default_factory=dict)
+    #: the validation's onnxruntime predictions of "original" and "converted" (top-k per image)
+    predictions: dict[str, Predictions] = field(default_factory=dict)
 
     @property
     def onnx_path(self) -> Path:

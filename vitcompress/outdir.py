@@ -29,7 +29,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from vitcompress.deploy.bundle import MODEL, SUMS, read_checksums
+from vitcompress.deploy.bundle import MODEL, PAGE, SUMS, read_checksums
 from vitcompress.errors import ModelError, OutputError
 from vitcompress.training import checkpoint
 
@@ -43,7 +43,7 @@ def unlisted_files(directory: Path) -> tuple[list[str], bool]:
     all of them when it has no readable ``SHA256SUMS`` — and whether it has one. A directory that cannot be read
     is an OutputError: what it holds is unknown."""
     try:
-        listed, has_sums = {*read_checksums(directory), SUMS}, True
+        listed, has_sums = {*read_checksums(directory), SUMS, PAGE}, True
     except ModelError:
         listed, has_sums = set(), False
 

@@ -100,6 +100,9 @@ class ValidateConfig(_Strict):
                                      "fewer CPUs: affinity mask and cgroup quota)")
     latency_runs: int = Field(30, ge=3, le=10_000)
     warmup_runs: int = Field(5, ge=0, le=1000)
+    ladder_images: int = Field(1000, ge=0, le=1_000_000, description="the accuracy ladder's image budget: each "
+                               "rung (original, transformed, fine-tuned, ONNX float32, int8) is a pass over the first "
+                               "this many validation images (0: no ladder)")
     profile_runs: int = Field(10, ge=0, le=10_000, description="onnxruntime-profiled runs per model for the "
                               "per-block latency (at the first batch size; 0: no profile)")
     max_abs_diff: float = Field(1e-3, gt=0, description="largest allowed |torch − ORT| on logits")

@@ -7,7 +7,8 @@ exports its ONNX the way the export stage does, times it interleaved against the
 (:func:`~vitcompress.evaluate.latency`, under the machine's latency lock), profiles both
 again when the recipe profiles, and rewrites what depends on the timings: ``report.json`` (latency fields,
 ``validation.threads``, ``machine``, a ``remeasured`` note; everything else kept), ``report.md``, the timing
-part of ``inference.json`` and, last, ``SHA256SUMS``. ``model.onnx`` and every other file stay byte for byte.
+part of ``inference.json``, ``SHA256SUMS``, then the page built from them (``report.html``). ``model.onnx`` and
+every other file stay byte for byte.
 
 Each file is replaced atomically; if the process dies between two files, the batch's cache record still names
 the old machine, so the next batch run re-measures again (``vitcompress verify`` fails until then).
@@ -24,6 +25,7 @@ from vitcompress.errors import UsageError
 from vitcompress.evaluate import latency, latency_images
 from vitcompress.files import replace_text
 from vitcompress.models import load_model
+from vitcompress.page.report_page import write_report_page
 from vitcompress.pipeline import export_original, load_data
 from vitcompress.render import markdown
 from vitcompress.report import Remeasured, Report, Sections, build
@@ -73,4 +75,5 @@ def run(ctx: RunContext, machine: str, date: str, reason: str) -> Report:
     update_inference_timing(ctx.work_dir, ctx.recipe.validate_.threads,
                             {batch: timing.model_dump() for batch, timing in converted.items()})
     write_checksums(ctx.work_dir)
+    write_report_page(ctx.work_dir)  # the page shows the new timings
     return report

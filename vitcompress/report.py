@@ -227,6 +227,61 @@ class Cascade(_Section):
     sweep: list[OperatingPoint]
 
 
+class Rung(_Section):
+    """One rung of the accuracy ladder: one model on the ladder's held-out images, or why the run has no such model."""
+
+    name: Literal["original", "transformed", "finetuned", "onnx_fp32", "quantized"]
+    label: str = Field(description="what the rung is, for people, e.g. 'fine-tuned (torch)'")
+    runtime: Literal["torch", "onnxruntime"]
+    skipped: Optional[str] = Field(None, description="why the run has no such model (the other fields are then None)")
+    images: Optional[int] = None
+    top1: Optional[float] = Field(None, description="top-1 (%) on the labelled images; None without labels")
+    agreement: Optional[float] = Field(None, description="share of images whose top-1 equals the original (torch)'s")
+    logit_gap: Optional[float] = Field(None, description="mean |logits − the original (torch)'s logits|")
+    seconds: Optional[float] = Field(None, description="the rung's cost: its pass over the images")
+
+
+class Ladder(_Section):
+    """Where accuracy went: the same first held-out images through each model of the run, in order."""
+
+    images: int = Field(description="the rungs' image budget (validate.ladder_images) met by the held-out images")
+    rungs: list[Rung]
+
+
+class EndToEnd(_Section):
+    """Latency per image from the image file: decode, resize and normalise (the bundle's own preprocessing), then
+    model.onnx at batch 1; medians over ``samples`` timed images."""
+
+    samples: int
+    preprocess_ms: float
+    model_ms: float
+    total_ms: float
+    model_share: float = Field(description="model_ms / total_ms")
+
+
+class Shown(_Section):
+    """One disagreement the page shows: the validation image's position, its thumbnail and where it came from."""
+
+    position: int
+    thumbnail: str = Field(description="the PNG in the bundle, as the model saw the image")
+    source: str = Field(description="the image file (relative to --data) or 'validation image N'")
+
+
+class Explain(_Section):
+    """What ``report.html`` shows besides the validation: the ladder, the end-to-end latency and the per-image
+    top-k file (``predictions.npz``, read by ``vitcompress report``)."""
+
+    ladder: Optional[Ladder] = Field(None, description="None: validate.ladder_images is 0")
+    end_to_end: Optional[EndToEnd] = Field(None, description="None: the validation images have no image files "
+                                           "and are not whole grey levels")
+    predictions: str = Field(description="the bundle file with each validation image's top-k of both models")
+    top_k: int
+    disagreements: int = Field(description="validation images whose top-1 differs between original and converted")
+    shown: list[Shown] = Field(description="the first disagreements (at most 16), with their thumbnails")
+    sensitivity: Optional[str] = Field(None, description="sensitivity.json copied into the bundle (convert "
+                                       "--sensitivity), the page's block × step heat map")
+
+
 class Remeasured(_Section):
     """Latency measured again on another machine without converting again (``vitcompress batch``)."""
 
@@ -254,6 +309,7 @@ class Report(_Section):
     profile: Optional[dict[str, Any]] = Field(None, description="per-block onnxruntime profile (vitcompress.profile)")
     remeasured: Optional[Remeasured] = Field(None, description="set when the latency fields (and machine) are "
                                              "from a later re-measurement of the same converted model")
+    explain: Optional[Explain] = Field(None, description="the ladder and what report.html shows (older reports: None)")
     failed_gates: list[str]
 
     def dump_json(self) -> str:
@@ -291,6 +347,7 @@ class Sections(_Section):
     cascade: Optional[Cascade] = None
     profile: Optional[dict[str, Any]] = None
     remeasured: Optional[Remeasured] = None
+    explain: Optional[Explain] = None
 
     @classmethod
     def of(cls, report: Report) -> "Sections":

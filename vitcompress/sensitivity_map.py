@@ -7,8 +7,9 @@ outside ``blocks.{i}`` for i in the group), runs the validation images through i
 recipe's export settings and times it against the original's export, interleaved, at one batch size. Nothing is
 fine-tuned; ``export.quantize`` is not applied (both models are timed in float32). A step that selects nothing in
 a group is a cell with ``applicable: false`` and the reason, not an error. ``vitcompress sensitivity`` writes the
-result as ``sensitivity.json``; ``vitcompress tune`` maps its probe steps with it and seeds its first trials from
-the map (:mod:`vitcompress.search.seeds`).
+result as ``sensitivity.json``: ``vitcompress tune`` maps its probe steps with it and seeds its first trials from
+the map (:mod:`vitcompress.search.seeds`), and report.html draws it as a block × step heat map
+(``convert --sensitivity``, :mod:`vitcompress.sensitivity_file`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from junitparser import Error, Failure, JUnitXml, Skipped, TestCase, TestSuite
 
 from vitcompress.batch.results import BatchResult, JobResult
 from vitcompress.files import replace_text
+from vitcompress.page.index_page import JobRow, job_page, write_index
 
 STATUS_MARK = {"passed": "✅ passed", "cached": "✅ cached", "gate_failed": "❌ gate failed", "error": "💥 error",
                "timeout": "⏱ timeout", "skipped": "⏭ skipped"}
@@ -108,8 +109,22 @@ def _escape(text: str) -> str:
     return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
+def index_rows(batch: BatchResult, out: Path) -> list[JobRow]:
+    """index.html's row of each job (its page linked relative to ``out``, where batch.json's paths start)."""
+    rows = []
+    for job in batch.jobs:
+        m = job.metrics or {}
+        rows.append(JobRow(
+            name=job.name, model=job.model, recipe=job.recipe, status=job.status,
+            passed=job.status in ("passed", "cached"), speedup=m.get("speedup_b1"), drop=m.get("top1_drop"),
+            agreement=m.get("agreement"), page=job_page(out, job.bundle),
+            failed="; ".join(g.message for g in job.failed_gates) or job.error or ""))
+    return rows
+
+
 def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
-    """batch.json, junit.xml and summary.md in ``out`` (and summary.md appended to $GITHUB_STEP_SUMMARY)."""
+    """batch.json, junit.xml, summary.md and index.html (every job's report.html linked) in ``out`` (and
+    summary.md appended to $GITHUB_STEP_SUMMARY)."""
     out.mkdir(parents=True, exist_ok=True)
     batch.dump(out / "batch.json")
     xml = out / f".junit.xml.{os.getpid()}.tmp"  # each file written whole or not at all (a killed batch)
@@ -121,7 +136,10 @@ def write_outputs(batch: BatchResult, out: Path) -> list[Path]:
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as file:
             file.write(text)
-    return [out / "batch.json", out / "junit.xml", out / "summary.md"]
+    heading = (f"{batch.manifest} · {batch.date} · {len(batch.jobs)} jobs, {batch.parallel_jobs} in parallel · exit "
+               f"code {batch.exit_code}")
+    return [out / "batch.json", out / "junit.xml", out / "summary.md",
+            write_index(index_rows(batch, out), heading, out)]
 
 
 def job_line(job: JobResult) -> str:

@@ -79,7 +79,7 @@ def _shard(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 
 
 def _batch_outputs(result: Any, out_dir: Path, as_json: bool) -> None:
-    """Write batch.json, junit.xml, summary.md; print the annotations (GitHub Actions) and the result."""
+    """Write batch.json, junit.xml, summary.md, index.html; print the annotations (GitHub Actions) and the result."""
     from vitcompress.batch.outputs import annotations, write_outputs
 
     write_outputs(result, out_dir)
@@ -89,7 +89,8 @@ def _batch_outputs(result: Any, out_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(result.model_dump_json(indent=2, by_alias=True))
     counts = ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in result.counts.items() if n)
-    console.print(f"batch: {counts} in {result.wall_s:.0f} s; wrote {out_dir}/: batch.json, junit.xml, summary.md",
+    console.print(f"batch: {counts} in {result.wall_s:.0f} s; wrote {out_dir}/: batch.json, junit.xml, summary.md, "
+                  f"index.html",
                   highlight=False)
 
 

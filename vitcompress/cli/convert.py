@@ -34,10 +34,12 @@ from vitcompress.cli.render import extra_tables, print_plan, profile_table, reci
               help="fine-tune in N processes (DDP) on this machine, started by torchrun's launcher")
 @click.option("--resume", is_flag=True, help="continue an interrupted conversion into --out from its last "
               "fine-tune checkpoint (finetune.checkpoint_every)")
+@click.option("--sensitivity", type=click.Path(path_type=Path), metavar="FILE",
+              help="a `vitcompress sensitivity` result, kept in the bundle for report.html's block × step heat map")
 def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data: str | None,
             overrides: tuple[str, ...], random_init: bool, model_arg_items: tuple[str, ...], labels: Path | None,
             out_dir: Path, force: bool, as_json: bool, optimize_offline: str | None, for_this_machine: bool,
-            ort_format: bool, nproc: int, resume: bool) -> None:
+            ort_format: bool, nproc: int, resume: bool, sensitivity: Path | None) -> None:
     """Convert MODEL (timm name, alias or Hugging Face checkpoint directory; default: the recipe's `model:`) with a
     recipe, export and validate it.
 
@@ -62,7 +64,7 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
     with user_errors(), progress_bars() as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
                              overrides=list(overrides), force=force, random_init=random_init,
-                             progress=RichProgress(bar), resume=resume, model_args=model_args,
+                             progress=RichProgress(bar), resume=resume, model_args=model_args, sensitivity=sensitivity,
                              deploy=DeployOptions(optimize_offline, for_this_machine, ort_format)).report
     if report is None:
         return  # a torchrun rank other than 0: it trained; rank 0 writes and reports
@@ -74,12 +76,16 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
             Console().print(table)
         cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
-                      f"report.md{cascade}, and the deployment files (preprocess.json, labels.txt, golden/, "
-                      f"inference.json, predict.py, requirements.txt, SHA256SUMS: vitcompress verify {out_dir})")
+                      f"report.md, predictions.npz{cascade}, and the deployment files (preprocess.json, labels.txt, "
+                      f"golden/, inference.json, predict.py, requirements.txt, SHA256SUMS: vitcompress verify "
+                      f"{out_dir})")
     if report.finetune and report.finetune.stopped:
         console.print(f"[bold yellow]fine-tune stopped early:[/] {report.finetune.stopped}")
     if report.failed_gates:
         console.print(f"[bold red]validation failed:[/] {', '.join(report.failed_gates)} (see {out_dir}/report.md)")
+    if not as_json:
+        console.print(f"report: {(out_dir / 'report.html').resolve()}", soft_wrap=True, highlight=False)
+    if report.failed_gates:
         sys.exit(1)
 
 

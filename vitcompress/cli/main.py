@@ -15,6 +15,7 @@ from vitcompress.cli.batch import batch
 from vitcompress.cli.bundle import export, predict, verify
 from vitcompress.cli.common import OneLineErrors, console
 from vitcompress.cli.convert import convert, plan, profile, recipes
+from vitcompress.cli.page import report
 from vitcompress.cli.sensitivity import sensitivity
 from vitcompress.cli.tune import tune
 
@@ -31,6 +32,7 @@ main.add_command(convert)
 main.add_command(plan)
 main.add_command(profile)
 main.add_command(recipes)
+main.add_command(report)
 main.add_command(sensitivity)
 main.add_command(tune)
 main.add_command(verify)

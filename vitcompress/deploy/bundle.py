@@ -36,6 +36,9 @@ from vitcompress.errors import ModelError
 
 MODEL, PREPROCESS, LABELS, INFERENCE = "model.onnx", "preprocess.json", "labels.txt", "inference.json"
 PREDICT, REQUIREMENTS, SUMS = "predict.py", "requirements.txt", "SHA256SUMS"
+#: The bundle's HTML report: a view of its checksummed files (report.json, predictions.npz, report/), rebuilt by
+#: ``vitcompress report``, so SHA256SUMS does not list it and rebuilding it leaves the checksums valid.
+PAGE = "report.html"
 GOLDEN = "golden"
 GOLDEN_SPEC = f"{GOLDEN}/golden.json"
 #: |Δ logits| allowed between the converting machine's onnxruntime and another's (other CPU kernels, other
@@ -209,9 +212,9 @@ def sha256(path: Path) -> str:
 
 
 def bundle_files(directory: Path) -> list[str]:
-    """Every file under ``directory`` but ``SHA256SUMS``, as sorted POSIX paths relative to it."""
-    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
-                  if p.is_file() and p.name != SUMS)
+    """Every file under ``directory`` but ``SHA256SUMS`` and ``report.html``, as sorted POSIX paths relative to it."""
+    return sorted(name for name in (p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+                  if name not in (SUMS, PAGE))
 
 
 def write_checksums(directory: Path) -> None:

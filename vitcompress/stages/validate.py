@@ -53,6 +53,7 @@ def run(ctx: RunContext) -> None:
     predictions = {"original": original_predictions(ctx, sessions["original"]),
                    "converted": ort_predictions(sessions["converted"], data, ctx.progress, "accuracy")}
     ctx.progress.finish("accuracy")
+    ctx.predictions = predictions
     labels = predictions["original"].labels
     parity = {}
     quantize = ctx.recipe.export.quantize
