@@ -59,8 +59,10 @@ def _base_recipe(name: str, settings_images: int, batch_size: int, runs: int, ma
     """The settings every trial's recipe shares (the steps and export quantization are the trial's)."""
     data: dict[str, Any] = {
         "model": name,
+        # no per-block profile and no accuracy ladder: a trial reads the validation numbers only
         "validate": {"images": settings_images, "batch_sizes": [batch_size], "latency_runs": runs,
-                     "profile_runs": 0, **({"max_top1_drop": max_drop} if max_drop is not None else {})},
+                     "profile_runs": 0, "ladder_images": 0,
+                     **({"max_top1_drop": max_drop} if max_drop is not None else {})},
     }
     for item in overrides:
         key = item.partition("=")[0].strip().split(".")[0]
