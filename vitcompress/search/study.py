@@ -23,7 +23,7 @@ from typing import Any
 
 from vitcompress.errors import UsageError, VitCompressError
 from vitcompress.original_cache import OriginalCache
-from vitcompress.recipe import FinetuneConfig, Recipe, dump_recipe
+from vitcompress.recipe import FinetuneConfig, Recipe, ValidateConfig, dump_recipe
 from vitcompress.search.settings import TuneSettings
 from vitcompress.search.space import ResolvedSpace, is_exact, recipe_for, suggest, with_parity_gate
 from vitcompress.search.trial import Measured, measure
@@ -156,6 +156,15 @@ def meets(trial: Any) -> bool:
     return "result" in trial.user_attrs and all(v <= 0 for v in trial.constraints.values())
 
 
+def for_replay(recipe: Recipe) -> Recipe:
+    """The recipe a user replays: as measured, with the report's per-block profile and accuracy ladder back at
+    their defaults (a trial skips both; neither changes the model or its measured numbers)."""
+    defaults = ValidateConfig()
+    validate = recipe.validate_.model_copy(update={"profile_runs": defaults.profile_runs,
+                                                   "ladder_images": defaults.ladder_images})
+    return recipe.model_copy(update={"validate_": validate})
+
+
 def run_worker(study: Any, settings: TuneSettings, space: ResolvedSpace, base: Recipe, trials: int,
                source: dict[str, Any], on_trial: Callable[[Any], None] | None = None) -> None:
     """Run trials until the study holds ``trials`` finished ones (this worker's share of them, with others)."""
@@ -188,7 +197,7 @@ def run_worker(study: Any, settings: TuneSettings, space: ResolvedSpace, base: R
             parity = max(result.max_abs_diff - recipe.validate_.max_abs_diff, 0.0)
         else:
             recipe = with_parity_gate(recipe, result.max_abs_diff)
-        trial.set_user_attr("recipe", dump_recipe(recipe))
+        trial.set_user_attr("recipe", dump_recipe(for_replay(recipe)))
         trial.set_user_attr("result", result.model_dump())
         for key, value in settings.constraints(result.speedup, result.latency_ms, result.drop, parity).items():
             trial.set_constraint(key, value)
