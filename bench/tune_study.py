@@ -1,6 +1,6 @@
 """`vitcompress tune` measured (issue 33): a search on ``vit_fmnist196`` within a top-1 budget against the shipped
 training-free recipes, ToMe alone and onnxruntime int8, with a replay of the best; and a latency-only search on
-DeiT-S (random weights) whose whole front is replayed.
+DeiT-S (random weights, no sensitivity seeding: the replay check needs none) whose whole front is replayed.
 
 Every row is a real conversion through the library in this one process (``vitcompress.tune`` and
 ``vitcompress.convert``), timed in onnxruntime against its own original, interleaved, under the latency lock, at
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -92,7 +93,7 @@ def fmnist196(trials: int, images: int, max_drop: float, work: Path) -> dict:
 def deit_s(trials: int, work: Path) -> dict:
     started = time.perf_counter()
     result = vitcompress.tune("deit_s", random_init=True, data="synthetic", objective="latency", trials=trials,
-                              images=64, out_dir=work / "deit_s")
+                              images=64, sensitivity=False, out_dir=work / "deit_s")
     wall = time.perf_counter() - started
     cache = OriginalCache()
     front = _front(result)
@@ -143,7 +144,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitcompress-tune-study-") as tmp:
         part = fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
             else deit_s(args.trials, Path(tmp))
-    part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit)
+    part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit,
+                load_1min_after=os.getloadavg()[0])
     study[args.part] = part
     study["date"] = part["date"]
     OUT.write_text(json.dumps(study, indent=1) + "\n")
