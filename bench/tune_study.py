@@ -138,14 +138,18 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--images", type=int, default=1000, help="held-out images per trial (fmnist196)")
     parser.add_argument("--max-drop", type=float, default=0.5)
+    parser.add_argument("--wait-for", type=int, help="with both parts running at once: the other part's process id, "
+                                                     "whose results this one writes after")
     args = parser.parse_args()
     commit = pages.source_commit(ROOT)
-    study = json.loads(OUT.read_text()) if OUT.exists() else {}
     with tempfile.TemporaryDirectory(prefix="vitcompress-tune-study-") as tmp:
         part = fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
             else deit_s(args.trials, Path(tmp))
     part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit,
                 load_1min_after=os.getloadavg()[0])
+    while args.wait_for and Path(f"/proc/{args.wait_for}").exists():  # the other part writes the file first
+        time.sleep(5)
+    study = json.loads(OUT.read_text()) if OUT.exists() else {}
     study[args.part] = part
     study["date"] = part["date"]
     OUT.write_text(json.dumps(study, indent=1) + "\n")
