@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from vitcompress.recipe import Recipe
 from vitcompress.search.space import Choice, GroupChoice, ResolvedSpace
+from vitcompress.search.trial import drop_of
 from vitcompress.sensitivity_map import AppliedCell, Sensitivity
 
 #: Probe step name (in the sensitivity map's steps, in this order) → what it sets in a group.
@@ -53,8 +54,6 @@ def probe_recipe(space: ResolvedSpace, base: Recipe) -> tuple[Recipe, list[str]]
     return parse_recipe(data, "tune probe"), [name for name, _ in steps]
 
 
-def _cost(cell: AppliedCell) -> float:
-    return max(cell.top1_drop if cell.top1_drop is not None else 100 * (1 - cell.agreement), 0.0)
 
 
 def seed_choices(sensitivity: Sensitivity, probes: list[str], space: ResolvedSpace,
@@ -64,7 +63,12 @@ def seed_choices(sensitivity: Sensitivity, probes: list[str], space: ResolvedSpa
     middle = sorted(space.rank_ratios)[len(space.rank_ratios) // 2] if space.rank_ratios else None
     cells = [(probes[step.step], cell) for step in sensitivity.steps for cell in step.cells
              if isinstance(cell, AppliedCell) and cell.speedup > 1.0 and cell.group < len(space.groups)]
-    cells.sort(key=lambda pc: -math.log(pc[1].speedup) / max(_cost(pc[1]), 0.05))
+
+    def cost(cell: AppliedCell) -> float:
+        """Points the cell loses, as a trial counts them (:func:`~vitcompress.search.trial.drop_of`)."""
+        return max(drop_of(cell.top1, sensitivity.original_top1, cell.agreement), 0.0)
+
+    cells.sort(key=lambda pc: -math.log(pc[1].speedup) / max(cost(pc[1]), 0.05))
     budget = max_drop if max_drop is not None else 2.0
     seeds: list[Choice] = []
     for share in BUDGET_SHARES:
@@ -72,7 +76,7 @@ def seed_choices(sensitivity: Sensitivity, probes: list[str], space: ResolvedSpa
         spent = 0.0
         for probe, cell in cells:
             group = groups[cell.group]
-            if spent + _cost(cell) > share * budget:
+            if spent + cost(cell) > share * budget:
                 continue
             if probe == "svd_mlp" and not group["shift_mlp"]:
                 group["ranks"].update({n: middle for n in ("fc1", "fc2") if n in space.svd_linears})
@@ -84,7 +88,7 @@ def seed_choices(sensitivity: Sensitivity, probes: list[str], space: ResolvedSpa
                 group["shift_mlp"] = True
             else:
                 continue
-            spent += _cost(cell)
+            spent += cost(cell)
         choice = Choice(groups=[GroupChoice(**g) for g in groups])
         if choice not in seeds and choice.summary() != "no change":
             seeds.append(choice)

@@ -125,12 +125,6 @@ class ResolvedSpace(BaseModel):
         return (len(self.groups) * per_group + (self.r_max > 0) + (self.max_skip > 0) + (len(self.quantize) > 1))
 
 
-def _groups(depth: int, groups: int) -> list[list[int]]:
-    size, extra = divmod(depth, groups)
-    starts = [g * size + min(g, extra) for g in range(groups + 1)]
-    return [list(range(starts[g], starts[g + 1])) for g in range(groups)]
-
-
 PROBE_IMAGES = 4
 
 
@@ -155,6 +149,7 @@ def resolve_space(space: SearchSpace, model: Any, input_size: tuple[int, ...],
     on its first block; a refused transform leaves the space (``refused`` says why). The attention blocks a trial
     may skip are ranked once, on the original, by greedy linear CKA over ``calibration`` batches, so every trial
     (and its replay) names its skipped blocks explicitly."""
+    from vitcompress.sensitivity_map import block_groups
     from vitcompress.transforms.lowrank import LowRankConfig
     from vitcompress.transforms.shift_linear import ShiftConfig
     from vitcompress.transforms.skip import SkipConfig
@@ -201,7 +196,7 @@ def resolve_space(space: SearchSpace, model: Any, input_size: tuple[int, ...],
                              lambda where: calibration)[0]
         skip_order = [int(name.rpartition(".")[2]) for name in ranked.modules]
     return ResolvedSpace(
-        depth=depth, tokens=tokens, groups=_groups(depth, space.groups or min(4, depth)),
+        depth=depth, tokens=tokens, groups=block_groups(depth, space.groups or min(4, depth)),
         rank_ratios=space.rank_ratios if usable["svd_lowrank"] else [],
         svd_linears=list(space.svd_linears) if usable["svd_lowrank"] else [], whitening=space.whitening,
         taylor=usable["taylor_attention"], shift_mlp=usable["shift_linear"], r_max=max(r_max, 0),
