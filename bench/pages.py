@@ -461,6 +461,7 @@ BLOCKS: dict[str, tuple[str, Callable[[Path, Path], str]]] = {
     "deploy": ("bench/deploy.json", lambda root, page: deploy_table(_json(root, "deploy.json"))),
     "golden_tolerance": ("bench/golden_tolerance.json",
                          lambda root, page: golden_tolerance_table(_json(root, "golden_tolerance.json"))),
+    "tune_study": ("bench/tune_study.json", lambda root, page: tune_study_tables(_json(root, "tune_study.json"))),
     "report_overhead": ("bench/report_overhead.json",
                         lambda root, page: report_overhead_table(_json(root, "report_overhead.json"))),
     "finetune_throughput": ("bench/finetune_throughput.jsonl",
