@@ -71,7 +71,9 @@ def test_sigkill_then_the_same_command_resumes_the_study(tmp_path):
     assert {t.number: t.params for t in after if t.number in before} == before  # nothing finished was lost
     assert after[killed[0].number].state == TrialState.FAIL
     retried = [t for t in after if t.user_attrs.get("retry_of") == killed[0].number]
-    assert len(retried) == 1 and retried[0].params == killed[0].params
+    # the killed trial's parameters come back (one killed while it was still drawing them has fewer: the rest
+    # are drawn anew)
+    assert len(retried) == 1 and retried[0].params.items() >= killed[0].params.items()
     assert (out / "pareto.json").is_file()
 
 
