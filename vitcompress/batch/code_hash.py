@@ -29,7 +29,8 @@ CACHE_FILE = Path(platformdirs.user_cache_dir("vitcompress")) / "file-sha256.jso
 _CHUNK = 1 << 20
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in chunks (uncached: the caller decides what may be remembered)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(_CHUNK):
@@ -55,7 +56,7 @@ class FileHashes:
         entry = self.known.get(str(path))
         if isinstance(entry, list) and len(entry) == 3 and entry[:2] == stamp:
             return entry[2]
-        digest = _sha256(path)
+        digest = file_sha256(path)
         self.known[str(path)] = [*stamp, digest]
         self.changed = True
         return digest

@@ -27,7 +27,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from vitcompress.batch.code_hash import PACKAGE_DIR, fingerprint, package_fingerprint, plugin_files
+from vitcompress.batch.code_hash import PACKAGE_DIR, file_sha256, fingerprint, package_fingerprint, plugin_files
 from vitcompress.batch.manifest import Job
 from vitcompress.deploy.cpus import available_cpus
 from vitcompress.files import replace_text
@@ -37,7 +37,6 @@ KEY_PACKAGES = ("vitcompress", "torch", "timm", "onnx", "onnxscript", "onnxrunti
 GATE_FIELDS = ("max_abs_diff", "max_top1_drop", "min_agreement")
 #: Recipe fields that only change latency measurement: part of the latency key.
 TIMING_FIELDS = ("batch_sizes", "latency_runs", "warmup_runs", "profile_runs")
-CHUNK = 1 << 20
 #: Test-only: a value added to the machine fingerprint (see the module docstring). Never set it in CI.
 TEST_MACHINE_ENV = "VITCOMPRESS_TEST_MACHINE"
 
@@ -50,13 +49,8 @@ def canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-@cache
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+#: A file's sha256, remembered for the process (the job inputs a batch reads do not change while it runs).
+sha256_file = cache(file_sha256)
 
 
 @cache
