@@ -99,3 +99,45 @@ def test_the_fine_tune_fidelity_goes_to_fast_trials_just_outside_the_budget():
     assert not promising(screen(1.4, 2.5), s, best_speedup=1.5)  # slower than a trial that meets it
     assert promising(screen(1.4, 2.5), s, best_speedup=None)
     assert not promising(screen(2.0, 2.5), settings(max_drop=1.0), best_speedup=None)  # no fidelity asked
+
+
+def _study_of(trials: list[tuple[float, float]], s: TuneSettings):
+    """An in-memory Optuna study holding complete trials measured at (speed-up, drop)."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for number, (speedup, drop) in enumerate(trials):
+        measured = point(number, speedup, drop, s).measured
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[speedup, drop],
+                                     user_attrs={"result": measured.model_dump(), "recipe": "steps: []\n",
+                                                 "summary": f"t{number}"}))
+    return study
+
+
+def test_a_confirmation_replaces_the_trials_timing_and_the_front_follows_it():
+    from vitcompress.search.confirm import CONFIRMED_ATTR
+    from vitcompress.search.front import points, summarise
+
+    s = settings(max_drop=1.0)
+    study = _study_of([(2.1, 0.0), (1.7, 0.0), (1.5, 0.0)], s)
+    assert [p.trial for p in front_of(points(study, s), s)] == [0]
+    lucky = point(0, 1.6, 0.0, s).measured  # trial 0's replay: it was timed in a lucky burst
+    study.set_user_attr(f"{CONFIRMED_ATTR}0", lucky.model_dump())
+    found = points(study, s)
+    assert found[0].confirmed and found[0].measured.speedup == 1.6 and found[0].trial_measured.speedup == 2.1
+    assert not found[1].confirmed and found[1].trial_measured is None
+    result = summarise(study, s, "memory", "test machine", "2026-12-07")
+    assert [p.trial for p in result.front] == [1] and result.confirmed == 1
+
+
+def test_the_confirmation_header_of_a_front_recipe_names_both_timings():
+    from vitcompress.search.confirm import CONFIRMED_ATTR
+    from vitcompress.search.front import recipe_file_text, summarise
+
+    s = settings(max_drop=1.0)
+    study = _study_of([(2.1, 0.0)], s)
+    study.set_user_attr(f"{CONFIRMED_ATTR}0", point(0, 1.9, 0.0, s).measured.model_dump())
+    result = summarise(study, s, "memory", "test machine", "2026-12-07")
+    header = recipe_file_text(result.front[0], result).splitlines()[1]
+    assert header.startswith("# confirmed by a replay (2.10× in the trial), 2026-12-07") and "1.90×" in header

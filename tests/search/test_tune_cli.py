@@ -38,6 +38,7 @@ def test_a_study_writes_a_front_of_replayable_recipes(tuned):
     result = TuneResult.model_validate_json((out / "pareto.json").read_text())
     assert result.trials == 4 and result.measured + result.refused == 4
     assert result.front and result.best == result.front[0]
+    assert all(p.confirmed for p in result.front) and result.confirmed >= len(result.front)  # replayed at the end
     files = sorted(p.name for p in (out / "pareto").iterdir())
     assert files == [f"{i + 1:02d}.yaml" for i in range(len(result.front))]
     first = (out / "pareto" / "01.yaml").read_text()
@@ -55,6 +56,8 @@ def test_the_sensitivity_map_seeds_the_first_trials(tuned):
     seeded = [t for t in load(out).trials if "seed" in t.user_attrs]
     assert seeded and seeded[0].number == 0
     assert seeded[-1].user_attrs["seed"] == "int8 dynamic"  # the one-call onnxruntime baseline
+    fill = seeded[0].user_attrs["seed"]
+    assert [t.user_attrs["seed"] for t in seeded[-3:-1]] == [f"{fill} · int8 dynamic", f"{fill} · int8 static"]
 
 
 def test_pareto_html_is_self_contained_and_shows_every_trial(tuned):
@@ -109,6 +112,7 @@ def bad(tmp_path, *args):
     (["--sensitivity", "s.json", "--no-sensitivity"], "exclude each other"),
     (["--set", "steps=[]"], "--set steps=[]: tune chooses the steps"),
     (["--set", "validate.threads=0"], "validate.threads"),
+    (["--confirm", "-1"], "--confirm -1"),
 ])
 def test_bad_arguments(tmp_path, args, message):
     assert message in bad(tmp_path, "vit_fmnist", *TINY, *args)

@@ -99,6 +99,9 @@ def _dashboard(out_dir: Path, storage: str | None) -> None:
 @click.option("--sensitivity", "sensitivity_path", type=click.Path(path_type=Path),
               help="reuse this sensitivity.json instead of mapping the steps first")
 @click.option("--no-sensitivity", is_flag=True, help="start without the sensitivity map's seed trials")
+@click.option("--confirm", default=5, show_default=True, type=int,
+              help="replays at the end that re-measure the front's entries (3x the timed runs), so the front rests "
+                   "on timings a replay reproduces; 0: none")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("tune"), show_default=True)
 @click.option("--dashboard", is_flag=True, help="print how to open the study in optuna-dashboard, and exit")
 def tune(model: str | None, data: str | None, checkpoint: Path | None, random_init: bool,
@@ -106,7 +109,7 @@ def tune(model: str | None, data: str | None, checkpoint: Path | None, random_in
          max_drop: float, target_speedup: float | None, target_latency_ms: float | None, trials: int,
          batch_size: int, images: int, runs: int, finetune_steps: int, workers: int, storage: str | None,
          study_name: str, sampler: str, seed: int, sensitivity_path: Path | None, no_sensitivity: bool,
-         out_dir: Path, dashboard: bool) -> None:
+         confirm: int, out_dir: Path, dashboard: bool) -> None:
     """Find the fastest recipes for MODEL within --max-drop, measured on this machine; write the Pareto front.
 
     Every trial is a real conversion (apply, export, onnxruntime latency interleaved with the original, top-1 and
@@ -136,7 +139,7 @@ def tune(model: str | None, data: str | None, checkpoint: Path | None, random_in
                 target_latency_ms=target_latency_ms, trials=trials, batch_size=batch_size, images=images, runs=runs,
                 finetune_steps=finetune_steps, workers=workers, storage=storage, study_name=study_name,
                 sampler=sampler, seed=seed, sensitivity=False if no_sensitivity else sensitivity_path or True,
-                out_dir=out_dir, progress=RichProgress(None), on_trial=table)
+                confirm=confirm, out_dir=out_dir, progress=RichProgress(None), on_trial=table)
         except KeyboardInterrupt:
             error_line(f"interrupted (Ctrl-C): the study keeps its finished trials; run the same command to resume "
                        f"({out_dir})")
@@ -145,7 +148,8 @@ def tune(model: str | None, data: str | None, checkpoint: Path | None, random_in
             if live is not None:
                 live.stop()
     console.print(f"wrote {out_dir}/: pareto/ ({len(result.front)} recipes), pareto.json, pareto.html; "
-                  f"{result.trials} trials, {result.refused} refused combinations", highlight=False)
+                  f"{result.trials} trials, {result.refused} refused combinations, {result.confirmed} confirmed by a replay",
+                  highlight=False)
     if result.best is not None:
         best = result.best
         click.echo(f"best: {out_dir / best.file}: {best.measured.speedup:.2f}× "

@@ -21,17 +21,22 @@ from vitcompress.search.trial import Measured
 
 
 def points(study: Any, settings: TuneSettings) -> list[TrialPoint]:
-    """Every complete trial of ``study`` with its measurement."""
+    """Every complete trial of ``study`` with its measurement (its confirmation's, where it has one)."""
     from optuna.trial import TrialState
 
+    from vitcompress.search.confirm import confirmations
+
+    confirmed = confirmations(study)
     found = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if "result" not in trial.user_attrs:
             continue
-        measured = Measured.model_validate(trial.user_attrs["result"])
+        own = Measured.model_validate(trial.user_attrs["result"])
+        measured = confirmed.get(trial.number, own)
         found.append(TrialPoint(
             trial=trial.number, summary=trial.user_attrs.get("summary", ""), recipe=trial.user_attrs["recipe"],
-            measured=measured,
+            measured=measured, confirmed=trial.number in confirmed,
+            trial_measured=own if trial.number in confirmed else None,
             meets_constraints=all(c <= 0 for c in settings.constraints(measured.speedup, measured.latency_ms,
                                                                        measured.drop).values())))
     return found
@@ -69,7 +74,8 @@ def summarise(study: Any, settings: TuneSettings, storage: str, machine: str, da
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     return TuneResult(settings=settings, study=study.study_name, storage=storage,
                       trials=len(all_points) + len(pruned), measured=len(all_points),
-                      refused=sum("refused" in t.user_attrs for t in pruned), front=front, points=all_points,
+                      refused=sum("refused" in t.user_attrs for t in pruned),
+                      confirmed=sum(p.confirmed for p in all_points), front=front, points=all_points,
                       best=best,
                       nearest_miss=None if best else nearest_miss(all_points, settings), machine=machine, date=date)
 
@@ -79,8 +85,10 @@ def recipe_file_text(point: TrialPoint, result: TuneResult) -> str:
     m = point.measured
     accuracy = (f"top-1 {m.original_top1:.2f} → {m.top1:.2f} % (drop {m.drop:.2f} pt)" if m.top1 is not None
                 else f"disagreement {m.drop:.2f} pt")
+    how = (f"confirmed by a replay ({point.trial_measured.speedup:.2f}× in the trial)" if point.trial_measured
+           else "measured in the trial")
     header = (f"# vitcompress tune, trial {point.trial} of study {result.study!r}: {point.summary}\n"
-              f"# measured {result.date} on {result.machine}: {m.speedup:.2f}× at batch "
+              f"# {how}, {result.date} on {result.machine}: {m.speedup:.2f}× at batch "
               f"{result.settings.batch_size} ({m.original_ms:.2f} → {m.latency_ms:.2f} ms), {accuracy}, "
               f"agreement {100 * m.agreement:.2f} %\n"
               f"# replay: vitcompress convert {result.settings.model} --recipe {point.file}\n")

@@ -13,6 +13,8 @@ def _hover(point: TrialPoint) -> str:
     lines = [f"trial {point.trial}" + (f" → {point.file}" if point.file else ""), html.escape(point.summary),
              f"{m.speedup:.2f}× ({m.original_ms:.2f} → {m.latency_ms:.2f} ms)",
              f"drop {m.drop:.2f} pt, agreement {100 * m.agreement:.2f} %"]
+    if point.trial_measured is not None:
+        lines.append(f"confirmed by a replay ({point.trial_measured.speedup:.2f}× in the trial)")
     if m.finetune_steps:
         lines.append(f"fine-tuned {m.finetune_steps} steps")
     return "<br>".join(lines)

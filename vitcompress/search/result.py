@@ -18,7 +18,11 @@ class TrialPoint(BaseModel):
     trial: int
     summary: str
     recipe: str = Field(description="the trial's complete recipe (YAML)")
-    measured: Measured
+    measured: Measured = Field(description="what the front reads: the confirmation replay's measurement when the "
+                                           "trial was confirmed (see vitcompress.search.confirm), else the trial's")
+    confirmed: bool = Field(False, description="whether ``measured`` is a confirmation replay")
+    trial_measured: Optional[Measured] = Field(None, description="the trial's own measurement, when a "
+                                                                 "confirmation replaced it")
     meets_constraints: bool
     file: Optional[str] = Field(None, description="pareto/NN.yaml, for a front entry")
 
@@ -34,6 +38,7 @@ class TuneResult(BaseModel):
     trials: int = Field(description="finished trials (complete or pruned)")
     measured: int = Field(description="trials that produced a measurement")
     refused: int = Field(description="trials whose combination a transform or the exporter refused (pruned)")
+    confirmed: int = Field(0, description="trials re-measured by a confirmation replay")
     front: list[TrialPoint]
     points: list[TrialPoint] = Field(description="every measured trial, in trial order")
     best: Optional[TrialPoint]

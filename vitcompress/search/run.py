@@ -26,6 +26,7 @@ from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import Recipe, apply_overrides, parse_recipe
 from vitcompress.search import seeds as seeding
 from vitcompress.search import study as studies
+from vitcompress.search.confirm import confirm_front
 from vitcompress.search.front import summarise, write_outputs
 from vitcompress.search.result import TuneResult
 from vitcompress.search.settings import Objective, Sampler, TuneSettings, check_targets
@@ -110,6 +111,7 @@ def tune(
     sampler: Sampler = "tpe",
     seed: int = 0,
     sensitivity: Union[str, Path, bool] = True,
+    confirm: int = 5,
     out_dir: str | Path = "tune",
     progress: Progress | None = None,
     on_trial: Callable[[TrialLine], None] | None = None,
@@ -137,6 +139,8 @@ def tune(
         sampler: ``tpe`` (default) or ``nsga2``; seeded with ``seed``.
         sensitivity: True: map the space's steps first (``sensitivity.json``) and seed the first trials from
             it; a path: reuse that map; False: no seeding.
+        confirm: at most this many replays at the end that re-measure the front's entries
+            (:mod:`vitcompress.search.confirm`); 0: the front rests on the trials' own timings.
         out_dir: where ``study.db`` (with the default storage), ``pareto/NN.yaml``, ``pareto.json`` and
             ``pareto.html`` go.
         progress: receives stage lines; ``on_trial``: called after each finished trial of this process.
@@ -149,6 +153,8 @@ def tune(
     """
     progress = progress or LogProgress()
     check_targets(max_drop, target_speedup, target_latency_ms, trials, workers)
+    if confirm < 0:
+        raise UsageError(f"--confirm {confirm}: a number of replays, 0 or more")
     space_config = space if isinstance(space, SearchSpace) else load_space(Path(space)) if space else SearchSpace()
     name = chosen_name(model, None)
     check_model_args(model_args, Path(checkpoint) if checkpoint else None, random_init)
@@ -196,6 +202,7 @@ def tune(
     source = {"data": data, "checkpoint": checkpoint, "random_init": random_init, "model_args": model_args}
     _run_workers(study, settings, resolved, base, trials, source, workers, url,
                  study_name, on_trial)
+    confirm_front(study, settings, source, confirm, progress)
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     result = summarise(study, settings, studies._redacted(url), machine_description(), date)
     result = result.model_copy(update={"out_dir": str(out_dir)})
