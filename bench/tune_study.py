@@ -7,8 +7,12 @@ Every row is a real conversion through the library in this one process (``vitcom
 batch 1 and 2 threads, on the same held-out images. Writes ``bench/tune_study.json`` and ``bench/tune_front.png``
 (matplotlib), then has ``bench/pages.py`` rewrite the ``tune_study`` block of docs/benchmark.md.
 
+    python bench/tune_study.py --part shipped      # the shipped recipes with their own fine-tune (~1 h)
     python bench/tune_study.py --part fmnist196 --trials 60
     python bench/tune_study.py --part deit_s --trials 20
+
+The ``shipped`` part converts every shipped recipe not among the training-free baselines, each with the
+fine-tune it ships with, on ``vit_fmnist196`` under the same validation settings: the bar a search must clear.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ BASELINES = [("fast.yaml", "fast", []), ("tome.yaml (ToMe r=3)", "tome", []),
              ("ORT static int8 of the original", "fast", ["steps=[]", "export.quantize=static"])]
 
 
+#: The validation every baseline and shipped-recipe row shares (gates off: each row is a measurement).
+SHARED = ["validate.batch_sizes=[1]", "validate.latency_runs=30", "validate.profile_runs=0",
+          "validate.ladder_images=0", "validate.max_top1_drop=null", "validate.min_agreement=null",
+          "validate.max_abs_diff=1.0"]
+
+
 def _row(report: Report, seconds: float, max_drop: float | None) -> dict:
     converted, original = report.validation.models["converted"], report.validation.models["original"]
     mine, theirs = converted.latency[1], original.latency[1]
@@ -59,13 +69,33 @@ def _convert(model: str, recipe, cache: OriginalCache, max_drop: float | None, *
 
 
 def _front(result) -> list[dict]:
-    return [{"file": p.file, "trial": p.trial, "summary": p.summary, **p.measured.model_dump()} for p in result.front]
+    return [{"file": p.file, "trial": p.trial, "summary": p.summary, "confirmed": p.confirmed,
+             "trial_speedup": p.trial_measured.speedup if p.trial_measured else p.measured.speedup,
+             **p.measured.model_dump()} for p in result.front]
+
+
+def shipped(images: int, max_drop: float) -> dict:
+    """Every shipped recipe outside :data:`BASELINES`, with its own fine-tune, on vit_fmnist196."""
+    from vitcompress.errors import VitCompressError
+    from vitcompress.recipe import shipped_recipes
+
+    cache = OriginalCache()
+    taken = {recipe for _, recipe, _ in BASELINES}
+    rows: dict[str, dict] = {}
+    for name, path in sorted(shipped_recipes().items()):
+        if name in taken:
+            continue
+        try:
+            rows[f"{name}.yaml"] = _convert("vit_fmnist196", name, cache, max_drop, data="fmnist",
+                                            overrides=[f"validate.images={images}", *SHARED])
+        except VitCompressError as exc:
+            rows[f"{name}.yaml"] = {"refused": str(exc)}
+        print(name, rows[f"{name}.yaml"], flush=True)
+    return {"model": "vit_fmnist196", "images": images, "max_drop": max_drop, "rows": rows}
 
 
 def fmnist196(trials: int, images: int, max_drop: float, work: Path) -> dict:
-    shared = [f"validate.images={images}", "validate.batch_sizes=[1]", "validate.latency_runs=30",
-              "validate.profile_runs=0", "validate.max_top1_drop=null", "validate.min_agreement=null",
-              "validate.max_abs_diff=1.0"]
+    shared = [f"validate.images={images}", *SHARED]
     cache = OriginalCache()
     baselines = {}
     for label, recipe, overrides in BASELINES:
@@ -134,7 +164,7 @@ def plot(study: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["fmnist196", "deit_s"], required=True)
+    parser.add_argument("--part", choices=["shipped", "fmnist196", "deit_s"], required=True)
     parser.add_argument("--trials", type=int, default=60)
     parser.add_argument("--images", type=int, default=1000, help="held-out images per trial (fmnist196)")
     parser.add_argument("--max-drop", type=float, default=0.5)
@@ -142,11 +172,13 @@ def main() -> None:
                                                      "whose results this one writes after")
     args = parser.parse_args()
     commit = pages.source_commit(ROOT)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="vitcompress-tune-study-") as tmp:
-        part = fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
+        part = shipped(args.images, args.max_drop) if args.part == "shipped" \
+            else fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
             else deit_s(args.trials, Path(tmp))
     part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit,
-                load_1min_after=os.getloadavg()[0])
+                load_1min_after=os.getloadavg()[0], load_1min_before=load_before)
     while args.wait_for and Path(f"/proc/{args.wait_for}").exists():  # the other part writes the file first
         time.sleep(5)
     study = json.loads(OUT.read_text()) if OUT.exists() else {}
