@@ -399,15 +399,29 @@ def tune_study_tables(study: dict) -> str:
                   "", f"| conversion | speed-up b1 | top-1 drop (pt) | agreement | within {part['max_drop']:g} pt |",
                   "|---|---:|---:|---:|---|"]
         rows = list(part["baselines"].items())
+        shipped = study.get("shipped", {}).get("rows", {})
+        rows += [(f"{name} (its own fine-tune)", row) for name, row in shipped.items() if "refused" not in row]
         if part["best"]:
             best = part["best"]
-            rows.append((f"**tune best** (trial {best['trial']}: {best['summary']})", {**best, "meets": True}))
+            how = (f", {best['trial_speedup']:.2f}× in its trial, confirmed by a replay" if best.get("confirmed")
+                   else "")
+            rows.append((f"**tune best** (trial {best['trial']}: {best['summary']}{how})", {**best, "meets": True}))
         if part.get("replay"):
-            rows.append(("tune best, replayed with `convert`", part["replay"]))
+            rows.append(("tune best, replayed again with `convert`", part["replay"]))
         for label, row in rows:
             lines.append(f"| {label} | {row['speedup']:.2f}× | {row['drop']:.2f} | {100 * row['agreement']:.1f} % | "
                          f"{'✓' if row['meets'] else '✗'} |")
         lines.append("")
+        refused = {name: row["refused"] for name, row in shipped.items() if "refused" in row}
+        if refused:
+            lines += ["Refused on vit_fmnist196: " + "; ".join(f"{name} ({why})" for name, why in refused.items()),
+                      ""]
+        within = [(row["speedup"], label) for label, row in rows
+                  if row["meets"] and not label.startswith(("**tune", "tune", "ORT"))]
+        if within and part.get("replay"):
+            bar, label = max(within)
+            lines += [f"The fastest shipped recipe within {part['max_drop']:g} pt: {label} at {bar:.2f}×; tune's best, "
+                      f"replayed: {part['replay']['speedup'] / bar:.2f}× of it (the issue's target: ≥ 1.2×).", ""]
     part = study.get("deit_s")
     if part:
         lines += [f"Measured {part['date']} on {part['machine']}; commit {short_commit(part.get('commit'))}. "

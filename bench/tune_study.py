@@ -151,8 +151,11 @@ def plot(study: dict, path: Path) -> None:
                  label="tune trials")
     front = sorted(part["front"], key=lambda p: p["drop"])
     axis.plot([p["drop"] for p in front], [p["speedup"] for p in front], "o-", c="#d62728", label="tune front")
-    for label, row in part["baselines"].items():
-        axis.scatter([row["drop"]], [row["speedup"]], marker="s", s=40, label=label)
+    shipped = {f"{name} (fine-tuned)": row for name, row in study.get("shipped", {}).get("rows", {}).items()
+               if "refused" not in row}
+    for label, row in {**part["baselines"], **shipped}.items():
+        axis.scatter([row["drop"]], [row["speedup"]], marker="s" if label in part["baselines"] else "^", s=40,
+                     label=label)
     axis.axvline(part["max_drop"], ls="--", c="#1f77b4", lw=1)
     axis.set_xlabel("top-1 drop on held-out Fashion-MNIST (points)")
     axis.set_ylabel("speed-up over the original (ORT, batch 1, 2 threads)")
