@@ -109,11 +109,13 @@ def test_torch_onnxruntime_parity_on_vit_fmnist_and_deit(request, tmp_path, fixt
     [
         (lambda: timm.create_model("test_vit", pretrained=False, global_pool="avg"),
          "global_pool 'avg' is not supported, only 'token'.*token sizes as weights"),
+        (lambda: timm.create_model("test_vit", pretrained=False, global_pool="map"),
+         "the head pools with attention \\(AttentionPoolLatent\\)"),
         (lambda: nn.Sequential(nn.Linear(4, 4)), "needs a timm VisionTransformer.*got Sequential"),
         (lambda: timm.create_model("test_vit", pretrained=False, reg_tokens=2),
          "exactly one prefix token.*3 prefix tokens"),
     ],
-    ids=["avg_pool", "not_timm", "register_tokens"],
+    ids=["avg_pool", "attention_pool", "not_timm", "register_tokens"],
 )
 def test_unsupported_architecture_is_a_clear_error(make, message):
     model = make()

@@ -48,7 +48,11 @@ def check_architecture(model: nn.Module) -> nn.Sequential:
     if not isinstance(blocks, nn.Sequential) or not hasattr(model, "global_pool"):
         raise TargetError(f"{STEP}: needs a timm VisionTransformer (a `blocks` Sequential and a global_pool), "
                           f"got {type(model).__name__}")
-    if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
+    if getattr(model, "attn_pool", None) is not None:
+        raise TargetError(f"{STEP}: the head pools with attention ({type(model.attn_pool).__name__}), which ToMe "
+                          "does not support: merged tokens stand for different numbers of patches, so its attention "
+                          "would need the token sizes in its logits")
+    if model.global_pool != "token":
         raise TargetError(
             f"{STEP}: global_pool {model.global_pool!r} is not supported, only 'token': merging leaves tokens that "
             "stand for different numbers of patches, so pooling over them would need the token sizes as weights")
