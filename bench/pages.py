@@ -416,6 +416,10 @@ def tune_study_tables(study: dict) -> str:
         if refused:
             lines += ["Refused on vit_fmnist196: " + "; ".join(f"{name} ({why})" for name, why in refused.items()),
                       ""]
+        not_run = study.get("shipped", {}).get("not_run", {})
+        if not_run:
+            lines += ["Not run in this round (their fine-tune steps): "
+                      + ", ".join(f"{name} ({steps})" for name, steps in not_run.items()) + ".", ""]
         within = [(row["speedup"], label) for label, row in rows
                   if row["meets"] and not label.startswith(("**tune", "tune", "ORT"))]
         if within and part.get("replay"):

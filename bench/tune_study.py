@@ -74,24 +74,37 @@ def _front(result) -> list[dict]:
              **p.measured.model_dump()} for p in result.front]
 
 
-def shipped(images: int, max_drop: float) -> dict:
-    """Every shipped recipe outside :data:`BASELINES`, with its own fine-tune, on vit_fmnist196."""
+def _finetune_steps(recipe) -> int:
+    """Distillation steps a recipe runs (per stage times stages)."""
+    if recipe.finetune is None:
+        return 0
+    return recipe.finetune.steps * max(len(recipe.finetune.stages or []), 1)
+
+
+def shipped(images: int, max_drop: float, write) -> dict:
+    """Every shipped recipe outside :data:`BASELINES`, with its own fine-tune, on vit_fmnist196, the cheapest
+    fine-tune first; ``write`` saves the part after each row (a long run that is stopped keeps its rows)."""
     from vitcompress.errors import VitCompressError
-    from vitcompress.recipe import shipped_recipes
+    from vitcompress.recipe import load_recipe, shipped_recipes
 
     cache = OriginalCache()
     taken = {recipe for _, recipe, _ in BASELINES}
-    rows: dict[str, dict] = {}
-    for name, path in sorted(shipped_recipes().items()):
-        if name in taken:
-            continue
+    names = sorted((name for name in shipped_recipes() if name not in taken),
+                   key=lambda name: (_finetune_steps(load_recipe(name)), name))
+    part = {"model": "vit_fmnist196", "images": images, "max_drop": max_drop, "rows": {},
+            "not_run": {f"{name}.yaml": _finetune_steps(load_recipe(name)) for name in names}}
+    for name in names:
+        label = f"{name}.yaml"
         try:
-            rows[f"{name}.yaml"] = _convert("vit_fmnist196", name, cache, max_drop, data="fmnist",
-                                            overrides=[f"validate.images={images}", *SHARED])
+            part["rows"][label] = _convert("vit_fmnist196", name, cache, max_drop, data="fmnist",
+                                           overrides=[f"validate.images={images}", *SHARED])
+            part["rows"][label]["finetune_steps"] = part["not_run"][label]
         except VitCompressError as exc:
-            rows[f"{name}.yaml"] = {"refused": str(exc)}
-        print(name, rows[f"{name}.yaml"], flush=True)
-    return {"model": "vit_fmnist196", "images": images, "max_drop": max_drop, "rows": rows}
+            part["rows"][label] = {"refused": str(exc)}
+        del part["not_run"][label]
+        print(name, part["rows"][label], flush=True)
+        write(part)
+    return part
 
 
 def fmnist196(trials: int, images: int, max_drop: float, work: Path) -> dict:
@@ -176,21 +189,25 @@ def main() -> None:
     args = parser.parse_args()
     commit = pages.source_commit(ROOT)
     load_before = os.getloadavg()[0]
+
+    def write(part: dict) -> None:
+        part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2,
+                    commit=commit, load_1min_after=os.getloadavg()[0], load_1min_before=load_before)
+        study = json.loads(OUT.read_text()) if OUT.exists() else {}
+        study[args.part] = part
+        study["date"] = part["date"]
+        OUT.write_text(json.dumps(study, indent=1) + "\n")
+        if "fmnist196" in study:
+            plot(study, ROOT / "bench" / "tune_front.png")
+        pages.write(ROOT)
+
     with tempfile.TemporaryDirectory(prefix="vitcompress-tune-study-") as tmp:
-        part = shipped(args.images, args.max_drop) if args.part == "shipped" \
+        part = shipped(args.images, args.max_drop, write) if args.part == "shipped" \
             else fmnist196(args.trials, args.images, args.max_drop, Path(tmp)) if args.part == "fmnist196" \
             else deit_s(args.trials, Path(tmp))
-    part.update(date=datetime.date.today().isoformat(), machine=machine_description(), threads=2, commit=commit,
-                load_1min_after=os.getloadavg()[0], load_1min_before=load_before)
     while args.wait_for and Path(f"/proc/{args.wait_for}").exists():  # the other part writes the file first
         time.sleep(5)
-    study = json.loads(OUT.read_text()) if OUT.exists() else {}
-    study[args.part] = part
-    study["date"] = part["date"]
-    OUT.write_text(json.dumps(study, indent=1) + "\n")
-    if "fmnist196" in study:
-        plot(study, ROOT / "bench" / "tune_front.png")
-    pages.write(ROOT)
+    write(part)
 
 
 if __name__ == "__main__":
