@@ -69,14 +69,16 @@ def run(ctx: RunContext) -> None:
     ladder = None
     if images:
         ctx.progress.stage("ladder", f"{len(RUNGS)} rungs (torch and onnxruntime) on {images} validation images")
-        measured = passes(ctx, images)
+        with ctx.clock.part("rungs"):
+            measured = passes(ctx, images)
         original = measured["original"]
         ladder = Ladder(images=images, rungs=[rung(name, measured[name], original) for name in RUNGS])
         kept = {name: result for name, result in measured.items() if isinstance(result, RungPass)}
     else:
         kept = {}
     ctx.progress.stage("end-to-end", "decode, resize, normalise and model.onnx per image, batch 1")
-    timing = end_to_end(ctx.onnx_path, end_to_end_files(ctx), config.threads)
+    with ctx.clock.part("end-to-end"):
+        timing = end_to_end(ctx.onnx_path, end_to_end_files(ctx), config.threads)
     write_predictions(ctx.work_dir / PREDICTIONS, ctx.predictions, kept)
     differ = disagreements(ctx.predictions)
     sensitivity = None
