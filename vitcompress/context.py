@@ -104,7 +104,8 @@ class RunContext:
     checkpoint_dir: Path | None = None
     #: the original's ONNX export and predictions, shared with other conversions that the caller gives the same cache
     cache: OriginalCache = field(default_factory=OriginalCache)
-    #: the ladder's passes measured before the ladder stage (the transformed model, before fine-tuning)
+    #: the ladder's passes measured before the ladder stage: the transformed model (before fine-tuning) and the
+    #: original (the validation's torch parity reads its first images: one torch pass of the original, not two)
     rungs: dict[str, RungPass] = field(default_factory=dict)
     #: the validation's onnxruntime predictions of "original" and "converted" (top-k per image)
     predictions: dict[str, Predictions] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from vitcompress.evaluate import (
     top1,
     torch_logits,
 )
+from vitcompress.ladder import torch_pass
 from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.measure import count_macs, count_params
 from vitcompress.original_cache import file_digest
@@ -61,8 +62,14 @@ def run(ctx: RunContext) -> None:
     parity = {}
     quantize = ctx.recipe.export.quantize
     parity_begin = time.perf_counter()
+    ladder = min(config.ladder_images, len(data))
+    if ladder >= min(PARITY_IMAGES, len(data)):  # the ladder's rung of the original: one torch pass for both
+        ctx.rungs["original"] = torch_pass(ctx.original.model, data, ladder)
     for name, model in (("original", ctx.original.model), ("converted", ctx.model)):
-        reference = torch_logits(model, data, PARITY_IMAGES)
+        if name == "original" and "original" in ctx.rungs:
+            reference = ctx.rungs["original"].logits[:PARITY_IMAGES]
+        else:
+            reference = torch_logits(model, data, PARITY_IMAGES)
         got = predictions[name].head_logits
         parity[name] = {"max_abs_diff": float(np.abs(reference - got).max()),
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
