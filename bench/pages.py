@@ -442,8 +442,8 @@ def report_overhead_table(result: dict) -> str:
 
 def convert_walltime_table(result: dict) -> str:
     """bench/convert_walltime.json: a DeiT-S svd conversion's wall time, stage by stage (the report's timings)."""
-    steps = "; ".join(f"step {s['step']} `{s['transform']}` ({s['modules']} modules) {s['seconds']:.1f} s, of which "
-                      f"calibration {s['calibration_seconds']:.1f} s" for s in result["steps"])
+    steps = "; ".join((f"step {s['step']} `{s['transform']}` ({s['modules']} modules) {s['seconds']:.1f} s, of "
+                       f"which calibration {s['calibration_seconds']:.1f} s") for s in result["steps"])
     lines = [
         f"Measured {result['date']} on {result['machine']} ({result['cpus']} CPUs, torch {result['torch_threads']} "
         f"threads, onnxruntime {result['onnxruntime_threads']} intra-op threads); commit "
@@ -451,8 +451,8 @@ def convert_walltime_table(result: dict) -> str:
         f"`{result['uptime_after']}`. `{result['conversion']}`: {result['calibration_images']} calibration images, "
         f"{result['validation_images']} validation images, {result['latency_runs']} latency runs, "
         f"{result['profile_runs']} profiled runs, ladder on {result['ladder_images']}.", "",
-        f"**{result['wall_s']:.1f} s** wall ({'within' if result['wall_s'] <= result['target_s'] else 'over'} the "
-        f"{result['target_s']:.0f} s target); {result['stages_s']:.1f} s in the stages. {steps}.", "",
+        (f"**{result['wall_s']:.1f} s** wall ({'within' if result['wall_s'] <= result['target_s'] else 'over'} the "
+         f"{result['target_s']:.0f} s target); {result['stages_s']:.1f} s in the stages. {steps}."), "",
         "| stage | seconds | share | parts (seconds) |", "|---|---:|---:|---|"]
     for stage in result["stages"]:
         parts = ", ".join(f"{part['name']} {part['seconds']:.1f}" for part in stage["parts"])
