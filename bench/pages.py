@@ -445,12 +445,12 @@ def convert_walltime_table(result: dict) -> str:
     steps = "; ".join((f"step {s['step']} `{s['transform']}` ({s['modules']} modules) {s['seconds']:.1f} s, of "
                        f"which calibration {s['calibration_seconds']:.1f} s") for s in result["steps"])
     lines = [
-        f"Measured {result['date']} on {result['machine']} ({result['cpus']} CPUs, torch {result['torch_threads']} "
-        f"threads, onnxruntime {result['onnxruntime_threads']} intra-op threads); commit "
-        f"{short_commit(result.get('commit'))}; machine load before: `{result['uptime_before']}`, after: "
-        f"`{result['uptime_after']}`. `{result['conversion']}`: {result['calibration_images']} calibration images, "
-        f"{result['validation_images']} validation images, {result['latency_runs']} latency runs, "
-        f"{result['profile_runs']} profiled runs, ladder on {result['ladder_images']}.", "",
+        (f"Measured {result['date']} on {result['machine']} ({result['cpus']} CPUs, torch {result['torch_threads']} "
+         f"threads, onnxruntime {result['onnxruntime_threads']} intra-op threads); commit "
+         f"{short_commit(result.get('commit'))}; machine load before: `{result['uptime_before']}`, after: "
+         f"`{result['uptime_after']}`. `{result['conversion']}`: {result['calibration_images']} calibration images, "
+         f"{result['validation_images']} validation images, {result['latency_runs']} latency runs, "
+         f"{result['profile_runs']} profiled runs, ladder on {result['ladder_images']}."), "",
         (f"**{result['wall_s']:.1f} s** wall ({'within' if result['wall_s'] <= result['target_s'] else 'over'} the "
          f"{result['target_s']:.0f} s target); {result['stages_s']:.1f} s in the stages. {steps}."), "",
         "| stage | seconds | share | parts (seconds) |", "|---|---:|---:|---|"]
