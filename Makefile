@@ -56,5 +56,6 @@ bench: install data
 	$(PY) bench/tune_study.py --part fmnist196 --trials 30
 	$(PY) bench/tune_study.py --part deit_s --trials 12
 	$(PY) bench/report_overhead.py
+	$(PY) bench/convert_walltime.py
 	$(PY) bench/run.py
 	$(PY) bench/pages.py

@@ -20,6 +20,7 @@ Blocks (name: results file):
 - ``deploy``: bench/deploy.json (bench/deploy.py);
 - ``golden_tolerance``: bench/golden_tolerance.json (bench/golden_tolerance.py);
 - ``tune_study``: bench/tune_study.json (bench/tune_study.py);
+- ``convert_walltime``: bench/convert_walltime.json (bench/convert_walltime.py);
 - ``finetune_throughput``: bench/finetune_throughput.jsonl (bench/finetune_throughput.py; the last row of each
   configuration).
 """
@@ -457,6 +458,27 @@ def report_overhead_table(result: dict) -> str:
         f"report.html: {result['report_html_bytes'] / 1e6:.2f} MB."]) + "\n"
 
 
+def convert_walltime_table(result: dict) -> str:
+    """bench/convert_walltime.json: a DeiT-S svd conversion's wall time, stage by stage (the report's timings)."""
+    steps = "; ".join((f"step {s['step']} `{s['transform']}` ({s['modules']} modules) {s['seconds']:.1f} s, of "
+                       f"which calibration {s['calibration_seconds']:.1f} s") for s in result["steps"])
+    lines = [
+        (f"Measured {result['date']} on {result['machine']} ({result['cpus']} CPUs, torch {result['torch_threads']} "
+         f"threads, onnxruntime {result['onnxruntime_threads']} intra-op threads); commit "
+         f"{short_commit(result.get('commit'))}; machine load before: `{result['uptime_before']}`, after: "
+         f"`{result['uptime_after']}`. `{result['conversion']}`: {result['calibration_images']} calibration images, "
+         f"{result['validation_images']} validation images, {result['latency_runs']} latency runs, "
+         f"{result['profile_runs']} profiled runs, ladder on {result['ladder_images']}."), "",
+        (f"**{result['wall_s']:.1f} s** wall ({'within' if result['wall_s'] <= result['target_s'] else 'over'} the "
+         f"{result['target_s']:.0f} s target); {result['stages_s']:.1f} s in the stages. {steps}."), "",
+        "| stage | seconds | share | parts (seconds) |", "|---|---:|---:|---|"]
+    for stage in result["stages"]:
+        parts = ", ".join(f"{part['name']} {part['seconds']:.1f}" for part in stage["parts"])
+        lines.append(f"| {stage['stage']} | {stage['seconds']:.1f} | {100 * stage['seconds'] / result['stages_s']:.0f} % "
+                     f"| {parts} |")
+    return "\n".join(lines) + "\n"
+
+
 def _jsonl(root: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (root / "bench" / name).read_text().splitlines() if line.strip()]
 
@@ -482,6 +504,8 @@ BLOCKS: dict[str, tuple[str, Callable[[Path, Path], str]]] = {
     "tune_study": ("bench/tune_study.json", lambda root, page: tune_study_tables(_json(root, "tune_study.json"))),
     "report_overhead": ("bench/report_overhead.json",
                         lambda root, page: report_overhead_table(_json(root, "report_overhead.json"))),
+    "convert_walltime": ("bench/convert_walltime.json",
+                         lambda root, page: convert_walltime_table(_json(root, "convert_walltime.json"))),
     "finetune_throughput": ("bench/finetune_throughput.jsonl",
                             lambda root, page: finetune_throughput_table(_jsonl(root, "finetune_throughput.jsonl"))),
 }

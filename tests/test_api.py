@@ -162,6 +162,28 @@ def test_convert_a_module_that_is_not_a_vit_is_a_model_error_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def assert_timings(report, out_dir: Path) -> None:
+    """Every stage timed once in order, the parts within their stage, the stages within the total; the step's
+    calibration pass within the step; report.json rewritten with them and still listed right in SHA256SUMS."""
+    from vitcompress.api import STAGES
+    from vitcompress.deploy.bundle import check_checksums
+
+    timings = report.timings
+    assert [stage.stage for stage in timings.stages] == [module.__name__.rpartition(".")[2] for module in STAGES]
+    assert all(stage.seconds >= 0 for stage in timings.stages)
+    assert sum(stage.seconds for stage in timings.stages) <= timings.seconds
+    assert all(sum(part.seconds for part in stage.parts) <= stage.seconds + 1e-6 for stage in timings.stages)
+    stages = {stage.stage: stage for stage in timings.stages}
+    step = report.steps[0]
+    assert 0 < step.calibration_seconds <= step.seconds <= stages["transform"].seconds
+    assert [part.name for part in stages["validate"].parts] == [
+        "accuracy", "parity (torch)", "latency", "params, MACs, expert shares"]
+    assert stages["export"].parts[0].name == "original" and "step 0 svd_lowrank" in {
+        part.name for part in stages["transform"].parts}
+    assert "- wall time (seconds per stage): " in (out_dir / "report.md").read_text()
+    assert "report.json" in check_checksums(out_dir)
+
+
 @pytest.mark.slow
 def test_convert_an_in_memory_vit_into_a_temporary_directory(tiny_vit):
     state = {k: v.clone() for k, v in tiny_vit.state_dict().items()}
@@ -184,6 +206,7 @@ def test_convert_an_in_memory_vit_into_a_temporary_directory(tiny_vit):
         assert report.data.labelled and report.data.train_images == 48 and report.validation.images == 16
         assert report.validation.models["converted"].latency[1].p50_ms > 0
         assert report.schema_version == 1 and vitcompress.Report.load(result.out_dir / "report.json") == report
+        assert_timings(report, result.out_dir)
     finally:
         import shutil
 

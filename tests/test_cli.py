@@ -62,6 +62,9 @@ def test_convert_tiny_vit_happy_path(tmp_path, svd_recipe):
     assert set(converted["latency"]) == {"b1", "b8"}
     assert report["finetune"]["steps_done"] == 2
     assert "original" in result.output and "converted" in result.output
+    time_line = next(line for line in result.output.splitlines() if line.startswith("time: "))
+    assert "transform" in time_line and "validate" in time_line and "page" in time_line
+    assert [stage["stage"] for stage in report["timings"]["stages"]][-2:] == ["bundle", "page"]
     assert not list(tmp_path.glob(".run.partial-*"))
 
 

@@ -116,3 +116,43 @@ def test_markdown_of_a_finetune_stopped_before_its_first_step():
                                 stopped="non-finite loss or gradient at step 0: stopped, kept the weights from before the fine-tune")
     text = markdown(built(sections))
     assert "fine-tune: 0/3 steps, 12 img/s" in text and "non-finite loss or gradient at step 0" in text
+
+
+def test_timings_round_trip_and_render_one_line(tmp_path):
+    sections = stage_sections()
+    sections["steps"][0].update(seconds=3.0, calibration_seconds=2.5)
+    sections["timings"] = {"seconds": 10.0, "stages": [
+        {"stage": "load", "seconds": 1.0},
+        {"stage": "transform", "seconds": 3.5, "parts": [{"name": "step 0 attention_skip", "seconds": 3.0},
+                                                         {"name": "ladder (transformed, torch)", "seconds": 0.01}]},
+        {"stage": "validate", "seconds": 5.0, "parts": [{"name": "latency", "seconds": 4.0}]}]}
+    report = built(sections)
+    (tmp_path / "report.json").write_text(report.dump_json())
+    assert Report.load(tmp_path) == report and report.timings.stages[1].parts[0].seconds == 3.0
+    assert ("- wall time (seconds per stage): 10.0 s: load 1.0, transform 3.5 (step 0 attention_skip 3.0, "
+            "calibration 2.5), validate 5.0 (latency 4.0)") in markdown(report)
+
+
+def test_a_report_without_timings_loads_and_renders():
+    report = built(stage_sections())
+    assert report.timings is None and report.steps[0].seconds is None
+    assert "wall time" not in markdown(report)
+
+
+def test_the_stage_clock_times_stages_and_their_parts(monkeypatch):
+    from vitcompress import context
+
+    now = iter([0.0, 1.0, 1.5, 2.0, 4.0, 5.0, 6.0, 7.0])
+    monkeypatch.setattr(context.time, "perf_counter", lambda: next(now))
+    clock = context.StageClock()  # starts at 0
+    with clock.stage("export"):  # 1 → 4
+        with clock.part("original"):  # 1.5 → 2
+            pass
+        clock.add_part("converted", 1.25)
+    with clock.stage("page"):  # 5 → 6
+        pass
+    timings = clock.timings()  # at 7
+    assert timings.seconds == 7.0 and [(s.stage, s.seconds) for s in timings.stages] == [("export", 3.0),
+                                                                                       ("page", 1.0)]
+    assert [(p.name, p.seconds) for p in timings.stages[0].parts] == [("original", 0.5), ("converted", 1.25)]
+    assert timings.stages[1].parts == []

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from vitcompress import remeasure
 from vitcompress.context import ConvertSettings, DeployOptions, RunContext
 from vitcompress.data import UNLABELLED, DataBundle
+from vitcompress.deploy.bundle import write_checksums
 from vitcompress.deploy.optimize import check_options
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
 from vitcompress.labels import read_label_mapping
@@ -37,6 +38,7 @@ from vitcompress.original_cache import OriginalCache
 from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
 from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe, recipe_argument
+from vitcompress.render import markdown
 from vitcompress.report import Report
 from vitcompress.sensitivity_file import read_sensitivity
 from vitcompress.stages import (
@@ -425,7 +427,8 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
             (ctx.work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
             _train(ctx)
             for stage in STAGES[len(TRAINING_STAGES):]:
-                stage.run(ctx)
+                _run(ctx, stage)
+            _record_timings(ctx)
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
@@ -436,9 +439,29 @@ def _train(ctx: RunContext) -> None:
     """The stages every rank runs: load, transform, fine-tune; in a torchrun job, each followed by the check
     that all ranks hold the same model (a rank that diverged would silently train something else)."""
     for stage in TRAINING_STAGES:
-        stage.run(ctx)
+        _run(ctx, stage)
         if stage is not load:
             distributed.check_identical(ctx.model, ctx.dist, f"after the {stage.__name__.rpartition('.')[2]} stage")
+
+
+def _run(ctx: RunContext, stage: Any) -> None:
+    """One stage, timed (``ctx.clock``)."""
+    with ctx.clock.stage(stage.__name__.rpartition(".")[2]):
+        stage.run(ctx)
+
+
+def _record_timings(ctx: RunContext) -> None:
+    """Every stage's wall seconds into ``report.json`` and ``report.md``, then the checksums again.
+
+    The report stage writes the report before the bundle (whose checksums cover it) and the page (a view of the
+    checksummed files) run, so it can hold only the stages before it; this rewrites it with all of them once the
+    last has finished. report.html shows no timings, so it stays the page of these files."""
+    path = ctx.work_dir / "report.json"
+    report = Report.load(path)
+    report.timings = ctx.clock.timings()
+    path.write_text(report.dump_json())
+    (ctx.work_dir / "report.md").write_text(markdown(report))
+    write_checksums(ctx.work_dir)
 
 
 def _version(package: str) -> str:

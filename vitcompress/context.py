@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,7 +18,7 @@ from vitcompress.models import LoadedModel
 from vitcompress.original_cache import OriginalCache
 from vitcompress.progress import Progress
 from vitcompress.recipe import Recipe
-from vitcompress.report import Sections
+from vitcompress.report import PartTime, Sections, StageTime, Timings
 from vitcompress.training.distributed import Dist
 
 
@@ -49,6 +52,40 @@ class ConvertSettings:
 
 
 @dataclass
+class StageClock:
+    """Wall seconds of each stage of a conversion, and of named parts inside the stage that is running (the
+    report's ``timings``)."""
+
+    start: float = field(default_factory=lambda: time.perf_counter())
+    stages: list[StageTime] = field(default_factory=list)
+    _parts: list[PartTime] = field(default_factory=list)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the stage ``name`` (recorded when it finishes)."""
+        self._parts = []
+        begin = time.perf_counter()
+        yield
+        self.stages.append(StageTime(stage=name, seconds=time.perf_counter() - begin, parts=self._parts))
+        self._parts = []
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Time a part of the running stage."""
+        begin = time.perf_counter()
+        yield
+        self.add_part(name, time.perf_counter() - begin)
+
+    def add_part(self, name: str, seconds: float) -> None:
+        """A part of the running stage timed elsewhere (e.g. a transform step)."""
+        self._parts.append(PartTime(name=name, seconds=seconds))
+
+    def timings(self) -> Timings:
+        """The stages finished so far, and the wall seconds since the clock started."""
+        return Timings(seconds=time.perf_counter() - self.start, stages=list(self.stages))
+
+
+@dataclass
 class RunContext:
     """Everything the stages read and write during one conversion."""
 
@@ -67,10 +104,13 @@ class RunContext:
     checkpoint_dir: Path | None = None
     #: the original's ONNX export and predictions, shared with other conversions that the caller gives the same cache
     cache: OriginalCache = field(default_factory=OriginalCache)
-    #: the ladder's passes measured before the ladder stage (the transformed model, before fine-tuning)
+    #: the ladder's passes measured before the ladder stage: the transformed model (before fine-tuning) and the
+    #: original (the validation's torch parity reads its first images: one torch pass of the original, not two)
     rungs: dict[str, RungPass] = field(default_factory=dict)
     #: the validation's onnxruntime predictions of "original" and "converted" (top-k per image)
     predictions: dict[str, Predictions] = field(default_factory=dict)
+    #: wall seconds per stage and part (the report's ``timings``)
+    clock: StageClock = field(default_factory=StageClock)
 
     @property
     def onnx_path(self) -> Path:

@@ -66,6 +66,23 @@ def split_text(split: DataSplit) -> str:
     return "the dataset's own train and validation splits"
 
 
+def timings_line(report: Report) -> str | None:
+    """Where the conversion's wall time went, in one line (None for a report without timings): each stage, with
+    the parts that took at least a tenth of it, and the steps' calibration passes under transform."""
+    if report.timings is None:
+        return None
+    stages = []
+    for stage in report.timings.stages:
+        parts = [f"{part.name} {part.seconds:.1f}" for part in stage.parts
+                 if part.seconds >= 0.1 * stage.seconds and part.seconds >= 0.05]
+        if stage.stage == "transform":
+            calibration = sum(step.calibration_seconds or 0 for step in report.steps)
+            if calibration:
+                parts.append(f"calibration {calibration:.1f}")
+        stages.append(f"{stage.stage} {stage.seconds:.1f}" + (f" ({', '.join(parts)})" if parts else ""))
+    return f"{report.timings.seconds:.1f} s: " + ", ".join(stages)
+
+
 def markdown(report: Report) -> str:
     lines = [f"# vitcompress report: {report.model.name}", "",
              f"- weights: {report.model.weights}",
@@ -92,6 +109,8 @@ def markdown(report: Report) -> str:
     for step in report.steps:
         lines.append(f"- step {step.step} `{step.transform}`: {len(step.modules)} modules, params "
                      f"{step.params_before:,} → {step.params_after:,}")
+    if timings_line(report):
+        lines.append(f"- wall time (seconds per stage): {timings_line(report)}")
     if report.export.moe_dispatch:
         d = report.export.moe_dispatch
         measured = "; ".join(f"{form} " + ", ".join(f"b{b} {ms:.2f} ms" for b, ms in times.items())

@@ -80,6 +80,10 @@ class Step(_Section):
     params_before: int
     params_after: int
     details: Optional[dict[str, Any]] = None
+    seconds: Optional[float] = Field(None, description="wall seconds of the step, its calibration included "
+                                     "(older reports: None)")
+    calibration_seconds: Optional[float] = Field(None, description="wall seconds of the step's passes over the "
+                                                 "calibration images (forwards and statistics); 0: none")
 
 
 class FinetuneRun(_Section):
@@ -291,6 +295,30 @@ class Remeasured(_Section):
     converted_date: str
 
 
+class PartTime(_Section):
+    """A named part of a stage and its wall seconds."""
+
+    name: str
+    seconds: float
+
+
+class StageTime(_Section):
+    """One stage's wall seconds, with those of its named parts (disjoint; their sum is at most the stage's)."""
+
+    stage: str = Field(description="the stage (vitcompress.api.STAGES): load, transform, finetune, export, "
+                                   "validate, ladder, cascade, profile, report, bundle, page")
+    seconds: float
+    parts: list[PartTime] = Field(default_factory=list, description="e.g. validate: accuracy, parity, latency, "
+                                  "costs; transform: the steps (each in steps[].seconds) and the ladder's pass")
+
+
+class Timings(_Section):
+    """Where the conversion's wall time went, stage by stage (this process; rank 0 of a torchrun job)."""
+
+    seconds: float = Field(description="wall seconds from the first stage to the end of the last")
+    stages: list[StageTime]
+
+
 class Report(_Section):
     """Everything one ``convert`` measured; ``report.json`` is :meth:`dump_json` of it."""
 
@@ -310,6 +338,7 @@ class Report(_Section):
     remeasured: Optional[Remeasured] = Field(None, description="set when the latency fields (and machine) are "
                                              "from a later re-measurement of the same converted model")
     explain: Optional[Explain] = Field(None, description="the ladder and what report.html shows (older reports: None)")
+    timings: Optional[Timings] = Field(None, description="wall seconds per stage (older reports: None)")
     failed_gates: list[str]
 
     def dump_json(self) -> str:
@@ -348,6 +377,7 @@ class Sections(_Section):
     profile: Optional[dict[str, Any]] = None
     remeasured: Optional[Remeasured] = None
     explain: Optional[Explain] = None
+    timings: Optional[Timings] = None
 
     @classmethod
     def of(cls, report: Report) -> "Sections":

@@ -86,3 +86,15 @@ def test_whitening_needs_gram_and_rank_in_range():
         LowRankLinear.from_linear(linear, 4, "cholesky")
     with pytest.raises(ValueError, match="outside"):
         LowRankLinear.from_linear(linear, 33)
+
+
+def test_factorising_runs_on_one_thread_and_restores_the_count():
+    from vitcompress.layers.lowrank_linear import one_thread
+
+    threads = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError), one_thread():
+        raise RuntimeError("a failed factorisation")
+    assert torch.get_num_threads() == threads

@@ -80,3 +80,29 @@ def test_torch_onnxruntime_parity(request, tmp_path, fixture):
     apply_recipe(model, recipe(targets=[r"re:blocks\.\d+\.mlp\.fc[12]"], rank_ratio=0.25, whitening="cholesky"),
                  calibration=calibration(input_size))
     assert_onnxruntime_matches_torch(model, export_onnx(model, tmp_path / "m.onnx", input_size=input_size), input_size)
+
+
+@pytest.mark.parametrize("width", [300, 384, 1000])
+def test_gram_by_upper_triangle_blocks_equals_the_float64_product(width):
+    """add_gram's block products of the upper triangle, summed over batches, are XᵀX in float64 (the same sums
+    in another order: equal to rounding), mirrored into a symmetric matrix."""
+    from vitcompress.transforms.lowrank import add_gram, symmetric
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.nn.functional.gelu(torch.randn(1024, width, generator=gen)) for _ in range(2)]
+    total = torch.zeros(width, width, dtype=torch.float64)
+    for x in batches:
+        add_gram(total, x)
+    x64 = torch.cat(batches).double()
+    gram = symmetric(total)
+    assert torch.equal(gram, gram.T)
+    torch.testing.assert_close(gram, x64.T @ x64, rtol=1e-12, atol=1e-9)
+
+
+def test_whitening_a_rank_deficient_gram_still_factors(reference_model):
+    """Fewer calibration tokens than fc2's inputs: the Gram matrix is singular up to rounding, and the Cholesky
+    whitening relies on its jitter being above that rounding (float64 products)."""
+    model = copy.deepcopy(reference_model)
+    apply_recipe(model, recipe(targets=["blocks.0.mlp.fc2"], rank_ratio=0.125, whitening="cholesky"),
+                 calibration=calibration((1, 28, 28), n=1, batch=4))
+    assert isinstance(model.blocks[0].mlp.fc2, LowRankLinear)

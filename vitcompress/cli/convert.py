@@ -60,6 +60,7 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
             check_pretrained_available(model)
     from vitcompress.api import convert as run_convert
     from vitcompress.context import DeployOptions
+    from vitcompress.render import timings_line
 
     with user_errors(), progress_bars() as bar:
         report = run_convert(model, recipe_path, out_dir=out_dir, checkpoint=checkpoint, data=data, labels=labels,
@@ -74,6 +75,8 @@ def convert(model: str | None, recipe_path: Path, checkpoint: Path | None, data:
         Console().print(report_table(report))
         for table in extra_tables(report):
             Console().print(table)
+        if timings_line(report):
+            console.print(f"time: {timings_line(report)}", soft_wrap=True, highlight=False)
         cascade = ", low.onnx, high.onnx, cascade.json" if report.cascade else ""
         console.print(f"wrote {out_dir}/: model.onnx, model.safetensors, recipe.resolved.yaml, report.json, "
                       f"report.md, predictions.npz{cascade}, and the deployment files (preprocess.json, labels.txt, "

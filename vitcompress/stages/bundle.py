@@ -67,5 +67,6 @@ def run(ctx: RunContext) -> None:
     if deploy.optimize_offline or deploy.ort_format:
         ctx.progress.stage("optimize", f"offline: {deploy.optimize_offline or 'no'} model.opt.onnx, "
                                        f"ORT format {'yes' if deploy.ort_format else 'no'}")
-        optimize_offline(ctx.work_dir, deploy.optimize_offline, for_this_machine=deploy.for_this_machine,
-                         ort_format=deploy.ort_format)
+        with ctx.clock.part("optimize"):
+            optimize_offline(ctx.work_dir, deploy.optimize_offline, for_this_machine=deploy.for_this_machine,
+                             ort_format=deploy.ort_format)

@@ -55,13 +55,16 @@ def run(ctx: RunContext) -> None:
 
     ctx.progress.stage("export", f"ONNX opset {config.opset}, dynamic batch {config.dynamic_batch}"
                                  + (f", then {config.quantize} int8" if config.quantize != "none" else ""))
-    export_original(ctx)
-    ctx.model = to_deploy(ctx.model, inplace=True, head_major=config.head_major)
-    dispatch = moe_dispatch.choose(ctx, export)
-    if dispatch is None:
-        export(ctx.model, ctx.onnx_path)
-    state = {k: v.contiguous() for k, v in ctx.model.state_dict().items()}
-    save_file(state, str(ctx.work_dir / "model.safetensors"), metadata={"model": ctx.original.name})
+    with ctx.clock.part("original"):
+        export_original(ctx)
+    with ctx.clock.part("converted"):
+        ctx.model = to_deploy(ctx.model, inplace=True, head_major=config.head_major)
+        dispatch = moe_dispatch.choose(ctx, export)
+        if dispatch is None:
+            export(ctx.model, ctx.onnx_path)
+    with ctx.clock.part("weights"):
+        state = {k: v.contiguous() for k, v in ctx.model.state_dict().items()}
+        save_file(state, str(ctx.work_dir / "model.safetensors"), metadata={"model": ctx.original.name})
     ctx.report.export = Export(
         opset=config.opset, dynamic_batch=config.dynamic_batch,
         checked_batches=list(CHECK_BATCHES if config.dynamic_batch else (2,)), onnx_bytes=ctx.onnx_path.stat().st_size,

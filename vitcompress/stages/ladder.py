@@ -3,7 +3,8 @@
 Each model of the run on the same first ``validate.ladder_images`` validation images (the held-out part of one
 image directory), timed: the original and the fine-tuned model in torch, the float32 ONNX and, when the recipe
 quantizes, the int8 ONNX in onnxruntime (the transformed model was measured by the transform stage, before
-fine-tuning); a rung the recipe has no model for is reported as skipped, with the reason. Then the end-to-end
+fine-tuning, and the original by the validation, whose torch parity reads the first images of the same pass);
+a rung the recipe has no model for is reported as skipped, with the reason. Then the end-to-end
 latency per image from its file (the bundle's own preprocessing), ``predictions.npz`` and the thumbnails of the
 first disagreements (:mod:`vitcompress.ladder`), and ``sensitivity.json`` when ``convert --sensitivity`` gave one.
 """
@@ -39,7 +40,7 @@ def passes(ctx: RunContext, images: int) -> dict[str, RungPass | str]:
     data, threads, quantize = ctx.data.val, ctx.recipe.validate_.threads, ctx.recipe.export.quantize
     fp32 = ctx.onnx_path if quantize == "none" else ctx.scratch_dir / f"{ctx.onnx_path.stem}.fp32.onnx"
     return {
-        "original": torch_pass(ctx.original.model, data, images),
+        "original": ctx.rungs.get("original") or torch_pass(ctx.original.model, data, images),
         "transformed": ctx.rungs.get("transformed", "finetune.stages applies the recipe's steps between training "
                                                     "stages: no model holds them all before fine-tuning"),
         "finetuned": torch_pass(ctx.model, data, images) if ctx.recipe.finetune else "the recipe has no finetune",
@@ -69,14 +70,16 @@ def run(ctx: RunContext) -> None:
     ladder = None
     if images:
         ctx.progress.stage("ladder", f"{len(RUNGS)} rungs (torch and onnxruntime) on {images} validation images")
-        measured = passes(ctx, images)
+        with ctx.clock.part("rungs"):
+            measured = passes(ctx, images)
         original = measured["original"]
         ladder = Ladder(images=images, rungs=[rung(name, measured[name], original) for name in RUNGS])
         kept = {name: result for name, result in measured.items() if isinstance(result, RungPass)}
     else:
         kept = {}
     ctx.progress.stage("end-to-end", "decode, resize, normalise and model.onnx per image, batch 1")
-    timing = end_to_end(ctx.onnx_path, end_to_end_files(ctx), config.threads)
+    with ctx.clock.part("end-to-end"):
+        timing = end_to_end(ctx.onnx_path, end_to_end_files(ctx), config.threads)
     write_predictions(ctx.work_dir / PREDICTIONS, ctx.predictions, kept)
     differ = disagreements(ctx.predictions)
     sensitivity = None

@@ -13,6 +13,7 @@ from vitcompress.report import build
 
 
 def run(ctx: RunContext) -> None:
+    ctx.report.timings = ctx.clock.timings()  # the stages so far; the API adds the last ones when they finish
     report = build(ctx.report)
     (ctx.work_dir / "report.json").write_text(report.dump_json())
     (ctx.work_dir / "report.md").write_text(markdown(report))

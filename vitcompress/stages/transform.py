@@ -16,8 +16,11 @@ def run(ctx: RunContext) -> None:
     steps = ctx.recipe.model_steps
     later = {i for stage in staged_steps(ctx.recipe) for i in stage}
     ctx.report.steps = apply_steps(ctx, ctx.model, steps, [i for i in range(len(steps)) if i not in later])
+    for step in ctx.report.steps:
+        ctx.clock.add_part(f"step {step.step} {step.transform}", step.seconds)
     images = ctx.recipe.validate_.ladder_images
     if images and not later and ctx.dist.is_main:
         ctx.progress.stage("ladder", f"the transformed model in torch on {min(images, len(ctx.data.val))} "
                                      "validation images, before fine-tuning")
-        ctx.rungs["transformed"] = torch_pass(ctx.model, ctx.data.val, images)
+        with ctx.clock.part("ladder (transformed, torch)"):
+            ctx.rungs["transformed"] = torch_pass(ctx.model, ctx.data.val, images)

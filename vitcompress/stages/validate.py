@@ -7,6 +7,8 @@ machine noise hits both alike; the report gives medians and p90 over the runs.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -23,6 +25,7 @@ from vitcompress.evaluate import (
     top1,
     torch_logits,
 )
+from vitcompress.ladder import torch_pass
 from vitcompress.layers.moe_linear import expert_shares
 from vitcompress.measure import count_macs, count_params
 from vitcompress.original_cache import file_digest
@@ -47,26 +50,37 @@ def run(ctx: RunContext) -> None:
     input_size = tuple(ctx.original.data_config["input_size"])
     data = ctx.data.val
     ctx.progress.stage("validate", f"onnxruntime on {len(data)} images, {config.threads} threads")
-    sessions = {"original": open_session(ctx.original_onnx_path, config.threads),
-                "converted": open_session(ctx.onnx_path, config.threads)}
-    ctx.progress.start("accuracy", 2 * len(data))
-    predictions = {"original": original_predictions(ctx, sessions["original"]),
-                   "converted": ort_predictions(sessions["converted"], data, ctx.progress, "accuracy")}
-    ctx.progress.finish("accuracy")
+    with ctx.clock.part("accuracy"):
+        sessions = {"original": open_session(ctx.original_onnx_path, config.threads),
+                    "converted": open_session(ctx.onnx_path, config.threads)}
+        ctx.progress.start("accuracy", 2 * len(data))
+        predictions = {"original": original_predictions(ctx, sessions["original"]),
+                       "converted": ort_predictions(sessions["converted"], data, ctx.progress, "accuracy")}
+        ctx.progress.finish("accuracy")
     ctx.predictions = predictions
     labels = predictions["original"].labels
     parity = {}
     quantize = ctx.recipe.export.quantize
+    parity_begin = time.perf_counter()
+    ladder = min(config.ladder_images, len(data))
+    if ladder >= min(PARITY_IMAGES, len(data)):  # the ladder's rung of the original: one torch pass for both
+        ctx.rungs["original"] = torch_pass(ctx.original.model, data, ladder)
     for name, model in (("original", ctx.original.model), ("converted", ctx.model)):
-        reference = torch_logits(model, data, PARITY_IMAGES)
+        if name == "original" and "original" in ctx.rungs:
+            reference = ctx.rungs["original"].logits[:PARITY_IMAGES]
+        else:
+            reference = torch_logits(model, data, PARITY_IMAGES)
         got = predictions[name].head_logits
         parity[name] = {"max_abs_diff": float(np.abs(reference - got).max()),
                         "top1_agreement": float((reference.argmax(-1) == got.argmax(-1)).mean()),
                         "images": len(reference),
                         "onnx": f"int8 {quantize}" if name == "converted" and quantize != "none" else "float32"}
+    ctx.clock.add_part("parity (torch)", time.perf_counter() - parity_begin)
     ctx.progress.stage("latency", f"batch sizes {config.batch_sizes}, {config.latency_runs} interleaved runs")
-    timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
-                     latency_images(data, max(config.batch_sizes)))
+    with ctx.clock.part("latency"):
+        timing = latency({"original": ctx.original_onnx_path, "converted": ctx.onnx_path}, config,
+                         latency_images(data, max(config.batch_sizes)))
+    costs_begin = time.perf_counter()
     models = {"original": ctx.original.model, "converted": ctx.model}
     table = {}
     for name, model in models.items():
@@ -78,6 +92,7 @@ def run(ctx: RunContext) -> None:
     table["converted"]["agreement"] = agreement
     table["original"]["agreement"] = 1.0
     shares = expert_shares(ctx.model, first_images(data, PARITY_IMAGES, EVAL_BATCH))
+    ctx.clock.add_part("params, MACs, expert shares", time.perf_counter() - costs_begin)
     metrics = {name: ModelMetrics.model_validate(row) for name, row in table.items()}
     ctx.report.validation = Validation(
         images=len(data), threads=config.threads, models=metrics, gates=gates(metrics, config),

@@ -3,7 +3,8 @@ the cascade and the planner run, each step dispatched by its config's type (:fun
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 
@@ -36,11 +37,33 @@ def apply_steps(model: nn.Module, steps: Sequence[TransformConfig], calibration:
             raise RecipeError(f"step {i}: {type(step).__qualname__} ({step.transform!r}) is not a registered "
                               f"transform config (known: {known})")
         where = f"step {i} ({step.transform})"
-        inputs = TransformInputs(calibration_batches=calibration(where))
+        clock = CalibrationClock(calibration(where))
+        inputs = TransformInputs(calibration_batches=clock)
+        begin = time.perf_counter()
         before = count_params(model)
         if progress is not None:
             progress.stage("transform", f"step {i}: {step.transform}")
         converted = transform.apply(model, step, inputs)
         results.append(Step(step=i, transform=step.transform, modules=converted, params_before=before,
-                            params_after=count_params(model), details=inputs.details or None))
+                            params_after=count_params(model), details=inputs.details or None,
+                            seconds=time.perf_counter() - begin, calibration_seconds=clock.seconds))
     return results
+
+
+class CalibrationClock:
+    """A step's source of calibration batches that adds up the wall seconds of its passes: each from the first
+    batch asked for until the pass stops asking (the forwards and statistics between batches included)."""
+
+    def __init__(self, batches: Callable[[], Iterable]) -> None:
+        self._batches = batches
+        self.seconds = 0.0
+
+    def __call__(self) -> Iterator:
+        return self._timed()
+
+    def _timed(self) -> Iterator:
+        begin = time.perf_counter()
+        try:
+            yield from self._batches()
+        finally:
+            self.seconds += time.perf_counter() - begin

