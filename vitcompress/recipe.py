@@ -385,12 +385,21 @@ class RecipeLoader(yaml.SafeLoader):
 
 def read_recipe_file(path: Path) -> dict:
     """Parse the YAML of a recipe file into a mapping (errors name the file, line and column)."""
+    data = read_yaml_file(path, "recipe")
+    if data is None:
+        raise RecipeError(f"recipe {path} is empty: a recipe lists `steps:` (see `vitcompress recipes`)")
+    return data
+
+
+def read_yaml_file(path: Path, what: str) -> Any:
+    """Parse a small YAML file that configures vitcompress (a recipe, a search space) with :class:`RecipeLoader`;
+    each problem is a :class:`RecipeError` naming ``what`` and the file, and the line and column of bad YAML."""
     if not path.is_file():
-        raise RecipeError(f"recipe {path} is not a file")
+        raise RecipeError(f"{what} {path} is not a file")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path} is {size / 1e6:.1f} MB: a recipe is a small YAML file (at most "
-                          f"{MAX_RECIPE_BYTES // 1_000_000} MB)")
+        raise RecipeError(f"{what} {path} is {size / 1e6:.1f} MB: a {what.lstrip('-')} is a small YAML file (at "
+                          f"most {MAX_RECIPE_BYTES // 1_000_000} MB)")
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
@@ -400,8 +409,6 @@ def read_recipe_file(path: Path) -> dict:
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a text file") from None
-    if data is None:
-        raise RecipeError(f"recipe {path} is empty: a recipe lists `steps:` (see `vitcompress recipes`)")
     if _expanded_size(data, {}) > MAX_RECIPE_VALUES:
         raise RecipeError(f"{path}: its YAML aliases (*name) expand to more than {MAX_RECIPE_VALUES:,} values "
                           "(a 'billion laughs' file?)")

@@ -116,8 +116,7 @@ def _study_of(trials: list[tuple[float, float]], s: TuneSettings):
 
 
 def test_a_confirmation_replaces_the_trials_timing_and_the_front_follows_it():
-    from vitcompress.search.confirm import CONFIRMED_ATTR
-    from vitcompress.search.front import points, summarise
+    from vitcompress.search.front import CONFIRMED_ATTR, points, summarise
 
     s = settings(max_drop=1.0)
     study = _study_of([(2.1, 0.0), (1.7, 0.0), (1.5, 0.0)], s)
@@ -132,8 +131,7 @@ def test_a_confirmation_replaces_the_trials_timing_and_the_front_follows_it():
 
 
 def test_the_confirmation_header_of_a_front_recipe_names_both_timings():
-    from vitcompress.search.confirm import CONFIRMED_ATTR
-    from vitcompress.search.front import recipe_file_text, summarise
+    from vitcompress.search.front import CONFIRMED_ATTR, recipe_file_text, summarise
 
     s = settings(max_drop=1.0)
     study = _study_of([(2.1, 0.0)], s)

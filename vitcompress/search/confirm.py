@@ -21,27 +21,18 @@ import yaml
 from vitcompress.original_cache import OriginalCache
 from vitcompress.progress import Progress
 from vitcompress.recipe import parse_recipe
+from vitcompress.search.front import CONFIRMED_ATTR, front_of, points
 from vitcompress.search.settings import TuneSettings
-from vitcompress.search.trial import Measured, measure
+from vitcompress.search.trial import measure
 
-#: study user attribute of trial N's confirmation: ``CONFIRMED_ATTR + str(N)``.
-CONFIRMED_ATTR = "vitcompress.confirmed."
 #: A confirmation times this many times the study's ``--runs`` per model.
 RUNS_FACTOR = 3
-
-
-def confirmations(study: Any) -> dict[int, Measured]:
-    """The confirmation replay of each confirmed trial, by trial number."""
-    return {int(key[len(CONFIRMED_ATTR):]): Measured.model_validate(value)
-            for key, value in study.user_attrs.items() if key.startswith(CONFIRMED_ATTR)}
 
 
 def confirm_front(study: Any, settings: TuneSettings, source: dict[str, Any], limit: int,
                   progress: Progress) -> int:
     """Replay the unconfirmed entries of the study's front until it is all confirmed or ``limit`` replays are
     spent; returns how many this call ran. ``source`` is :func:`~vitcompress.search.trial.measure`'s."""
-    from vitcompress.search.front import front_of, points
-
     cache = OriginalCache()
     ran = 0
     while ran < limit:

@@ -19,12 +19,20 @@ from vitcompress.search.result import TrialPoint, TuneResult
 from vitcompress.search.settings import TuneSettings
 from vitcompress.search.trial import Measured
 
+#: study user attribute holding trial N's confirmation replay (:mod:`vitcompress.search.confirm`):
+#: ``CONFIRMED_ATTR + str(N)``.
+CONFIRMED_ATTR = "vitcompress.confirmed."
+
+
+def confirmations(study: Any) -> dict[int, Measured]:
+    """The confirmation replay of each confirmed trial, by trial number."""
+    return {int(key[len(CONFIRMED_ATTR):]): Measured.model_validate(value)
+            for key, value in study.user_attrs.items() if key.startswith(CONFIRMED_ATTR)}
+
 
 def points(study: Any, settings: TuneSettings) -> list[TrialPoint]:
     """Every complete trial of ``study`` with its measurement (its confirmation's, where it has one)."""
     from optuna.trial import TrialState
-
-    from vitcompress.search.confirm import confirmations
 
     confirmed = confirmations(study)
     found = []

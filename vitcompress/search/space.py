@@ -21,11 +21,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vitcompress.errors import RecipeError, TargetError, VitCompressError
-from vitcompress.recipe import Recipe, RecipeLoader, format_validation_error, parse_recipe
+from vitcompress.recipe import Recipe, format_validation_error, parse_recipe, read_yaml_file
 
 LINEARS = ("qkv", "proj", "fc1", "fc2")
 LINEAR_MODULE = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -82,14 +81,7 @@ class SearchSpace(_Strict):
 
 def load_space(path: Path) -> SearchSpace:
     """Read and validate a ``--space`` YAML file; a :class:`RecipeError` naming the file and key otherwise."""
-    if not path.is_file():
-        raise RecipeError(f"--space {path} is not a file")
-    try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)  # noqa: S506 (a SafeLoader)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    data = read_yaml_file(path, "--space")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a search space is a mapping (see docs/tune.md), got {type(data).__name__}")
     try:
