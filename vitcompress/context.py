@@ -71,6 +71,8 @@ class RunContext:
     rungs: dict[str, RungPass] = field(default_factory=dict)
     #: the validation's onnxruntime predictions of "original" and "converted" (top-k per image)
     predictions: dict[str, Predictions] = field(default_factory=dict)
+    #: the recipe with its role and relative-depth selectors resolved on this model (the transform stage sets it)
+    resolved_recipe: Recipe | None = None
 
     @property
     def onnx_path(self) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vitcompress.errors import RecipeError, VitCompressError
 from vitcompress.recipe import Recipe, format_validation_error, load_recipe, read_recipe_file, resolve_recipe
+from vitcompress.transforms.select import blocks_needed
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: Data sources that are not directories.
@@ -183,15 +183,12 @@ def _check_names(path: Path, specs: list[tuple[str, JobSpec]]) -> None:
 
 #: Blocks a ``--smoke`` job keeps at least (one block would leave no "other blocks" for selectors to miss).
 SMOKE_MIN_DEPTH = 2
-#: A block index in a selector: ``blocks.11.attn``, or ``blocks\.11\.attn`` in a ``re:`` selector.
-BLOCK_INDEX = re.compile(r"blocks\\?\.(\d+)")
-
-
 def blocks_named(node: Any) -> int:
-    """The fewest blocks a recipe (its dump) needs: one more than the highest block index its selectors or an
-    ``attention_skip`` step's ``blocks`` name, and at least a CKA skip's ``count`` (it picks that many)."""
+    """The fewest blocks a recipe (its dump) needs: what its selectors need (:func:`blocks_needed`: one more than
+    a fixed block index, ``blocks.11.attn`` or ``blocks\.11\.attn``; k for a relative ``blocks[-k:]``), one more
+    than the highest block an ``attention_skip`` step's ``blocks`` names, and at least a CKA skip's ``count``."""
     if isinstance(node, str):
-        return max((int(i) + 1 for i in BLOCK_INDEX.findall(node)), default=0)
+        return blocks_needed(node)
     if isinstance(node, list):
         return max((blocks_named(item) for item in node), default=0)
     if not isinstance(node, dict):
