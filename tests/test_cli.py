@@ -130,6 +130,14 @@ BAD_RECIPES = {
     "finetune device": ("steps: []\nfinetune: {device: tpu}\n", "finetune.device: Input should be 'auto', 'cpu'"),
     "taylor centre": ("steps:\n  - {transform: taylor_attention, targets: [blocks.*.attn], center: rows}\n",
                       "steps.0.center: Input should be 'tokens' or 'channels'"),
+    "unknown role": ("steps:\n  - {transform: svd_lowrank, targets: ['role:mlp.fc3'], rank: 8}\n",
+                     "steps.0.targets.0: selector 'role:mlp.fc3': unknown role 'mlp.fc3'"),
+    "bad block positions": ("steps:\n  - {transform: svd_lowrank, targets: ['blocks[1:2:3].mlp.fc1'], rank: 8}\n",
+                            "steps.0.targets.0: selector 'blocks[1:2:3].mlp.fc1': [1:2:3] is not an index"),
+    "block beyond the depth": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.0.mlp.fc1], rank: 8}\n"
+                               "  - {transform: shift_linear, targets: ['role:mlp.fc2[-7]']}\n",
+                               "step 1 (shift_linear): selector 'role:mlp.fc2[-7]': block -7 is outside the "
+                               "model's 6 blocks"),
     "not cheaper": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.0.mlp.fc1], rank: 60}\n",
                     "is not cheaper than the dense"),
 }
