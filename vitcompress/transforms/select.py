@@ -22,6 +22,7 @@ when the recipe is read (:func:`check_selector`, no torch); matching needs the m
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -111,7 +112,7 @@ class Positions:
         if bound is None:
             return default
         if isinstance(bound, float):
-            return int(bound * depth)
+            return math.floor(bound * depth + 1e-9)  # ⌊f·D⌋, not one lower where f·D rounds below an integer
         if not -depth <= bound <= depth:
             raise TargetError(f"selector {selector!r}: bound {bound} is outside the model's {depth} blocks")
         return bound % depth if bound < 0 else bound
