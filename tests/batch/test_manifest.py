@@ -134,3 +134,16 @@ jobs:
         "vit_fmnist-shiftadd": {"depth": 2}, "local": {"depth": 4}}
     assert all(job.random_init and job.data == "synthetic" for job in jobs.values())
     assert not any(job.model_args for job in load_manifest(folder / "m.yaml").jobs)
+
+
+def test_smoke_copies_of_hierarchical_models_keep_each_stage_up_to_the_depth_the_recipe_needs():
+    """Swin and PVT-v2 take `depths` (blocks per stage): a --smoke copy keeps min(n, d) blocks of each stage, which
+    holds every fixed per-stage index below d and at least d blocks in all for a relative selector."""
+    from vitcompress.batch.manifest import full_depth, smoke_model_args
+    from vitcompress.recipe import load_recipe
+
+    assert full_depth("swin_tiny_patch4_window7_224") == [2, 2, 6, 2]
+    assert smoke_model_args("swin_tiny_patch4_window7_224", load_recipe("svd")) == {"depths": [2, 2, 2, 2]}
+    assert smoke_model_args("swin_tiny_patch4_window7_224", load_recipe("shift_mlp")) == {"depths": [2, 2, 2, 2]}
+    assert smoke_model_args("pvt_v2_b0", load_recipe("svd")) == {}  # 2 blocks a stage already
+    assert smoke_model_args("vit_fmnist", load_recipe("shiftadd")) == {"depth": 2}

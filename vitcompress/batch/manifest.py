@@ -199,10 +199,11 @@ def blocks_named(node: Any) -> int:
     return need
 
 
-def full_depth(model: str) -> Optional[int]:
-    """The number of transformer blocks of ``model`` (built on the meta device: no memory, no weights), or
-    None for an architecture without a ``blocks`` list or a ``depth`` argument, or a Hugging Face checkpoint
-    directory (its architecture is its weights': no shallow copy)."""
+def full_depth(model: str) -> Optional[Union[int, list[int]]]:
+    """The depth of ``model`` (built on the meta device: no memory, no weights) as its ``timm.create_model``
+    argument gives it: the number of blocks of a ViT-like model (a ``blocks`` list, a ``depth`` argument), the
+    blocks per stage of a hierarchical one (Swin, PVT-v2: a ``depths`` argument); None for an architecture with
+    neither, or a Hugging Face checkpoint directory (its architecture is its weights': no shallow copy)."""
     import timm
     import torch
 
@@ -214,8 +215,23 @@ def full_depth(model: str) -> Optional[int]:
         return None
     with torch.device("meta"):
         built = build_reference_architecture(resolved) if resolved in REFERENCE_MODELS else timm.create_model(resolved)
+    arguments = _create_arguments(built)
     blocks = getattr(built, "blocks", None)
-    return len(blocks) if blocks is not None and "depth" in _create_arguments(built) else None
+    if blocks is not None and "depth" in arguments:
+        return len(blocks)
+    stages = _stage_depths(built)
+    return stages if stages and "depths" in arguments else None
+
+
+def _stage_depths(model: Any) -> list[int]:
+    """Blocks per stage of a hierarchical model: its ``…blocks.N`` modules grouped by the path before ``blocks``."""
+    from vitcompress.transforms.select import model_blocks
+
+    per_stage: dict[str, int] = {}
+    for name in model_blocks(model):
+        stage = name.rsplit(".blocks.", 1)[0] if ".blocks." in name else ""
+        per_stage[stage] = per_stage.get(stage, 0) + 1
+    return list(per_stage.values()) if len(per_stage) > 1 else []
 
 
 def _create_arguments(model: Any) -> set[str]:
@@ -225,10 +241,15 @@ def _create_arguments(model: Any) -> set[str]:
 
 
 def smoke_model_args(model: str, recipe: Recipe) -> dict[str, Any]:
-    """``{"depth": d}`` for a ``--smoke`` job: d = max(:data:`SMOKE_MIN_DEPTH`, the blocks the resolved recipe
-    names), so every selector still matches; {} when that is not shallower than the model itself."""
+    """The shallow copy of a ``--smoke`` job: with d = max(:data:`SMOKE_MIN_DEPTH`, the blocks the resolved recipe
+    needs), ``{"depth": d}`` for a ViT-like model, ``{"depths": [min(n, d) per stage]}`` for a hierarchical one
+    (at least d blocks in all, each stage's block index up to d − 1 kept), so every selector still matches; {}
+    when that is not shallower than the model itself."""
     depth = max(SMOKE_MIN_DEPTH, blocks_named(recipe.model_dump(mode="json", by_alias=True)))
     full = full_depth(model)
+    if isinstance(full, list):
+        shallow = [min(n, depth) for n in full]
+        return {"depths": shallow} if shallow != full else {}
     return {"depth": depth} if full is not None and depth < full else {}
 
 
