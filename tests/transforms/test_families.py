@@ -123,3 +123,20 @@ def test_calibration_that_never_reaches_a_linear_is_an_error_naming_it(reference
                                           "calibration never reached it"):
         apply_recipe(model, recipe, calibration=torch.randn(4, 1, 28, 28))
     assert isinstance(model.blocks[11].mlp.fc1, torch.nn.Linear), "nothing converted before the error"
+
+
+@pytest.mark.parametrize("name, fc1, qkv, blocks", [
+    ("mvitv2_tiny", "mlp.fc1", "attn.qkv", 10),
+    ("eva02_base_patch14_224", "mlp.fc1_g mlp.fc1_x", "attn.q_proj attn.k_proj attn.v_proj", 12),  # SwiGLU, q/k/v
+    ("cait_xxs24_224", "mlp.fc1", "attn.qkv", 24),  # the class-attention blocks_token_only are not blocks
+    ("swinv2_tiny_window8_256", "mlp.fc1", "attn.qkv", 12),
+])
+def test_role_tables_of_families_too_large_to_convert_here(name, fc1, qkv, blocks):
+    """Built on the meta device (no memory, no weights): the roles name each family's Linears in every block."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    found = model_blocks(model)
+    assert len(found) == blocks
+    for role, leaves in (("mlp.fc1", fc1), ("attn.qkv", qkv)):
+        got = [n for n, _ in select_modules(model, [f"role:{role}"], [], (torch.nn.Linear,), "test")]
+        assert got == [f"{b}.{leaf}" for b in found for leaf in leaves.split()]
