@@ -133,6 +133,14 @@ BAD_RECIPES = {
     "finetune device": ("steps: []\nfinetune: {device: tpu}\n", "finetune.device: Input should be 'auto', 'cpu'"),
     "taylor centre": ("steps:\n  - {transform: taylor_attention, targets: [blocks.*.attn], center: rows}\n",
                       "steps.0.center: Input should be 'tokens' or 'channels'"),
+    "unknown role": ("steps:\n  - {transform: svd_lowrank, targets: ['role:mlp.fc3'], rank: 8}\n",
+                     "steps.0.targets.0: selector 'role:mlp.fc3': unknown role 'mlp.fc3'"),
+    "bad block positions": ("steps:\n  - {transform: svd_lowrank, targets: ['blocks[1:2:3].mlp.fc1'], rank: 8}\n",
+                            "steps.0.targets.0: selector 'blocks[1:2:3].mlp.fc1': [1:2:3] is not an index"),
+    "block beyond the depth": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.0.mlp.fc1], rank: 8}\n"
+                               "  - {transform: shift_linear, targets: ['role:mlp.fc2[-7]']}\n",
+                               "step 1 (shift_linear): selector 'role:mlp.fc2[-7]': block -7 is outside the "
+                               "model's 6 blocks"),
     "not cheaper": ("steps:\n  - {transform: svd_lowrank, targets: [blocks.0.mlp.fc1], rank: 60}\n",
                     "is not cheaper than the dense"),
 }
@@ -285,3 +293,22 @@ def test_diverging_finetune_is_stopped_reported_and_the_gates_judge_the_restored
     assert "fine-tune stopped early: diverged" in " ".join(result.output.split())
     assert report["validation"]["models"]["converted"]["agreement"] > 0.9  # the diverged weights agree ~10 %
     assert result.exit_code == (1 if report["failed_gates"] else 0)
+
+
+def test_resolved_recipe_records_the_modules_role_and_relative_selectors_matched(tmp_path, tiny_recipe):
+    """recipe.resolved.yaml replaces each role / relative-depth selector by the modules it matched on this model
+    (test_vit: 6 blocks), with the selectors as written in a comment; the report lists what was converted."""
+    import yaml
+
+    recipe = tiny_recipe("steps:\n  - {transform: shift_linear, targets: ['role:mlp.fc1[-2:]'], "
+                         "ignore: ['blocks[-1].mlp.fc1']}\n")
+    out = tmp_path / "run"
+    result = invoke("convert", "test_vit", "--recipe", recipe, "--random-init", "--out", out, *sets(
+        "finetune=null", "validate.images=8", "validate.batch_sizes=[1]", "validate.profile_runs=0",
+        "validate.ladder_images=0", "validate.latency_runs=3", "validate.warmup_runs=0", "validate.max_abs_diff=0.1"))
+    assert result.exit_code == 0, result.output
+    text = (out / "recipe.resolved.yaml").read_text()
+    step = yaml.safe_load(text)["steps"][0]
+    assert step["targets"] == ["blocks.4.mlp.fc1", "blocks.5.mlp.fc1"] and step["ignore"] == ["blocks.5.mlp.fc1"]
+    assert "# steps.0.targets: ['role:mlp.fc1[-2:]']\n# steps.0.ignore: ['blocks[-1].mlp.fc1']\n" in text
+    assert json.loads((out / "report.json").read_text())["steps"][0]["modules"] == ["blocks.4.mlp.fc1"]

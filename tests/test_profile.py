@@ -156,3 +156,18 @@ def test_module_of_reads_torch_metadata_and_torchscript_names():
     assert module_of(node("/blocks/blocks.3/attn/qkv/MatMul")) == "blocks.3.attn.qkv"
     assert module_of(node("/Add")) == ""
     assert module_of(node("Transpose_token_1")) is None
+
+
+def test_hierarchical_blocks_are_numbered_in_depth_order_across_stages():
+    """Swin's layers.N.blocks.M (and PVT-v2's stages.N.blocks.M) are blocks too, numbered in depth order."""
+    from vitcompress.profile import attribute
+
+    modules = {"a": "layers.0.blocks.0.attn.qkv", "b": "layers.0.blocks.1.mlp.fc1", "c": "layers.1.blocks.0.norm1",
+               "d": "layers.0.downsample.reduction", "e": "head.fc"}
+    nodes = [(name, "MatMul", 1000.0) for name in modules]
+    steps = [{"step": 0, "transform": "svd_lowrank", "modules": ["layers.1.blocks.0.mlp.fc1"]}]
+    profile = attribute(nodes, modules, steps)
+    assert [(b["block"], b["parts"]["attn"], b["parts"]["mlp"], b["parts"]["norm"]) for b in profile["blocks"]] == [
+        (0, 1.0, 0.0, 0.0), (1, 0.0, 1.0, 0.0), (2, 0.0, 0.0, 1.0)]
+    assert [s["transform"] for s in profile["blocks"][2]["steps"]] == ["svd_lowrank"]
+    assert [o["name"] for o in profile["outside_blocks"]] == ["layers", "head", "unmapped"]

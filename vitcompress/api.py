@@ -57,6 +57,7 @@ from vitcompress.stages import (
 from vitcompress.training import checkpoint, distributed
 from vitcompress.transforms.apply import apply_steps
 from vitcompress.transforms.registry import TransformConfig
+from vitcompress.transforms.select import parse_selector
 
 STAGES = (load, transform, finetune, export, validate, ladder, cascade, profile, report, bundle, page)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
@@ -426,6 +427,9 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
         with output.writing(identity, checkpointing) as ctx.work_dir:
             (ctx.work_dir / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
             _train(ctx)
+            if ctx.resolved_recipe is not None and ctx.resolved_recipe != recipe:
+                (ctx.work_dir / "recipe.resolved.yaml").write_text(resolved_selectors_note(recipe)
+                                                                  + dump_recipe(ctx.resolved_recipe))
             for stage in STAGES[len(TRAINING_STAGES):]:
                 _run(ctx, stage)
             _record_timings(ctx)
@@ -433,6 +437,22 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
                          onnx_path=out_dir / "model.onnx", out_dir=out_dir)
+
+
+def resolved_selectors_note(recipe: Recipe) -> str:
+    """The YAML comment above a resolved recipe whose role or relative-depth selectors were replaced by the
+    modules they matched: the selectors as written."""
+    groups = [("steps", recipe.steps)] if recipe.cascade is None else [("cascade.low", recipe.cascade.low)]
+    if recipe.cascade is not None and isinstance(recipe.cascade.high, list):
+        groups.append(("cascade.high", recipe.cascade.high))
+    lines = ["role and relative-depth selectors resolved on this model; as written in the recipe:"]
+    for group, steps in groups:
+        for i, step in enumerate(steps):
+            for key in ("targets", "ignore"):
+                selectors = getattr(step, key)
+                if any(parse_selector(x).is_model_relative for x in selectors):
+                    lines.append(f"{group}.{i}.{key}: {selectors}")
+    return "".join(f"# {line}\n" for line in lines)
 
 
 def _train(ctx: RunContext) -> None:

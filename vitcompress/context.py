@@ -111,6 +111,8 @@ class RunContext:
     predictions: dict[str, Predictions] = field(default_factory=dict)
     #: wall seconds per stage and part (the report's ``timings``)
     clock: StageClock = field(default_factory=StageClock)
+    #: the recipe with its role and relative-depth selectors resolved on this model (the transform stage sets it)
+    resolved_recipe: Recipe | None = None
 
     @property
     def onnx_path(self) -> Path:

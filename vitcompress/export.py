@@ -44,6 +44,7 @@ def to_deploy(model: nn.Module, inplace: bool = False, head_major: bool = True) 
         head_major: rewrite low-rank attention head-major (``export.head_major``); false keeps timm's layout.
     """
     model = model if inplace else copy.deepcopy(model)
+    _unfuse_unexportable_attention(model)
     for convert in (_deploy_form, _head_major_form) if head_major else (_deploy_form,):
         for name, module in list(model.named_modules()):
             deployed = convert(module) if name else None
@@ -51,6 +52,14 @@ def to_deploy(model: nn.Module, inplace: bool = False, head_major: bool = True) 
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, child, deployed)
     return model.eval()
+
+
+def _unfuse_unexportable_attention(model: nn.Module) -> None:
+    """BEiT's attention with ``fused_attn`` (scaled_dot_product_attention) fails torch.export's decomposition with a
+    dynamic batch (it views the transposed output, timm 1.0); its unfused path is the same function and exports."""
+    for module in model.modules():
+        if type(module).__module__ == "timm.models.beit" and getattr(module, "fused_attn", False):
+            module.fused_attn = False
 
 
 def _deploy_form(module: nn.Module) -> nn.Module | None:

@@ -19,7 +19,7 @@ from vitcompress.export import export_onnx
 from vitcompress.labels import display_names
 from vitcompress.models import default_data, model_classes
 from vitcompress.original_cache import model_digest
-from vitcompress.recipe import staged_steps
+from vitcompress.recipe import Recipe, staged_steps
 from vitcompress.report import Finetune, Step
 from vitcompress.training import loop
 from vitcompress.transforms import apply as transforms_apply
@@ -81,6 +81,25 @@ def apply_steps(ctx: RunContext, model: nn.Module, steps: list, indices: list[in
                                            indices=indices, progress=ctx.progress)
     model.eval()
     return results
+
+
+def concrete_recipe(model: nn.Module, recipe: Recipe) -> Recipe:
+    """``recipe`` as it applies to ``model``: every role and relative-depth selector of its steps (and cascade
+    steps) replaced by the exact module names it matches (:func:`vitcompress.transforms.apply.concrete_steps`),
+    the form ``recipe.resolved.yaml`` records. Checking every step's selectors here fails a recipe before any work.
+
+    Raises:
+        TargetError: a selector that matches no module of ``model``.
+    """
+    if recipe.cascade is None:
+        return recipe.model_copy(update={"steps": transforms_apply.concrete_steps(model, recipe.steps)})
+    cascade = recipe.cascade
+    update: dict[str, Any] = {"low": transforms_apply.concrete_steps(
+        model, cascade.low, [f"cascade.low step {i} ({s.transform})" for i, s in enumerate(cascade.low)])}
+    if isinstance(cascade.high, list):
+        update["high"] = transforms_apply.concrete_steps(
+            model, cascade.high, [f"cascade.high step {i} ({s.transform})" for i, s in enumerate(cascade.high)])
+    return recipe.model_copy(update={"cascade": cascade.model_copy(update=update)})
 
 
 def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> Finetune | None:

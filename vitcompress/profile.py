@@ -21,6 +21,7 @@ import json
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,9 @@ from vitcompress.errors import ModelError
 
 KERNEL_SUFFIX = "_kernel_time"
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-BLOCK = re.compile(r"blocks\.(\d+)(?:\.|$)")
+#: A transformer block's module path at the start of a module's: ``blocks.3`` (ViT), ``layers.1.blocks.0`` (Swin),
+#: ``stages.2.blocks.1`` (PVT-v2, MViTv2); blocks are numbered in depth order across stages (:func:`block_depths`).
+BLOCK = re.compile(r"(?:[^.]+\.\d+\.)*?blocks\.\d+(?=\.|$)")
 PARTS = ("attn", "mlp", "norm", "other")
 TOP_LEVEL, UNMAPPED = "top-level ops", "unmapped"
 TOP_OPS = 3
@@ -126,6 +129,22 @@ def _input(session: ort.InferenceSession, path: Path, batch_size: int) -> np.nda
     return np.random.default_rng(0).standard_normal((batch_size, *shape), dtype=np.float32)
 
 
+def block_depths(modules: Iterable[str | None]) -> dict[str, int]:
+    """Each block path among ``modules``' prefixes → its number: N for a ViT's ``blocks.N``; in a hierarchical
+    model, its position in depth order among the blocks seen (by the numbers in the path: ``layers.0.blocks.1``
+    before ``layers.1.blocks.0``)."""
+    paths = {match.group(0) for m in modules if m and (match := BLOCK.match(m))}
+    if all(p.startswith("blocks.") for p in paths):
+        return {p: int(p.split(".")[1]) for p in paths}
+    return {p: i for i, p in enumerate(sorted(paths, key=lambda p: [int(n) for n in re.findall(r"\d+", p)]))}
+
+
+def _block(module: str | None, depths: dict[str, int]) -> tuple[int, str] | None:
+    """(depth position, block path) of the block ``module`` lies in, if any."""
+    match = BLOCK.match(module or "")
+    return (depths[match.group(0)], match.group(0)) if match else None
+
+
 def _part(module: str, block: str) -> str:
     """attn / mlp / norm / other: the sub-module of ``block`` that ``module`` belongs to."""
     child = module[len(block) + 1:].split(".")[0]
@@ -157,15 +176,16 @@ def attribute(nodes: list[tuple[str, str, float]], modules: dict[str, str | None
     part_ops: dict[str, dict[str, float]] = {part: defaultdict(float) for part in PARTS}
     step_ms: dict[tuple[int, str], float] = dict.fromkeys(owners.values(), 0.0)
     unmapped: set[str] = set()
+    depths = block_depths([*modules.values(), *owners])
     for name, op, us in nodes:
         ms = us / 1e3
         module = modules.get(name)
-        match = BLOCK.match(module or "")
+        block = _block(module, depths)
         if module is None:
             row = UNMAPPED
             unmapped.add(name)
-        elif match:
-            row, part = f"b{match.group(1)}", _part(module, module[: match.end()].rstrip("."))
+        elif block:
+            row, part = f"b{block[0]}", _part(module, block[1])
             part_ms[row][part] += ms
             part_ops[part][op] += ms
         else:
@@ -179,12 +199,13 @@ def attribute(nodes: list[tuple[str, str, float]], modules: dict[str, str | None
             step_ms[step] += ms
     total = sum(row_ms.values())
     share = (lambda ms: 100 * ms / total if total else 0.0)
+    owner_blocks = {m: _block(m, depths) for m in owners}
     indices = sorted({int(r[1:]) for r in row_ms if r.startswith("b")} |
-                     {int(BLOCK.match(m).group(1)) for m in owners if BLOCK.match(m)})
+                     {b[0] for b in owner_blocks.values() if b})
     blocks = []
     for i in indices:
         row = f"b{i}"
-        touching = sorted({owners[m] for m in owners if BLOCK.match(m) and int(BLOCK.match(m).group(1)) == i})
+        touching = sorted({owners[m] for m, b in owner_blocks.items() if b and b[0] == i})
         blocks.append({"block": i, "ms": row_ms[row], "share": share(row_ms[row]), "parts": part_ms[row],
                        "steps": [{"step": s, "transform": t, "ms": row_steps[row][(s, t)]} for s, t in touching],
                        "top_ops": _ops(row_ops[row], row_ms[row], TOP_OPS)})

@@ -9,6 +9,7 @@ before the steps are validated, so a plugin's transform is checked as strictly a
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -185,6 +186,9 @@ def format_validation_error(source: str, prefix: str, exc: ValidationError, mode
         parent = _model_at(model, err["loc"][:-1])
         allowed = ", ".join(f.alias or n for n, f in parent.model_fields.items()) if parent else "?"
         msg = f"unknown key (allowed: {allowed})"
+    elif (item := re.match(r"Value error, item (\d+): (.*)", err["msg"], re.S)) and isinstance(err.get("input"), list):
+        where += f".{item[1]}"  # a list validator's message about one item (a selector) names the item
+        msg = item[2]
     else:
         msg = err["msg"]
         if "input" in err and err["type"] != "missing" and not isinstance(err["input"], dict):

@@ -121,7 +121,7 @@ jobs:
 def test_smoke_jobs_are_shallow_copies_deep_enough_for_every_selector(folder):
     """--smoke gives each job depth max(2, the blocks its resolved recipe names); no shallowing when that is the
     model's full depth. Shipped recipes: svd names no block; skip skips blocks [2, 4]; skip_cka picks 4 blocks;
-    shiftadd ignores blocks.11 (vit_fmnist has 12); a job override naming blocks.3 counts too."""
+    shiftadd names the last two blocks (blocks[-2:].attn), so 2 suffice; a job override naming blocks.3 counts too."""
     (folder / "m.yaml").write_text("""
 version: 1
 matrix: {models: [vit_fmnist], recipes: [svd, skip, skip_cka, shiftadd]}
@@ -131,6 +131,19 @@ jobs:
     jobs = {job.name: job for job in load_manifest(folder / "m.yaml", smoke=True).jobs}
     assert {name: job.model_args for name, job in jobs.items()} == {
         "vit_fmnist-svd": {"depth": 2}, "vit_fmnist-skip": {"depth": 5}, "vit_fmnist-skip_cka": {"depth": 4},
-        "vit_fmnist-shiftadd": {}, "local": {"depth": 4}}
+        "vit_fmnist-shiftadd": {"depth": 2}, "local": {"depth": 4}}
     assert all(job.random_init and job.data == "synthetic" for job in jobs.values())
     assert not any(job.model_args for job in load_manifest(folder / "m.yaml").jobs)
+
+
+def test_smoke_copies_of_hierarchical_models_keep_each_stage_up_to_the_depth_the_recipe_needs():
+    """Swin and PVT-v2 take `depths` (blocks per stage): a --smoke copy keeps min(n, d) blocks of each stage, which
+    holds every fixed per-stage index below d and at least d blocks in all for a relative selector."""
+    from vitcompress.batch.manifest import full_depth, smoke_model_args
+    from vitcompress.recipe import load_recipe
+
+    assert full_depth("swin_tiny_patch4_window7_224") == [2, 2, 6, 2]
+    assert smoke_model_args("swin_tiny_patch4_window7_224", load_recipe("svd")) == {"depths": [2, 2, 2, 2]}
+    assert smoke_model_args("swin_tiny_patch4_window7_224", load_recipe("shift_mlp")) == {"depths": [2, 2, 2, 2]}
+    assert smoke_model_args("pvt_v2_b0", load_recipe("svd")) == {}  # 2 blocks a stage already
+    assert smoke_model_args("vit_fmnist", load_recipe("shiftadd")) == {"depth": 2}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -27,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vitcompress.errors import RecipeError, VitCompressError
 from vitcompress.recipe import Recipe, format_validation_error, load_recipe, read_recipe_file, resolve_recipe
+from vitcompress.transforms.select import blocks_needed
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 #: Data sources that are not directories.
@@ -183,15 +183,12 @@ def _check_names(path: Path, specs: list[tuple[str, JobSpec]]) -> None:
 
 #: Blocks a ``--smoke`` job keeps at least (one block would leave no "other blocks" for selectors to miss).
 SMOKE_MIN_DEPTH = 2
-#: A block index in a selector: ``blocks.11.attn``, or ``blocks\.11\.attn`` in a ``re:`` selector.
-BLOCK_INDEX = re.compile(r"blocks\\?\.(\d+)")
-
-
 def blocks_named(node: Any) -> int:
-    """The fewest blocks a recipe (its dump) needs: one more than the highest block index its selectors or an
-    ``attention_skip`` step's ``blocks`` name, and at least a CKA skip's ``count`` (it picks that many)."""
+    """The fewest blocks a recipe (its dump) needs: what its selectors need (:func:`blocks_needed`: one more than
+    a fixed block index, ``blocks.11.attn`` or ``blocks\.11\.attn``; k for a relative ``blocks[-k:]``), one more
+    than the highest block an ``attention_skip`` step's ``blocks`` names, and at least a CKA skip's ``count``."""
     if isinstance(node, str):
-        return max((int(i) + 1 for i in BLOCK_INDEX.findall(node)), default=0)
+        return blocks_needed(node)
     if isinstance(node, list):
         return max((blocks_named(item) for item in node), default=0)
     if not isinstance(node, dict):
@@ -202,10 +199,11 @@ def blocks_named(node: Any) -> int:
     return need
 
 
-def full_depth(model: str) -> Optional[int]:
-    """The number of transformer blocks of ``model`` (built on the meta device: no memory, no weights), or
-    None for an architecture without a ``blocks`` list or a ``depth`` argument, or a Hugging Face checkpoint
-    directory (its architecture is its weights': no shallow copy)."""
+def full_depth(model: str) -> Optional[Union[int, list[int]]]:
+    """The depth of ``model`` (built on the meta device: no memory, no weights) as its ``timm.create_model``
+    argument gives it: the number of blocks of a ViT-like model (a ``blocks`` list, a ``depth`` argument), the
+    blocks per stage of a hierarchical one (Swin, PVT-v2: a ``depths`` argument); None for an architecture with
+    neither, or a Hugging Face checkpoint directory (its architecture is its weights': no shallow copy)."""
     import timm
     import torch
 
@@ -217,8 +215,23 @@ def full_depth(model: str) -> Optional[int]:
         return None
     with torch.device("meta"):
         built = build_reference_architecture(resolved) if resolved in REFERENCE_MODELS else timm.create_model(resolved)
+    arguments = _create_arguments(built)
     blocks = getattr(built, "blocks", None)
-    return len(blocks) if blocks is not None and "depth" in _create_arguments(built) else None
+    if blocks is not None and "depth" in arguments:
+        return len(blocks)
+    stages = _stage_depths(built)
+    return stages if stages and "depths" in arguments else None
+
+
+def _stage_depths(model: Any) -> list[int]:
+    """Blocks per stage of a hierarchical model: its ``…blocks.N`` modules grouped by the path before ``blocks``."""
+    from vitcompress.transforms.select import model_blocks
+
+    per_stage: dict[str, int] = {}
+    for name in model_blocks(model):
+        stage = name.rsplit(".blocks.", 1)[0] if ".blocks." in name else ""
+        per_stage[stage] = per_stage.get(stage, 0) + 1
+    return list(per_stage.values()) if len(per_stage) > 1 else []
 
 
 def _create_arguments(model: Any) -> set[str]:
@@ -228,10 +241,15 @@ def _create_arguments(model: Any) -> set[str]:
 
 
 def smoke_model_args(model: str, recipe: Recipe) -> dict[str, Any]:
-    """``{"depth": d}`` for a ``--smoke`` job: d = max(:data:`SMOKE_MIN_DEPTH`, the blocks the resolved recipe
-    names), so every selector still matches; {} when that is not shallower than the model itself."""
+    """The shallow copy of a ``--smoke`` job: with d = max(:data:`SMOKE_MIN_DEPTH`, the blocks the resolved recipe
+    needs), ``{"depth": d}`` for a ViT-like model, ``{"depths": [min(n, d) per stage]}`` for a hierarchical one
+    (at least d blocks in all, each stage's block index up to d − 1 kept), so every selector still matches; {}
+    when that is not shallower than the model itself."""
     depth = max(SMOKE_MIN_DEPTH, blocks_named(recipe.model_dump(mode="json", by_alias=True)))
     full = full_depth(model)
+    if isinstance(full, list):
+        shallow = [min(n, depth) for n in full]
+        return {"depths": shallow} if shallow != full else {}
     return {"depth": depth} if full is not None and depth < full else {}
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from vitcompress.context import RunContext
 from vitcompress.ladder import torch_pass
-from vitcompress.pipeline import apply_steps
+from vitcompress.pipeline import apply_steps, concrete_recipe
 from vitcompress.recipe import staged_steps
 
 
 def run(ctx: RunContext) -> None:
+    ctx.resolved_recipe = concrete_recipe(ctx.model, ctx.recipe)  # every step's selectors checked before any work
     steps = ctx.recipe.model_steps
     later = {i for stage in staged_steps(ctx.recipe) for i in stage}
     ctx.report.steps = apply_steps(ctx, ctx.model, steps, [i for i in range(len(steps)) if i not in later])

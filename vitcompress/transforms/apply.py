@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 
-from vitcompress.errors import RecipeError
+from vitcompress.errors import RecipeError, TargetError
 from vitcompress.measure import count_params
 from vitcompress.progress import Progress
 from vitcompress.report import Step
 from vitcompress.transforms import registry
 from vitcompress.transforms.registry import TransformConfig, TransformInputs
+from vitcompress.transforms.select import concrete
 
 #: Calibration images for the step described by its argument (e.g. "step 2 (svd_lowrank)"): a function returning
 #: fresh batches, called only by a step that calibrates.
@@ -28,8 +29,10 @@ def apply_steps(model: nn.Module, steps: Sequence[TransformConfig], calibration:
     Raises:
         RecipeError: a step whose config type no transform is registered for.
     """
+    order = range(len(steps)) if indices is None else indices
+    concrete_steps(model, [steps[i] for i in order], [f"step {i} ({steps[i].transform})" for i in order])
     results = []
-    for i in range(len(steps)) if indices is None else indices:
+    for i in order:
         step = steps[i]
         transform = registry.for_config(step)
         if transform is None:
@@ -67,3 +70,24 @@ class CalibrationClock:
             yield from self._batches()
         finally:
             self.seconds += time.perf_counter() - begin
+
+
+def concrete_steps(model: nn.Module, steps: Sequence[TransformConfig], where: Sequence[str] | None = None
+                   ) -> list[TransformConfig]:
+    """``steps`` with every role and relative-depth selector (``role:mlp.fc1``, ``blocks[-1].attn``) of their
+    ``targets`` and ``ignore`` replaced by the exact module names it matches on ``model``: what a recipe means on
+    this model, checked before any step runs.
+
+    Raises:
+        TargetError: a selector, named with its step, that matches no module or lies outside the model's depth.
+    """
+    out = []
+    for i, step in enumerate(steps):
+        label = where[i] if where is not None else f"step {i} ({step.transform})"
+        try:
+            fields = {key: concrete(model, getattr(step, key), key.rstrip("s") if key == "targets" else key)
+                      for key in ("targets", "ignore")}
+        except TargetError as exc:
+            raise TargetError(f"{label}: {exc}") from None
+        out.append(step.model_copy(update=fields))
+    return out

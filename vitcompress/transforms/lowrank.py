@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from vitcompress.errors import TargetError
 from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
-from vitcompress.transforms.select import replace_module, select_modules
+from vitcompress.transforms.select import replace_module, select_linears
 
 if TYPE_CHECKING:
     import torch
@@ -112,14 +112,20 @@ def input_grams(model: nn.Module, names: list[str], batches) -> dict[str, torch.
 def apply_lowrank(model: nn.Module, config: LowRankConfig, inputs: TransformInputs) -> list[str]:
     """Factor each target Linear W (out×in) into two Linears by truncated SVD, W ≈ (U_r Σ_r^½)(Σ_r^½ V_rᵀ);
     `whitening: pca | cholesky` uses calibration activations (SVD-LLM) to minimise the output error instead."""
-    from torch import nn
-
     from vitcompress.layers.lowrank_linear import LowRankLinear
 
     step = "svd_lowrank"
-    targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
+    targets = select_linears(model, config.targets, config.ignore, step)
     whitening: Whitening = config.whitening
     grams = input_grams(model, [n for n, _ in targets], inputs.calibration_batches()) if whitening != "none" else {}
+    missed = [name for name, _ in targets if whitening != "none" and name not in grams]
+    if missed:
+        more = f"; {len(missed) - 1} more like it" if len(missed) > 1 else ""
+        raise TargetError(
+            f"{step}: whitening {whitening!r} needs the inputs of {missed[0]}, but calibration never reached it "
+            f"(its forward did not run on the calibration images{more}): "
+            "the model does not call it, or applies its weight another way; leave it out with ignore: or use "
+            "whitening: none")
     plans = []
     for name, linear in targets:
         out_features, in_features = linear.weight.shape

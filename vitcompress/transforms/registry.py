@@ -20,9 +20,10 @@ from importlib.metadata import EntryPoint, entry_points
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vitcompress.errors import RecipeError
+from vitcompress.transforms.select import check_selector
 
 if TYPE_CHECKING:
     import torch
@@ -39,8 +40,20 @@ class TransformConfig(BaseModel):
     compared with the original model's, so such a step excludes ``finetune.distill.tokens_mse``."""
 
     transform: str
-    targets: list[str] = Field(min_length=1, description="selectors: exact name, glob, 're:<regex>' or a class name")
+    targets: list[str] = Field(min_length=1, description="selectors: exact name, glob, 're:<regex>', class name, "
+                               "'role:<role>' or relative depth 'blocks[-1]'")
     ignore: list[str] = Field(default_factory=list, description="selectors removed from the matches")
+
+    @field_validator("targets", "ignore", check_fields=False)
+    @classmethod
+    def _selectors_parse(cls, selectors: list[str]) -> list[str]:
+        """Every selector is well formed (docs/recipes.md, Selectors); whether it matches needs the model."""
+        for i, selector in enumerate(selectors):
+            try:
+                check_selector(selector)
+            except ValueError as exc:
+                raise ValueError(f"item {i}: {exc}") from None
+        return selectors
 
 
 ATTENTIONS = ("blocks.*.attn",)
@@ -50,7 +63,8 @@ MLP_LINEARS = ("blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
 def default_targets(selectors: tuple[str, ...], what: str) -> Any:
     """A ``targets`` field defaulting to ``selectors``, so ``Config()`` converts the natural modules of a ViT."""
     return Field(default_factory=lambda: list(selectors), min_length=1,
-                 description=f"selectors: exact name, glob, 're:<regex>' or a class name; default {what}")
+                 description=f"selectors: exact name, glob, 're:<regex>', class name, 'role:<role>' or "
+                                 f"relative depth 'blocks[-1]'; default {what}")
 
 
 @dataclass

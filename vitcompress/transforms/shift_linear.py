@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from vitcompress.layers.int8_levels import INT8_LEVELS
 from vitcompress.transforms.registry import MLP_LINEARS, TransformConfig, TransformInputs, default_targets, register
-from vitcompress.transforms.select import replace_module, select_modules
+from vitcompress.transforms.select import replace_module, select_linears
 
 if TYPE_CHECKING:
     from torch import nn
@@ -46,12 +46,10 @@ class ShiftConfig(ShiftOptions):
 def apply_shift(model: nn.Module, config: ShiftConfig, inputs: TransformInputs) -> list[str]:
     """Replace each target Linear by a power-of-two (shift) Linear, W_pot = sign(W)·2^round(log2|W|) with
     `levels` exponents per output channel (ShiftAddViT / DeepShift-PS); exported as exact int8 when `int8`."""
-    from torch import nn
-
     from vitcompress.layers.shift_linear import ShiftLinear
 
     step = "shift_linear"
-    targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
+    targets = select_linears(model, config.targets, config.ignore, step)
     for name, linear in targets:
         replace_module(model, name, ShiftLinear.from_linear(linear, config.levels, config.int8))
         log.info("%s: %s → shift (%d levels, int8 %s)", step, name, config.levels, config.int8)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, Union
 from pydantic import Field, field_validator
 
 from vitcompress.transforms.registry import TransformInputs, register
-from vitcompress.transforms.select import replace_module, select_modules
+from vitcompress.transforms.select import replace_module, select_linears
 from vitcompress.transforms.shift_linear import ShiftOptions
 
 if TYPE_CHECKING:
@@ -52,13 +52,11 @@ def apply_moe(model: nn.Module, config: MoEConfig, inputs: TransformInputs) -> l
     """Replace each target Linear by a token-routed mixture of two experts from its weight, dense and
     power-of-two (ShiftAddViT): top-1 router trained through the probability-scaled output, latency-aware
     load-balancing loss CV²(Imp)+CV²(Load) with α = each expert's measured (or given) latency share."""
-    from torch import nn
-
     from vitcompress.layers.moe_linear import MoELinear
     from vitcompress.measure import measure_latency_weights
 
     step = "shiftadd_moe"
-    targets = select_modules(model, config.targets, config.ignore, (nn.Linear,), step)
+    targets = select_linears(model, config.targets, config.ignore, step)
     measured: dict[tuple[int, int], tuple[float, float]] = {}
     for name, linear in targets:
         if config.latency_weights == "measure":
