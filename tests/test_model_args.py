@@ -29,3 +29,10 @@ def test_model_args_build_a_shallow_random_copy():
     assert loaded.data_config["input_size"] == (1, 28, 28)
     with pytest.raises(ModelError, match="--model-arg dept=2 does not build test_vit"):
         load_model("test_vit", random_init=True, model_args={"dept": 2})
+
+
+def test_an_image_size_argument_sets_the_input_size_the_data_is_made_at():
+    loaded = load_model("deit_tiny_patch16_224", random_init=True, model_args={"depth": 1, "img_size": 160})
+    assert loaded.data_config["input_size"] == (3, 160, 160)
+    assert load_model("deit_tiny_patch16_224", random_init=True, model_args={"depth": 1}).data_config[
+        "input_size"] == (3, 224, 224)

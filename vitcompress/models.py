@@ -275,12 +275,26 @@ def load_model(name: str, checkpoint: Path | None = None, random_init: bool = Fa
     return _loaded(model, resolved, weights)
 
 
+def _fixed_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The (height, width) a ViT-style model's patch embedding requires, or None when it takes any size."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or getattr(embed, "dynamic_img_size", False) or not getattr(embed, "strict_img_size", True):
+        return None
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def _loaded(model: nn.Module, name: str, weights: str) -> LoadedModel:
     """``model`` in eval mode with its preprocessing and class names from its ``pretrained_cfg``."""
     import timm
 
     model.eval()
     data_config = timm.data.resolve_data_config(model=model)
+    built = _fixed_image_size(model)
+    if built is not None and tuple(data_config["input_size"][1:]) != built:
+        # built at another size than its pretrained config says (e.g. --model-arg img_size=160): the model's own
+        # patch embedding is what its inputs must match
+        data_config["input_size"] = (data_config["input_size"][0], *built)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     class_names = cfg.get("label_names")
     log.info("loaded %s (%s)", name, weights)
