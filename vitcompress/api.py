@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from vitcompress import remeasure
 from vitcompress.context import ConvertSettings, DeployOptions, RunContext
-from vitcompress.data import UNLABELLED, DataBundle
+from vitcompress.data import DataBundle, in_memory_bundle
 from vitcompress.deploy.bundle import write_checksums
 from vitcompress.deploy.optimize import check_options
 from vitcompress.errors import DataError, ModelError, OutputError, RecipeError
@@ -36,6 +36,7 @@ from vitcompress.measure import machine_description
 from vitcompress.models import LoadedModel, check_model_args, chosen_name
 from vitcompress.original_cache import OriginalCache
 from vitcompress.outdir import OutputTransaction, check_out_dir, is_bundle, output_lock
+from vitcompress.pipeline import resolved_selectors_note
 from vitcompress.progress import LogProgress, Progress
 from vitcompress.recipe import CalibrationConfig, Recipe, dump_recipe, load_recipe, recipe_argument
 from vitcompress.render import markdown
@@ -57,7 +58,6 @@ from vitcompress.stages import (
 from vitcompress.training import checkpoint, distributed
 from vitcompress.transforms.apply import apply_steps
 from vitcompress.transforms.registry import TransformConfig
-from vitcompress.transforms.select import parse_selector
 
 STAGES = (load, transform, finetune, export, validate, ladder, cascade, profile, report, bundle, page)
 #: The stages every rank of a torchrun job runs; rank 0 alone runs the rest (and writes).
@@ -250,7 +250,7 @@ def convert(
         read_sensitivity(sensitivity)  # a bad file fails before any work
     if deploy is not None:
         check_options(deploy.optimize_offline, deploy.for_this_machine)
-    bundle = None if data is None or isinstance(data, str) else _data_bundle(data, recipe.validate_.images)
+    bundle = None if data is None or isinstance(data, str) else in_memory_bundle(data, recipe.validate_.images)
     place = distributed.from_env(cuda=_trains_on_cuda(recipe))
     check_world_size(recipe, place.world_size)
     output = OutputTransaction(out_dir, force=force, resume=resume)
@@ -365,39 +365,6 @@ def _loaded_module(model: nn.Module) -> LoadedModel:
                        class_names=list(names) if names else None)
 
 
-class _ImageLabel(Dataset):
-    """A dataset of ``(image, label)``, ``(image,)`` or images, seen as ``(image, label)`` (label −1: none)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        item = self.dataset[index]
-        if not isinstance(item, (tuple, list)):
-            return item, UNLABELLED
-        return item[0], int(item[1]) if len(item) > 1 else UNLABELLED
-
-
-def _data_bundle(data: Dataset | tuple[Dataset, Dataset], val_limit: int | None) -> DataBundle:
-    """Train and validation sets from one in-memory Dataset (both) or a ``(train, val)`` pair."""
-    pair = isinstance(data, tuple)
-    train, val = data if pair else (data, data)
-    for part in (train, val):
-        if not isinstance(part, Dataset) or not hasattr(part, "__len__"):
-            raise DataError(f"data: expected 'fmnist', 'synthetic', a directory, a torch Dataset with a length or "
-                            f"a (train, val) pair of them, got {type(part).__name__}")
-        if len(part) == 0:
-            raise DataError("data: the dataset is empty")
-    train, val = _ImageLabel(train), _ImageLabel(val)
-    if val_limit is not None:
-        val = Subset(val, range(min(val_limit, len(val))))
-    name = "in-memory datasets (train, val)" if pair else "in-memory dataset (fine-tuned and validated on)"
-    return DataBundle(name, train, val, labelled=val[0][1] != UNLABELLED)
-
-
 def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, original: LoadedModel | None,
                 data: DataBundle | None, progress: Progress, place: distributed.Dist, output: OutputTransaction,
                 cache: OriginalCache | None = None) -> ConvertResult:
@@ -437,22 +404,6 @@ def _run_stages(settings: ConvertSettings, recipe: Recipe, recipe_source: str, o
         shutil.rmtree(scratch_dir, ignore_errors=True)
     return ConvertResult(model=ctx.model, report=Report.load(out_dir / "report.json"),
                          onnx_path=out_dir / "model.onnx", out_dir=out_dir)
-
-
-def resolved_selectors_note(recipe: Recipe) -> str:
-    """The YAML comment above a resolved recipe whose role or relative-depth selectors were replaced by the
-    modules they matched: the selectors as written."""
-    groups = [("steps", recipe.steps)] if recipe.cascade is None else [("cascade.low", recipe.cascade.low)]
-    if recipe.cascade is not None and isinstance(recipe.cascade.high, list):
-        groups.append(("cascade.high", recipe.cascade.high))
-    lines = ["role and relative-depth selectors resolved on this model; as written in the recipe:"]
-    for group, steps in groups:
-        for i, step in enumerate(steps):
-            for key in ("targets", "ignore"):
-                selectors = getattr(step, key)
-                if any(parse_selector(x).is_model_relative for x in selectors):
-                    lines.append(f"{group}.{i}.{key}: {selectors}")
-    return "".join(f"# {line}\n" for line in lines)
 
 
 def _train(ctx: RunContext) -> None:

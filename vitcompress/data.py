@@ -275,3 +275,36 @@ def split_roots(root: Path) -> tuple[Path, Path] | None:
         raise DataError(f"--data {root}: has {have.name}/ but no {missing.name}/: give both DIR/train and DIR/val, "
                         f"or pass --data {have} to split its images into a train and a held-out validation part")
     return (train, val) if train.is_dir() else None
+
+
+class ImageLabel(Dataset):
+    """A dataset of ``(image, label)``, ``(image,)`` or images, seen as ``(image, label)`` (label −1: none)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        if not isinstance(item, (tuple, list)):
+            return item, UNLABELLED
+        return item[0], int(item[1]) if len(item) > 1 else UNLABELLED
+
+
+def in_memory_bundle(data: Dataset | tuple[Dataset, Dataset], val_limit: int | None) -> DataBundle:
+    """Train and validation sets from one in-memory Dataset (both) or a ``(train, val)`` pair."""
+    pair = isinstance(data, tuple)
+    train, val = data if pair else (data, data)
+    for part in (train, val):
+        if not isinstance(part, Dataset) or not hasattr(part, "__len__"):
+            raise DataError(f"data: expected 'fmnist', 'synthetic', a directory, a torch Dataset with a length or "
+                            f"a (train, val) pair of them, got {type(part).__name__}")
+        if len(part) == 0:
+            raise DataError("data: the dataset is empty")
+    train, val = ImageLabel(train), ImageLabel(val)
+    if val_limit is not None:
+        val = Subset(val, range(min(val_limit, len(val))))
+    name = "in-memory datasets (train, val)" if pair else "in-memory dataset (fine-tuned and validated on)"
+    return DataBundle(name, train, val, labelled=val[0][1] != UNLABELLED)

@@ -23,6 +23,7 @@ from vitcompress.recipe import Recipe, staged_steps
 from vitcompress.report import Finetune, Step
 from vitcompress.training import loop
 from vitcompress.transforms import apply as transforms_apply
+from vitcompress.transforms import select
 
 
 def load_data(ctx: RunContext) -> DataBundle:
@@ -144,3 +145,19 @@ def finetune(ctx: RunContext, saver: loop.Checkpoints | None = None) -> Finetune
         "skipped_images": sum(r["skipped_images"] for r in results),
         "resumed_from_step": resume.step if resume is not None else None, "stages": results,
     })
+
+
+def resolved_selectors_note(recipe: Recipe) -> str:
+    """The YAML comment above a resolved recipe whose role or relative-depth selectors were replaced by the
+    modules they matched: the selectors as written."""
+    groups = [("steps", recipe.steps)] if recipe.cascade is None else [("cascade.low", recipe.cascade.low)]
+    if recipe.cascade is not None and isinstance(recipe.cascade.high, list):
+        groups.append(("cascade.high", recipe.cascade.high))
+    lines = ["role and relative-depth selectors resolved on this model; as written in the recipe:"]
+    for group, steps in groups:
+        for i, step in enumerate(steps):
+            for key in ("targets", "ignore"):
+                selectors = getattr(step, key)
+                if any(select.parse_selector(x).is_model_relative for x in selectors):
+                    lines.append(f"{group}.{i}.{key}: {selectors}")
+    return "".join(f"# {line}\n" for line in lines)

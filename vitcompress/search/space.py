@@ -24,7 +24,8 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vitcompress.errors import RecipeError, TargetError, VitCompressError
-from vitcompress.recipe import Recipe, format_validation_error, parse_recipe, read_yaml_file
+from vitcompress.recipe import Recipe, format_validation_error, parse_recipe
+from vitcompress.yaml_file import read_yaml_file
 
 LINEARS = ("qkv", "proj", "fc1", "fc2")
 LINEAR_MODULE = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}

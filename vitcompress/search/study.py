@@ -53,9 +53,11 @@ def open_storage(url: str) -> Any:
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                   heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS)
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
-                # two processes creating a new database's schema at once (PostgreSQL: a duplicate key; SQLite:
-                # "table … already exists"): the other one's tables are there on the next attempt
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                    sqlalchemy.exc.ProgrammingError) as exc:
+                # two processes creating a new database's schema at once (PostgreSQL: a duplicate key, or
+                # DuplicateTable "relation … already exists"; SQLite: "table … already exists"): the other one's
+                # tables are there on the next attempt
                 racing = isinstance(exc, sqlalchemy.exc.IntegrityError) or "already exists" in str(exc)
                 if not racing or attempt == SCHEMA_ATTEMPTS - 1:
                     raise
