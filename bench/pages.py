@@ -396,9 +396,14 @@ def tune_study_tables(study: dict) -> str:
                   f"{short_commit(part.get('commit'))}. `vitcompress tune vit_fmnist196 --data fmnist --max-drop "
                   f"{part['max_drop']:g} --trials {part['trials']}`: {part['trials']} trials ({part['refused']} refused "
                   f"combinations) in {part['wall_s'] / 60:.0f} min, {part['per_trial_s']:.0f} s per trial, after a "
-                  f"sensitivity map of {part['sensitivity_cells']} cells; {len(part['front'])} recipes on the front.",
-                  "", f"| conversion | speed-up b1 | top-1 drop (pt) | agreement | within {part['max_drop']:g} pt |",
-                  "|---|---:|---:|---:|---|"]
+                  f"sensitivity map of {part['sensitivity_cells']} cells; {len(part['front'])} recipes on the front"
+                  + (f", {part['confirmed']} of them confirmed by a replay" if part.get("confirmed") else "") + "."
+                  + (f" Then, with the search over (load average {part['retimed_at_load']:.1f}), every row's bundle "
+                     f"was timed again against its original, {part['retime_runs']} runs each, interleaved: the "
+                     "speed-ups below; the first column of timings is each row's own, taken while the search or "
+                     "the fine-tunes shared the machine." if "retimed_at_load" in part else ""),
+                  "", f"| conversion | speed-up b1 | first timing | top-1 drop (pt) | agreement | "
+                      f"within {part['max_drop']:g} pt |", "|---|---:|---:|---:|---:|---|"]
         rows = list(part["baselines"].items())
         shipped = study.get("shipped", {}).get("rows", {})
         rows += [(f"{name} (its own fine-tune)", row) for name, row in shipped.items() if "refused" not in row]
@@ -410,8 +415,9 @@ def tune_study_tables(study: dict) -> str:
         if part.get("replay"):
             rows.append(("tune best, replayed again with `convert`", part["replay"]))
         for label, row in rows:
-            lines.append(f"| {label} | {row['speedup']:.2f}× | {row['drop']:.2f} | {100 * row['agreement']:.1f} % | "
-                         f"{'✓' if row['meets'] else '✗'} |")
+            first = row.get("first_speedup", row.get("trial_speedup"))
+            lines.append(f"| {label} | {row['speedup']:.2f}× | {f'{first:.2f}×' if first else ''} | "
+                         f"{row['drop']:.2f} | {100 * row['agreement']:.1f} % | {'✓' if row['meets'] else '✗'} |")
         lines.append("")
         refused = {name: row["refused"] for name, row in shipped.items() if "refused" in row}
         if refused:

@@ -169,7 +169,7 @@ def retime(study: dict, work: Path, confirm: int, runs: int) -> dict:
                    latency_ms=timed["latency_ms"], original_ms=timed["original_ms"], spread=timed["spread"],
                    retimed_runs=runs)
         print("retimed", row["recipe"], f"{row['first_speedup']:.2f}× → {row['speedup']:.2f}×", flush=True)
-    part["retimed_at_load"] = os.getloadavg()[0]
+    part.update(retimed_at_load=os.getloadavg()[0], retime_runs=runs)
     return part
 
 
