@@ -397,7 +397,9 @@ def tune_study_tables(study: dict) -> str:
                   f"{part['max_drop']:g} --trials {part['trials']}`: {part['trials']} trials ({part['refused']} refused "
                   f"combinations) in {part['wall_s'] / 60:.0f} min, {part['per_trial_s']:.0f} s per trial, after a "
                   f"sensitivity map of {part['sensitivity_cells']} cells; {len(part['front'])} recipes on the front"
-                  + (f", {part['confirmed']} of them confirmed by a replay" if part.get("confirmed") else "") + "."
+                  + (f"; {part['confirmed']} trials confirmed by a replay (the front's, and any that a "
+                     "replay moved off it)" if part.get("confirmed", 0) > len(part["front"]) else
+                     ", each confirmed by a replay" if part.get("confirmed") else "") + "."
                   + (f" Then, with the search over (load average {part['retimed_at_load']:.1f}), every row's bundle "
                      f"was timed again against its original, {part['retime_runs']} runs each, interleaved: the "
                      "speed-ups below; the first column of timings is each row's own, taken while the search or "
@@ -406,7 +408,9 @@ def tune_study_tables(study: dict) -> str:
                       f"within {part['max_drop']:g} pt |", "|---|---:|---:|---:|---:|---|"]
         rows = list(part["baselines"].items())
         shipped = study.get("shipped", {}).get("rows", {})
-        rows += [(f"{name} (its own fine-tune)", row) for name, row in shipped.items() if "refused" not in row]
+        rows += [(f"{name} (its own fine-tune" + ("; timed in its conversion only, a cascade is not re-timed)"
+                                                  if "not_retimed" in row else ")"), row)
+                 for name, row in shipped.items() if "refused" not in row]
         if part["best"]:
             best = part["best"]
             how = (f", {best['trial_speedup']:.2f}× in its trial, confirmed by a replay" if best.get("confirmed")
