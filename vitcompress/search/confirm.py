@@ -2,7 +2,7 @@
 on timings a replay reproduces rather than on one trial's timing.
 
 A trial is timed once, interleaved with the original; a burst of load on the machine during that run moves its
-speed-up by tens of percent (measured: a trial at 2.09× with a spread of 0.52 replayed at 1.58×), and a search
+speed-up by tens of percent (measured: a trial at 1.99× on a shared machine replayed at 1.67×), and a search
 that keeps the fastest of many noisy measurements favours the lucky ones. So when the trials are done, each
 entry of the front is converted again from its ``pareto/NN.yaml`` recipe, exactly as a user replays it, with
 :data:`RUNS_FACTOR` times the timed runs; that measurement replaces the trial's in the front (the trial's own is
